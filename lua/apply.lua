@@ -1,0 +1,139 @@
+-- apply.lua: applies a batch of input entries and acknowledges them in one
+-- atomic step, in input-stream order, each at most once.
+--
+-- KEYS[1]: the input stream
+-- KEYS[2]: the watermark (string)
+-- KEYS[3]: the schedule (sorted set, score = ts)
+-- KEYS[4]: the bodies (hash, element id -> payload blob)
+-- KEYS[5]: the output stream
+-- KEYS[6]: the dead-letter stream
+-- ARGV[1]: the input consumer group
+-- ARGV[2]: max elements released by watermark advances in this call
+-- ARGV[3]: the number of entries that follow
+-- ARGV[4..]: the entries, sorted by entry id, each one of
+--   <entry id> 'A' <element id> <ts> <blob: ts and payload>   (add)
+--   <entry id> 'C' <element id>                               (cancel)
+--   <entry id> 'W' <ts>                                       (watermark)
+--   <entry id> 'D' <reason> <detail> <blob: original fields>  (dead letter)
+--   <entry id> 'X'                                            (entry deleted from the stream)
+-- Returns: {processed, released, more_due, blocked, adds, cancels,
+--           watermarks, dead, late}
+--   processed: how many leading entries are done (applied now, or found
+--     already applied); the caller keeps the rest for a later call.
+--   more_due: due elements remain; call release.lua before more input.
+--   blocked: an older input entry is still pending elsewhere, so the
+--     entries from `processed` on must wait for it (guarantee 4).
+--
+-- Invariant kept between ops: nothing in the schedule is due. An op after a
+-- watermark advance that left due elements is not applied in this call.
+
+local input, wmkey, sched, body, out, dead = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local group = ARGV[1]
+local budget = tonumber(ARGV[2])
+local count = tonumber(ARGV[3])
+
+local wm = call('GET', wmkey)
+local released, more = release_due(sched, body, out, wm, budget)
+budget = budget - released
+if more then
+  return {0, released, 1, 0, 0, 0, 0, 0, 0}
+end
+
+-- The oldest pending entries of the whole group, in id order. Walking our
+-- batch against them tells, per entry, whether it is still pending (apply
+-- it), already acknowledged (a redelivery: skip it), or preceded by an
+-- older entry pending elsewhere (stop: order first).
+local pending = call('XPENDING', input, group, '-', '+', count)
+local k = 1
+
+-- Adds are buffered so a run of them costs one ZADD and one HSET.
+local zadd, hset = {}, {}
+local function flush()
+  if #zadd > 0 then
+    call('ZADD', sched, unpack(zadd))
+    call('HSET', body, unpack(hset))
+    zadd, hset = {}, {}
+  end
+end
+
+local acks = {}
+local processed, blocked = 0, 0
+local adds, cancels, watermarks, deadn, late = 0, 0, 0, 0, 0
+local i = 4
+for _ = 1, count do
+  local sid, code = ARGV[i], ARGV[i + 1]
+  local width = 3
+  if code == 'A' or code == 'D' then
+    width = 5
+  elseif code == 'X' then
+    width = 2
+  end
+  local p = pending[k]
+  local c = -1
+  if p then
+    c = cmp_id(sid, p[1])
+  end
+  if c > 0 then
+    blocked = 1
+    break
+  end
+  local stop = false
+  if c == 0 then
+    k = k + 1
+    acks[#acks + 1] = sid
+    if code == 'A' then
+      local id, ts, blob = ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+      adds = adds + 1
+      if wm and tonumber(ts) <= tonumber(wm) then
+        -- Late: released at once, replacing any scheduled version.
+        flush()
+        if call('ZREM', sched, id) == 1 then
+          call('HDEL', body, id)
+        end
+        call('XADD', out, '*', 'id', id, 'ts', msgunpack(blob))
+        late = late + 1
+      else
+        zadd[#zadd + 1] = ts
+        zadd[#zadd + 1] = id
+        hset[#hset + 1] = id
+        hset[#hset + 1] = blob
+      end
+    elseif code == 'C' then
+      flush()
+      if call('ZREM', sched, ARGV[i + 2]) == 1 then
+        call('HDEL', body, ARGV[i + 2])
+      end
+      cancels = cancels + 1
+    elseif code == 'W' then
+      local ts = ARGV[i + 2]
+      watermarks = watermarks + 1
+      if not wm or tonumber(ts) > tonumber(wm) then
+        flush()
+        call('SET', wmkey, ts)
+        wm = ts
+        local n, m = release_due(sched, body, out, wm, budget)
+        released = released + n
+        budget = budget - n
+        more = m
+        stop = m
+      end
+    elseif code == 'D' then
+      local fields = ARGV[i + 4]
+      call('XADD', dead, '*', 'reason', ARGV[i + 2], 'detail', ARGV[i + 3],
+        'origin', 'in', 'origin_id', sid, msgunpack(fields))
+      deadn = deadn + 1
+    end
+    -- 'X': the entry was deleted from the stream; acknowledging is all.
+  end
+  processed = processed + 1
+  i = i + width
+  if stop then
+    break
+  end
+end
+
+flush()
+if #acks > 0 then
+  call('XACK', input, group, unpack(acks))
+end
+return {processed, released, more and 1 or 0, blocked, adds, cancels, watermarks, deadn, late}

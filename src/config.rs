@@ -1,0 +1,541 @@
+//! Configuration in two stages: [`RawConfig`] holds the layered values as
+//! read (built-in defaults < file < environment < flags); [`Settings`] is
+//! what the program runs with, validated before anything connects.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::core::backoff::Backoff;
+use crate::core::op::{Limits, HARD_MAX_PAYLOAD_FIELDS};
+use crate::store::{ConnectOptions, Keys};
+
+/// The configuration file read when `--config` is not given, if it exists.
+pub const DEFAULT_CONFIG_PATH: &str = "config/tidemark.toml";
+
+/// Why the configuration was refused. Always names the offending key.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A value is out of range or unparseable.
+    #[error("invalid configuration: {key}: {message}")]
+    Invalid {
+        /// The dotted key, e.g. `daemon.batch_size`.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The file or environment could not be read or has the wrong shape.
+    #[error("invalid configuration: {0}")]
+    Load(#[from] config::ConfigError),
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.to_owned(), message: message.into() }
+}
+
+/// `[redis]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRedis {
+    /// `redis://[user:password@]host:port[/db]`, `rediss://…` or `unix:///path`.
+    pub url: String,
+    /// Read the password from this file (Kubernetes secrets); overrides the URL's.
+    pub password_file: Option<PathBuf>,
+    /// Time allowed to connect.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time allowed for a reply.
+    #[serde(with = "humantime_serde")]
+    pub response_timeout: Duration,
+}
+
+impl Default for RawRedis {
+    fn default() -> Self {
+        RawRedis {
+            url: "redis://127.0.0.1:6379".into(),
+            password_file: None,
+            connect_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[daemon]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawDaemon {
+    /// Consumer name in the input group; empty = `POD_NAME`, then host name.
+    pub consumer: String,
+    /// Output consumer groups to create at startup.
+    pub groups: Vec<String>,
+    /// Input entries per `XREADGROUP` and per apply call.
+    pub batch_size: usize,
+    /// How long one `XREADGROUP` blocks waiting for input.
+    #[serde(with = "humantime_serde")]
+    pub block: Duration,
+    /// Most elements released per script call.
+    pub release_chunk: usize,
+    /// Input entries idle this long at another daemon are claimed.
+    #[serde(with = "humantime_serde")]
+    pub claim_idle: Duration,
+    /// How often to sweep for due elements a crashed daemon left behind.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+    /// Time allowed to finish in-flight work after SIGTERM/SIGINT.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// First reconnect delay.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    /// Longest reconnect delay.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+}
+
+impl Default for RawDaemon {
+    fn default() -> Self {
+        RawDaemon {
+            consumer: String::new(),
+            groups: Vec::new(),
+            batch_size: 1000,
+            block: Duration::from_secs(2),
+            release_chunk: 1000,
+            claim_idle: Duration::from_secs(30),
+            sweep_interval: Duration::from_secs(1),
+            shutdown_grace: Duration::from_secs(10),
+            reconnect_min: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLimits {
+    /// Longest element id in bytes.
+    pub max_id_bytes: usize,
+    /// Largest payload in bytes.
+    pub max_payload_bytes: usize,
+    /// Most payload fields per element.
+    pub max_payload_fields: usize,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        let l = Limits::default();
+        RawLimits {
+            max_id_bytes: l.max_id_bytes,
+            max_payload_bytes: l.max_payload_bytes,
+            max_payload_fields: l.max_payload_fields,
+        }
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLog {
+    /// `text` or `json`.
+    pub format: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog { format: "text".into() }
+    }
+}
+
+/// The configuration as read, before validation.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    /// The pipeline's namespace.
+    pub namespace: String,
+    /// Prefix of every key.
+    pub key_prefix: String,
+    /// `[redis]`
+    pub redis: RawRedis,
+    /// `[daemon]`
+    pub daemon: RawDaemon,
+    /// `[limits]`
+    pub limits: RawLimits,
+    /// `[log]`
+    pub log: RawLog,
+}
+
+/// Values given on the command line; they override everything else.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct Overrides {
+    /// `--config`
+    pub config_file: Option<PathBuf>,
+    /// `--redis-url`
+    pub redis_url: Option<String>,
+    /// `--namespace`
+    pub namespace: Option<String>,
+    /// `--log-format`
+    pub log_format: Option<String>,
+    /// `--consumer`
+    pub consumer: Option<String>,
+    /// `--group` (replaces the configured list when non-empty)
+    pub groups: Vec<String>,
+}
+
+/// Where the process environment comes from (injected for tests).
+pub trait Env {
+    /// The value of variable `name`, if set and valid UTF-8.
+    fn var(&self, name: &str) -> Option<String>;
+    /// Every variable, for the `TIDEMARK__…` layer.
+    fn vars(&self) -> Vec<(String, String)>;
+}
+
+/// The real process environment.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+    fn vars(&self) -> Vec<(String, String)> {
+        std::env::vars().collect()
+    }
+}
+
+impl RawConfig {
+    /// Layers defaults < file < `TIDEMARK__SECTION__KEY` and `REDIS_URL` <
+    /// flags.
+    pub fn load(overrides: &Overrides, env: &dyn Env) -> Result<RawConfig, ConfigError> {
+        let defaults = RawConfig { namespace: "default".into(), key_prefix: "tidemark".into(), ..RawConfig::default() };
+        let mut builder = config::Config::builder().add_source(config::Config::try_from(&defaults)?);
+        match &overrides.config_file {
+            Some(path) => {
+                if !path.is_file() {
+                    return Err(invalid("--config", format!("{} does not exist or is not a file", path.display())));
+                }
+                builder = builder.add_source(config::File::from(path.as_path()).format(config::FileFormat::Toml));
+            }
+            None if Path::new(DEFAULT_CONFIG_PATH).is_file() => {
+                builder = builder.add_source(config::File::new(DEFAULT_CONFIG_PATH, config::FileFormat::Toml));
+            }
+            None => {}
+        }
+        let vars: config::Map<String, String> =
+            env.vars().into_iter().filter(|(k, _)| k.starts_with("TIDEMARK__")).collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("TIDEMARK")
+                .prefix_separator("__")
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("daemon.groups")
+                .try_parsing(true)
+                .source(Some(vars)),
+        );
+        if let Some(url) = env.var("REDIS_URL").filter(|u| !u.is_empty()) {
+            builder = builder.set_override("redis.url", url)?;
+        }
+        if let Some(url) = &overrides.redis_url {
+            builder = builder.set_override("redis.url", url.as_str())?;
+        }
+        if let Some(ns) = &overrides.namespace {
+            builder = builder.set_override("namespace", ns.as_str())?;
+        }
+        if let Some(f) = &overrides.log_format {
+            builder = builder.set_override("log.format", f.as_str())?;
+        }
+        if let Some(c) = &overrides.consumer {
+            builder = builder.set_override("daemon.consumer", c.as_str())?;
+        }
+        if !overrides.groups.is_empty() {
+            builder = builder.set_override("daemon.groups", overrides.groups.clone())?;
+        }
+        Ok(builder.build()?.try_deserialize()?)
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The daemon's validated settings.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct DaemonSettings {
+    /// Consumer name in the input group.
+    pub consumer: String,
+    /// Output groups to create.
+    pub groups: Vec<String>,
+    /// Entries per read and per apply call.
+    pub batch_size: usize,
+    /// `XREADGROUP` block time.
+    pub block: Duration,
+    /// Most elements released per script call.
+    pub release_chunk: usize,
+    /// Idle time before another daemon's input entries are claimed.
+    pub claim_idle: Duration,
+    /// Sweep period for due elements.
+    pub sweep_interval: Duration,
+    /// Drain deadline on shutdown.
+    pub shutdown_grace: Duration,
+    /// Reconnect policy.
+    pub backoff: Backoff,
+    /// Input size limits.
+    pub limits: Limits,
+}
+
+/// Everything the program runs with.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Settings {
+    /// The Redis client (validated URL, password applied; not connected).
+    pub client: redis::Client,
+    /// The URL with any password masked, for logs and status.
+    pub redis_display: String,
+    /// Connection timeouts.
+    pub connect: ConnectOptions,
+    /// Key names.
+    pub keys: Keys,
+    /// Daemon settings.
+    pub daemon: DaemonSettings,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+/// Hard upper bound on `batch_size`: the apply script unpacks two values
+/// per entry into one Lua call, and Lua's stack holds about 8000.
+pub const MAX_BATCH_SIZE: usize = 3000;
+/// Hard upper bound on `release_chunk`, for the same reason.
+pub const MAX_RELEASE_CHUNK: usize = 5000;
+
+fn valid_name(key: &str, value: &str) -> Result<(), ConfigError> {
+    if value.is_empty() {
+        return Err(invalid(key, "must not be empty"));
+    }
+    if value.chars().any(|c| c.is_control() || c.is_whitespace() || c == '{' || c == '}') {
+        return Err(invalid(key, format!("{value:?} must not contain blanks, control characters or braces")));
+    }
+    Ok(())
+}
+
+fn positive(key: &str, d: Duration) -> Result<Duration, ConfigError> {
+    if d.is_zero() {
+        return Err(invalid(key, "must be greater than zero"));
+    }
+    Ok(d)
+}
+
+fn range(key: &str, v: usize, lo: usize, hi: usize) -> Result<usize, ConfigError> {
+    if !(lo..=hi).contains(&v) {
+        return Err(invalid(key, format!("must be between {lo} and {hi} (got {v})")));
+    }
+    Ok(v)
+}
+
+/// Masks the password of a Redis URL: `redis://user:***@host:6379/0`.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => "<unparseable url>".into(),
+    }
+}
+
+impl Settings {
+    /// Validates `raw`. `env` supplies `POD_NAME` and the host name fallback.
+    pub fn from_raw(raw: RawConfig, env: &dyn Env) -> Result<Settings, ConfigError> {
+        valid_name("namespace", &raw.namespace)?;
+        valid_name("key_prefix", &raw.key_prefix)?;
+
+        let url = raw.redis.url.trim();
+        let mut parsed =
+            url::Url::parse(url).map_err(|e| invalid("redis.url", format!("{} is not a URL: {e}", redact_url(url))))?;
+        if !matches!(parsed.scheme(), "redis" | "rediss" | "unix" | "redis+unix") {
+            return Err(invalid(
+                "redis.url",
+                format!("scheme {:?} is not one of redis, rediss, unix, redis+unix", parsed.scheme()),
+            ));
+        }
+        if let Some(path) = &raw.redis.password_file {
+            let password = std::fs::read_to_string(path)
+                .map_err(|e| invalid("redis.password_file", format!("cannot read {}: {e}", path.display())))?;
+            let password = password.trim_end_matches(['\r', '\n']);
+            if matches!(parsed.scheme(), "redis" | "rediss") {
+                parsed
+                    .set_password(Some(password))
+                    .map_err(|()| invalid("redis.password_file", "this URL cannot carry a password"))?;
+            } else {
+                parsed.query_pairs_mut().append_pair("pass", password);
+            }
+        }
+        let client = redis::Client::open(parsed.as_str())
+            .map_err(|e| invalid("redis.url", format!("{}: {e}", redact_url(url))))?;
+
+        let connect = ConnectOptions {
+            connect_timeout: positive("redis.connect_timeout", raw.redis.connect_timeout)?,
+            response_timeout: positive("redis.response_timeout", raw.redis.response_timeout)?,
+        };
+
+        let d = &raw.daemon;
+        let consumer = if !d.consumer.is_empty() {
+            d.consumer.clone()
+        } else if let Some(pod) = env.var("POD_NAME").filter(|p| !p.is_empty()) {
+            pod
+        } else {
+            hostname::get()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "tidemark".into())
+        };
+        valid_name("daemon.consumer", &consumer)?;
+        for g in &d.groups {
+            valid_name("daemon.groups", g)?;
+        }
+        let backoff = Backoff::try_new(d.reconnect_min, d.reconnect_max)
+            .map_err(|e| invalid("daemon.reconnect_min/reconnect_max", e.to_string()))?;
+        let l = &raw.limits;
+        let daemon = DaemonSettings {
+            consumer,
+            groups: d.groups.clone(),
+            batch_size: range("daemon.batch_size", d.batch_size, 1, MAX_BATCH_SIZE)?,
+            block: positive("daemon.block", d.block)?,
+            release_chunk: range("daemon.release_chunk", d.release_chunk, 1, MAX_RELEASE_CHUNK)?,
+            claim_idle: positive("daemon.claim_idle", d.claim_idle)?,
+            sweep_interval: positive("daemon.sweep_interval", d.sweep_interval)?,
+            shutdown_grace: positive("daemon.shutdown_grace", d.shutdown_grace)?,
+            backoff,
+            limits: Limits::new(
+                range("limits.max_id_bytes", l.max_id_bytes, 1, 1 << 20)?,
+                range("limits.max_payload_bytes", l.max_payload_bytes, 0, 512 << 20)?,
+                range("limits.max_payload_fields", l.max_payload_fields, 0, HARD_MAX_PAYLOAD_FIELDS)?,
+            ),
+        };
+        let log_format = match raw.log.format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => return Err(invalid("log.format", format!("{other:?} is not one of text, json"))),
+        };
+        Ok(Settings {
+            client,
+            redis_display: redact_url(url),
+            connect,
+            keys: Keys::new(&raw.key_prefix, &raw.namespace),
+            daemon,
+            log_format,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    struct FakeEnv(HashMap<String, String>);
+
+    impl Env for FakeEnv {
+        fn var(&self, name: &str) -> Option<String> {
+            self.0.get(name).cloned()
+        }
+        fn vars(&self) -> Vec<(String, String)> {
+            self.0.clone().into_iter().collect()
+        }
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> FakeEnv {
+        FakeEnv(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+    }
+
+    fn settings(pairs: &[(&str, &str)], o: Overrides) -> Result<Settings, ConfigError> {
+        let e = env(pairs);
+        Settings::from_raw(RawConfig::load(&o, &e)?, &e)
+    }
+
+    fn bad_key(pairs: &[(&str, &str)]) -> String {
+        match settings(pairs, Overrides::default()) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("{pairs:?} was accepted"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let s = settings(&[("POD_NAME", "pod-1")], Overrides::default()).unwrap();
+        assert_eq!(s.daemon.consumer, "pod-1");
+        assert_eq!(s.daemon.batch_size, 1000);
+        assert_eq!(s.keys.input, "tidemark:{default}:in");
+        assert_eq!(s.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn layering_env_then_flags() {
+        let pairs = [
+            ("TIDEMARK__DAEMON__BATCH_SIZE", "250"),
+            ("TIDEMARK__DAEMON__GROUPS", "billing,mail"),
+            ("TIDEMARK__NAMESPACE", "envns"),
+            ("TIDEMARK__DAEMON__CLAIM_IDLE", "5s"),
+            ("REDIS_URL", "redis://10.0.0.1:6380"),
+            ("POD_NAME", "pod-1"),
+        ];
+        let s = settings(&pairs, Overrides::default()).unwrap();
+        assert_eq!(s.daemon.batch_size, 250);
+        assert_eq!(s.daemon.groups, ["billing", "mail"]);
+        assert_eq!(s.keys.namespace, "envns");
+        assert_eq!(s.daemon.claim_idle, Duration::from_secs(5));
+        assert_eq!(s.redis_display, "redis://10.0.0.1:6380");
+
+        let o = Overrides {
+            namespace: Some("flagns".into()),
+            consumer: Some("me".into()),
+            groups: vec!["g".into()],
+            redis_url: Some("redis://127.0.0.1:1".into()),
+            ..Overrides::default()
+        };
+        let s = settings(&pairs, o).unwrap();
+        assert_eq!(s.keys.namespace, "flagns");
+        assert_eq!(s.daemon.consumer, "me");
+        assert_eq!(s.daemon.groups, ["g"]);
+        assert_eq!(s.redis_display, "redis://127.0.0.1:1");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            ("TIDEMARK__DAEMON__BATCH_SIZE", "0", "daemon.batch_size"),
+            ("TIDEMARK__DAEMON__BATCH_SIZE", "100000", "daemon.batch_size"),
+            ("TIDEMARK__DAEMON__RELEASE_CHUNK", "0", "daemon.release_chunk"),
+            ("TIDEMARK__LOG__FORMAT", "xml", "log.format"),
+            ("REDIS_URL", "not a url", "redis.url"),
+            ("REDIS_URL", "http://x", "redis.url"),
+            ("TIDEMARK__DAEMON__CLAIM_IDLE", "0s", "daemon.claim_idle"),
+            ("TIDEMARK__DAEMON__BLOCK", "soon", "block"),
+            ("TIDEMARK__NAMESPACE", "a}b", "namespace"),
+            ("TIDEMARK__DAEMON__NOPE", "1", "nope"),
+        ];
+        for (k, v, key) in cases {
+            let msg = bad_key(&[(k, v), ("POD_NAME", "p")]);
+            assert!(msg.contains(key), "{k}={v}: {msg:?} does not name {key}");
+        }
+    }
+
+    #[test]
+    fn password_never_shown() {
+        let s =
+            settings(&[("REDIS_URL", "redis://app:s3cret@127.0.0.1:6379/0"), ("POD_NAME", "p")], Overrides::default())
+                .unwrap();
+        assert!(!s.redis_display.contains("s3cret"));
+        assert!(s.redis_display.contains("app:***@"));
+        let msg = bad_key(&[("REDIS_URL", "redis://app:s3cret@[bad/0")]);
+        assert!(!msg.contains("s3cret"), "{msg}");
+    }
+}

@@ -1,0 +1,12 @@
+//! Pure logic with no I/O and no clock: input parsing, payload encoding,
+//! stream entry ids, watermark rules and the reconnect backoff policy.
+
+pub mod backoff;
+pub mod codec;
+pub mod entry_id;
+pub mod op;
+pub mod watermark;
+
+pub use entry_id::EntryId;
+pub use op::{Limits, Op, Reason, Rejection};
+pub use watermark::{Timestamp, Watermark, TS_MAX, TS_MIN};

@@ -1,0 +1,320 @@
+//! The daemon: reads `:in` in the input group, applies batches atomically
+//! and in order, releases due elements in bounded chunks, claims the work of
+//! dead daemons, and reconnects after Redis failures.
+
+mod stats;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use tokio::sync::mpsc;
+use tokio::time::{interval, Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+pub use stats::Stats;
+
+use crate::config::Settings;
+use crate::core::EntryId;
+use crate::store::{self, prepare, Prepared, Scripts, StoreError, StreamEntry, INPUT_GROUP};
+
+/// How long to wait before retrying a batch that an older entry, pending at
+/// another daemon, holds back. Doubles from the first to the last value.
+const BLOCKED_RETRY: (Duration, Duration) = (Duration::from_millis(2), Duration::from_millis(100));
+
+/// Runs the daemon until `shutdown` is cancelled. Returns an error only for
+/// failures that retrying cannot fix (wrong password, Redis too old).
+pub async fn run(settings: Settings, stats: Arc<Stats>, shutdown: CancellationToken) -> Result<(), StoreError> {
+    let scripts = Scripts::new();
+    // Failed attempts since the last successful connection: drives the
+    // backoff and makes each state change (up → down) log once.
+    let mut failures: u32 = 0;
+    let mut ever_connected = false;
+    info!(
+        redis = %settings.redis_display,
+        namespace = %settings.keys.namespace,
+        consumer = %settings.daemon.consumer,
+        "tidemark daemon starting"
+    );
+    loop {
+        let mut connected = false;
+        let result = session(&settings, &scripts, &stats, &shutdown, &mut connected).await;
+        if connected {
+            if ever_connected && failures > 0 {
+                stats.reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            ever_connected = true;
+            failures = 0;
+        }
+        match result {
+            Ok(()) => {
+                info!("tidemark daemon stopped");
+                return Ok(());
+            }
+            Err(e) if e.is_fatal() => return Err(e),
+            Err(e) => {
+                if connected {
+                    warn!(error = %e, "lost the connection to Redis; reconnecting");
+                } else if failures == 0 {
+                    warn!(error = %e, redis = %settings.redis_display, "cannot reach Redis; retrying with backoff");
+                } else {
+                    debug!(error = %e, failures, "still cannot reach Redis");
+                }
+                let delay = settings.daemon.backoff.delay(failures, rand::random::<f64>());
+                failures = failures.saturating_add(1);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => {
+                        info!("tidemark daemon stopped while disconnected");
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One connected period: set up, recover, then read and apply until
+/// shutdown (`Ok`) or a Redis failure (`Err`).
+async fn session(
+    settings: &Settings,
+    scripts: &Scripts,
+    stats: &Arc<Stats>,
+    shutdown: &CancellationToken,
+    connected: &mut bool,
+) -> Result<(), StoreError> {
+    let d = &settings.daemon;
+    let keys = &settings.keys;
+    let mut conn = store::connect(&settings.client, &settings.connect, settings.connect.response_timeout).await?;
+    let version = store::check_version(&mut conn).await?;
+    store::ensure_group(&mut conn, &keys.input, INPUT_GROUP).await?;
+    for group in &d.groups {
+        if store::ensure_group(&mut conn, &keys.out, group).await? {
+            info!(group = %group, stream = %keys.out, "created output group at id 0");
+        }
+    }
+    scripts.load(&mut conn).await?;
+    *connected = true;
+    info!(redis_version = %version, redis = %settings.redis_display, consumer = %d.consumer, "connected to Redis");
+
+    let mut worker = Worker { settings, scripts, stats, conn, backlog: BTreeMap::new() };
+    // Our own pending entries first: a restart under the same name resumes
+    // its work at once. Then what a crashed release left due.
+    worker.load_own_pending().await?;
+    worker.release_all().await?;
+    worker.drain().await?;
+    worker.claim().await?;
+
+    let reader_conn =
+        store::connect(&settings.client, &settings.connect, settings.connect.response_timeout + d.block).await?;
+    let (tx, rx) = mpsc::channel(1);
+    let stop_reader = shutdown.child_token();
+    let reader = tokio::spawn(read_loop(reader_conn, settings.clone(), tx, stop_reader.clone()));
+    let result = worker.run(rx, shutdown).await;
+    stop_reader.cancel();
+    reader.abort();
+    result
+}
+
+/// Reads new input in batches and hands them over; reads the next batch
+/// only once the previous one has been taken (backpressure), so Redis can
+/// serve the next read while the applier's script runs.
+async fn read_loop(
+    mut conn: MultiplexedConnection,
+    settings: Settings,
+    tx: mpsc::Sender<Result<Vec<StreamEntry>, StoreError>>,
+    stop: CancellationToken,
+) {
+    let d = &settings.daemon;
+    loop {
+        let Ok(permit) = tx.reserve().await else { return };
+        let read = tokio::select! {
+            r = store::read_new(&mut conn, &settings.keys, &d.consumer, d.batch_size, d.block) => r,
+            _ = stop.cancelled() => return,
+        };
+        match read {
+            Ok(entries) if entries.is_empty() => {}
+            Ok(entries) => permit.send(Ok(entries)),
+            Err(e) => {
+                permit.send(Err(e));
+                return;
+            }
+        }
+    }
+}
+
+/// The applier's state within one session.
+struct Worker<'a> {
+    /// Validated settings.
+    settings: &'a Settings,
+    /// The scripts, loaded on this connection's server.
+    scripts: &'a Scripts,
+    /// Counters.
+    stats: &'a Arc<Stats>,
+    /// Connection for scripts and claims (the reader has its own, since a
+    /// blocking read would stall everything queued behind it).
+    conn: MultiplexedConnection,
+    /// Entries delivered to us and not yet applied, in id order. Entries
+    /// arrive from reads, from our own pending list and from claims; the map
+    /// also removes duplicates among them.
+    backlog: BTreeMap<EntryId, Prepared>,
+}
+
+impl Worker<'_> {
+    /// Most entries held before reading more: two batches.
+    fn capacity(&self) -> usize {
+        self.settings.daemon.batch_size * 2
+    }
+
+    fn take(&mut self, entries: Vec<StreamEntry>) {
+        let limits = &self.settings.daemon.limits;
+        for e in entries {
+            self.backlog.entry(e.id).or_insert_with(|| prepare(&e, limits));
+        }
+    }
+
+    async fn load_own_pending(&mut self) -> Result<(), StoreError> {
+        let d = &self.settings.daemon;
+        let mut after = EntryId::ZERO;
+        let mut total = 0;
+        loop {
+            let entries =
+                store::read_own_pending(&mut self.conn, &self.settings.keys, &d.consumer, after, d.batch_size).await?;
+            let Some(last) = entries.last() else { break };
+            after = last.id;
+            total += entries.len();
+            self.take(entries);
+        }
+        if total > 0 {
+            info!(entries = total, "resuming our own pending input entries");
+        }
+        Ok(())
+    }
+
+    /// Claims input entries idle for `claim_idle` (left by dead daemons).
+    async fn claim(&mut self) -> Result<(), StoreError> {
+        let d = &self.settings.daemon;
+        let mut cursor = EntryId::ZERO;
+        let mut total = 0u64;
+        while self.backlog.len() < self.capacity() {
+            let (next, entries) =
+                store::autoclaim(&mut self.conn, &self.settings.keys, &d.consumer, d.claim_idle, cursor, d.batch_size)
+                    .await?;
+            total += entries.len() as u64;
+            self.take(entries);
+            if next == EntryId::ZERO {
+                break;
+            }
+            cursor = next;
+        }
+        if total > 0 {
+            self.stats.claimed.fetch_add(total, std::sync::atomic::Ordering::Relaxed);
+            info!(entries = total, idle = ?d.claim_idle, "claimed input entries left pending by another daemon");
+        }
+        Ok(())
+    }
+
+    async fn release_all(&mut self) -> Result<(), StoreError> {
+        let n =
+            self.scripts.release_all(&mut self.conn, &self.settings.keys, self.settings.daemon.release_chunk).await?;
+        if n > 0 {
+            self.stats.record_release(n);
+            debug!(released = n, "released due elements");
+        }
+        Ok(())
+    }
+
+    /// Applies the backlog in id order, a batch per call, until it is empty
+    /// (`Ok(false)`) or held back by an older entry elsewhere (`Ok(true)`).
+    async fn drain(&mut self) -> Result<bool, StoreError> {
+        let d = &self.settings.daemon;
+        while !self.backlog.is_empty() {
+            let batch: Vec<&Prepared> = self.backlog.values().take(d.batch_size).collect();
+            let size = batch.len();
+            let outcome = self.scripts.apply(&mut self.conn, &self.settings.keys, &batch, d.release_chunk).await?;
+            let done: Vec<EntryId> = batch[..outcome.processed.min(size)].iter().map(|p| p.id).collect();
+            for id in &done {
+                self.backlog.remove(id);
+            }
+            self.stats.record_apply(&outcome);
+            if outcome.dead > 0 {
+                warn!(entries = outcome.dead, "malformed input entries moved to the dead-letter stream");
+            }
+            debug!(
+                processed = outcome.processed,
+                adds = outcome.adds,
+                cancels = outcome.cancels,
+                watermarks = outcome.watermarks,
+                released = outcome.released + outcome.late,
+                "applied input batch"
+            );
+            if outcome.more_due {
+                self.release_all().await?;
+            }
+            if outcome.processed < size && (outcome.blocked || outcome.processed == 0) && !outcome.more_due {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Result<Vec<StreamEntry>, StoreError>>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), StoreError> {
+        let d = &self.settings.daemon;
+        let mut sweep = interval(d.sweep_interval);
+        sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut claim = interval((d.claim_idle / 2).max(Duration::from_millis(10)));
+        claim.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut retry = BLOCKED_RETRY.0;
+        let mut blocked_since: Option<Instant> = None;
+        loop {
+            let blocked = self.drain().await?;
+            if blocked {
+                let since = *blocked_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= d.claim_idle {
+                    self.claim().await?;
+                    blocked_since = Some(Instant::now());
+                }
+            } else {
+                blocked_since = None;
+                retry = BLOCKED_RETRY.0;
+            }
+            if shutdown.is_cancelled() {
+                return self.finish().await;
+            }
+            let room = self.backlog.len() < self.capacity();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return self.finish().await,
+                msg = rx.recv(), if room => match msg {
+                    Some(Ok(entries)) => self.take(entries),
+                    Some(Err(e)) => return Err(e),
+                    None => return Err(StoreError::Reply("the input reader stopped".into())),
+                },
+                _ = tokio::time::sleep(retry), if blocked => {
+                    retry = (retry * 2).min(BLOCKED_RETRY.1);
+                }
+                _ = sweep.tick() => self.release_all().await?,
+                _ = claim.tick() => self.claim().await?,
+            }
+        }
+    }
+
+    /// On shutdown: one last try at what we already read (no waiting on
+    /// other daemons). Whatever stays pending is resumed by a restart under
+    /// the same name, or claimed by another daemon after `claim_idle`.
+    async fn finish(mut self) -> Result<(), StoreError> {
+        if !self.backlog.is_empty() {
+            self.drain().await?;
+        }
+        if !self.backlog.is_empty() {
+            info!(entries = self.backlog.len(), "leaving input entries pending for a restart or another daemon");
+        }
+        Ok(())
+    }
+}

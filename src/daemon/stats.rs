@@ -1,0 +1,47 @@
+//! Counters of what a daemon has done, shared with whoever reports them.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use crate::store::ApplyOutcome;
+
+/// Monotonic counters since the daemon started.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Input entries applied (any op, including dead letters).
+    pub ingested: AtomicU64,
+    /// `add` ops applied.
+    pub adds: AtomicU64,
+    /// `cancel` ops applied.
+    pub cancels: AtomicU64,
+    /// `watermark` ops applied.
+    pub watermarks: AtomicU64,
+    /// Entries sent to `:dead`.
+    pub dead: AtomicU64,
+    /// Adds released at once because they were already due.
+    pub late: AtomicU64,
+    /// Elements released into `:out` (late adds included).
+    pub released: AtomicU64,
+    /// Input entries claimed from other consumers.
+    pub claimed: AtomicU64,
+    /// Times the connection to Redis was re-established.
+    pub reconnects: AtomicU64,
+}
+
+impl Stats {
+    /// Adds one apply call's outcome.
+    pub fn record_apply(&self, o: &ApplyOutcome) {
+        let applied = o.adds + o.cancels + o.watermarks + o.dead;
+        self.ingested.fetch_add(applied, Relaxed);
+        self.adds.fetch_add(o.adds, Relaxed);
+        self.cancels.fetch_add(o.cancels, Relaxed);
+        self.watermarks.fetch_add(o.watermarks, Relaxed);
+        self.dead.fetch_add(o.dead, Relaxed);
+        self.late.fetch_add(o.late, Relaxed);
+        self.released.fetch_add(o.released + o.late, Relaxed);
+    }
+
+    /// Adds elements released by the release script.
+    pub fn record_release(&self, n: u64) {
+        self.released.fetch_add(n, Relaxed);
+    }
+}

@@ -1,0 +1,9 @@
+//! tidemark: releases timestamped elements into a Redis stream once a
+//! watermark has reached their timestamp. See DESIGN.md for the contract.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod core;
+pub mod daemon;
+pub mod store;

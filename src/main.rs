@@ -1,0 +1,205 @@
+//! The `tidemark` binary: parses the command line, validates the whole
+//! configuration before connecting anything, and runs the command.
+#![forbid(unsafe_code)]
+
+mod cli;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use futures::StreamExt;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use cli::{Cli, Command, EXIT_CONFIG, EXIT_UNAVAILABLE};
+use tidemark::config::{LogFormat, Overrides, ProcessEnv, RawConfig, Settings};
+use tidemark::core::watermark::parse_ts;
+use tidemark::store::{self, status, StoreError};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(EXIT_CONFIG) } else { ExitCode::SUCCESS };
+        }
+    };
+    let mut overrides = Overrides::default();
+    overrides.config_file = cli.global.config.clone();
+    overrides.redis_url = cli.global.redis_url.clone();
+    overrides.namespace = cli.global.namespace.clone();
+    overrides.log_format = cli.global.log_format.clone();
+    if let Command::Run(run) = &cli.command {
+        overrides.consumer = run.consumer.clone();
+        overrides.groups = run.groups.clone();
+    }
+    let settings = match RawConfig::load(&overrides, &ProcessEnv).and_then(|raw| Settings::from_raw(raw, &ProcessEnv)) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("tidemark: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Err(e) = validate_command(&cli.command) {
+        eprintln!("tidemark: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    init_logging(settings.log_format);
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tidemark: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Run(_) => run_daemon(settings).await,
+            other => match one_shot(&settings, other).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) if e.is_connection() || e.is_fatal() => {
+                    eprintln!("tidemark: cannot use Redis at {}: {e}", settings.redis_display);
+                    ExitCode::from(EXIT_UNAVAILABLE)
+                }
+                Err(e) => {
+                    eprintln!("tidemark: {e}");
+                    ExitCode::FAILURE
+                }
+            },
+        }
+    })
+}
+
+/// Checks command arguments that clap cannot (timestamps, field syntax).
+fn validate_command(command: &Command) -> Result<(), String> {
+    let ts = |raw: &str| {
+        parse_ts(raw.as_bytes()).map(|_| ()).ok_or_else(|| format!("--ts {raw:?} is not an integer within ±(2^53-1)"))
+    };
+    match command {
+        Command::Add(a) => {
+            if a.id.is_empty() {
+                return Err("--id must not be empty".into());
+            }
+            ts(&a.ts)?;
+            for f in &a.fields {
+                match f.split_once('=') {
+                    Some(("", _)) => return Err(format!("--field {f:?}: the key is empty")),
+                    Some((k, _)) if matches!(k, "op" | "id" | "ts") => {
+                        return Err(format!("--field {f:?}: `{k}` is reserved"))
+                    }
+                    Some(_) => {}
+                    None => return Err(format!("--field {f:?} is not KEY=VALUE")),
+                }
+            }
+            Ok(())
+        }
+        Command::Cancel(c) if c.id.is_empty() => Err("--id must not be empty".into()),
+        Command::Watermark(w) => ts(&w.ts),
+        _ => Ok(()),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// The daemon with signal handling: the first SIGTERM/SIGINT stops reading
+/// and drains within the grace period; a second one exits at once.
+async fn run_daemon(settings: Settings) -> ExitCode {
+    let shutdown = CancellationToken::new();
+    let mut signals = match signal_hook_tokio::Signals::new([SIGTERM, SIGINT]) {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "cannot install signal handlers");
+            return ExitCode::FAILURE;
+        }
+    };
+    let handle = signals.handle();
+    let on_signal = shutdown.clone();
+    let grace = settings.daemon.shutdown_grace;
+    tokio::spawn(async move {
+        let mut seen = 0;
+        while let Some(signal) = signals.next().await {
+            seen += 1;
+            let name = if signal == SIGTERM { "SIGTERM" } else { "SIGINT" };
+            if seen == 1 {
+                info!(signal = name, grace = ?grace, "shutting down: finishing the call in flight");
+                on_signal.cancel();
+            } else {
+                warn!(signal = name, "second signal: exiting now");
+                std::process::exit(130);
+            }
+        }
+    });
+
+    let stats = Arc::new(tidemark::daemon::Stats::default());
+    let mut daemon = tokio::spawn(tidemark::daemon::run(settings, stats, shutdown.clone()));
+    let result = tokio::select! {
+        r = &mut daemon => r,
+        _ = shutdown.cancelled() => match tokio::time::timeout(grace, &mut daemon).await {
+            Ok(r) => r,
+            Err(_) => {
+                error!(grace = ?grace, "shutdown did not finish within the grace period; exiting");
+                handle.close();
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    handle.close();
+    match result {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            error!(error = %e, "cannot continue");
+            ExitCode::from(if e.is_fatal() { EXIT_UNAVAILABLE } else { 1 })
+        }
+        Err(e) => {
+            error!(error = %e, "the daemon task failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn one_shot(settings: &Settings, command: Command) -> Result<(), StoreError> {
+    let mut conn = store::connect(&settings.client, &settings.connect, settings.connect.response_timeout).await?;
+    let keys = &settings.keys;
+    let id = match command {
+        Command::Add(a) => {
+            let ts = parse_ts(a.ts.as_bytes()).expect("validated").to_string();
+            let mut fields: Vec<(&[u8], &[u8])> =
+                vec![(b"op", b"add"), (b"id", a.id.as_bytes()), (b"ts", ts.as_bytes())];
+            for f in &a.fields {
+                let (k, v) = f.split_once('=').expect("validated");
+                fields.push((k.as_bytes(), v.as_bytes()));
+            }
+            store::xadd(&mut conn, &keys.input, &fields).await?
+        }
+        Command::Cancel(c) => {
+            store::xadd(&mut conn, &keys.input, &[(b"op", b"cancel"), (b"id", c.id.as_bytes())]).await?
+        }
+        Command::Watermark(w) => {
+            let ts = parse_ts(w.ts.as_bytes()).expect("validated").to_string();
+            store::xadd(&mut conn, &keys.input, &[(b"op", b"watermark"), (b"ts", ts.as_bytes())]).await?
+        }
+        Command::Status(s) => {
+            let snapshot = status::snapshot(&mut conn, keys).await?;
+            if s.json {
+                println!("{}", serde_json::to_string_pretty(&snapshot).expect("status serializes"));
+            } else {
+                print!("{}", status::render(&snapshot));
+            }
+            return Ok(());
+        }
+        Command::Run(_) => unreachable!("run is handled by run_daemon"),
+    };
+    println!("{id}");
+    Ok(())
+}

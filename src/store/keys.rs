@@ -1,0 +1,56 @@
+//! The one place where Redis key names are built. Every key of a namespace
+//! carries the hash tag `{NS}` so that each script touches one cluster slot.
+
+/// The keys of one namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    /// `:in` — input operations from producers (stream).
+    pub input: String,
+    /// `:wm` — the watermark (string).
+    pub wm: String,
+    /// `:sched` — scheduled element ids, score = ts (sorted set).
+    pub sched: String,
+    /// `:body` — element id → encoded payload (hash).
+    pub body: String,
+    /// `:out` — released elements (stream).
+    pub out: String,
+    /// `:dead` — dead letters (stream).
+    pub dead: String,
+    /// The namespace these keys belong to.
+    pub namespace: String,
+}
+
+impl Keys {
+    /// Keys for namespace `ns` under `prefix` (normally `tidemark`).
+    pub fn new(prefix: &str, ns: &str) -> Self {
+        let key = |suffix: &str| format!("{prefix}:{{{ns}}}:{suffix}");
+        Keys {
+            input: key("in"),
+            wm: key("wm"),
+            sched: key("sched"),
+            body: key("body"),
+            out: key("out"),
+            dead: key("dead"),
+            namespace: ns.to_owned(),
+        }
+    }
+}
+
+/// The consumer group in which daemons read `:in`.
+pub const INPUT_GROUP: &str = "tidemark";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_carry_the_hash_tag() {
+        let k = Keys::new("tidemark", "default");
+        assert_eq!(k.input, "tidemark:{default}:in");
+        assert_eq!(k.wm, "tidemark:{default}:wm");
+        assert_eq!(k.sched, "tidemark:{default}:sched");
+        assert_eq!(k.body, "tidemark:{default}:body");
+        assert_eq!(k.out, "tidemark:{default}:out");
+        assert_eq!(k.dead, "tidemark:{default}:dead");
+    }
+}

@@ -1,0 +1,217 @@
+//! All Redis I/O: connections, key names, scripts, stream reads and writes.
+
+pub mod batch;
+pub mod entries;
+pub mod keys;
+pub mod scripts;
+pub mod status;
+
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, Value};
+
+pub use batch::{prepare, Prepared};
+pub use entries::StreamEntry;
+pub use keys::{Keys, INPUT_GROUP};
+pub use scripts::{ApplyOutcome, Scripts};
+
+use crate::core::EntryId;
+
+/// The oldest Redis that tidemark supports: `XAUTOCLAIM` and
+/// `ZRANGE … BYSCORE` arrived in 6.2.
+pub const MIN_REDIS: (u32, u32) = (6, 2);
+
+/// Errors from Redis I/O.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// A Redis command or connection failed.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// Redis answered something we could not decode.
+    #[error("unexpected reply from redis: {0}")]
+    Reply(String),
+    /// The server is older than [`MIN_REDIS`].
+    #[error("redis {0} is too old: tidemark needs Redis >= 6.2 (XAUTOCLAIM, ZRANGE BYSCORE)")]
+    TooOld(String),
+}
+
+impl StoreError {
+    /// The connection is gone or unusable: reconnect and retry.
+    pub fn is_connection(&self) -> bool {
+        match self {
+            StoreError::Redis(e) => {
+                e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.is_timeout()
+                    || matches!(e.kind(), redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading))
+            }
+            _ => false,
+        }
+    }
+
+    /// Retrying cannot help (wrong password, server too old, bad URL).
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            StoreError::Redis(e) => {
+                matches!(e.kind(), redis::ErrorKind::AuthenticationFailed | redis::ErrorKind::InvalidClientConfig)
+                    || e.code() == Some("NOPERM")
+                    || e.code() == Some("WRONGPASS")
+            }
+            StoreError::TooOld(_) => true,
+            StoreError::Reply(_) => false,
+        }
+    }
+}
+
+/// How to reach Redis.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// Time allowed to establish a connection.
+    pub connect_timeout: Duration,
+    /// Time allowed for any reply (blocking reads add their block time).
+    pub response_timeout: Duration,
+}
+
+/// Opens a multiplexed connection whose replies time out after `response`.
+pub async fn connect(
+    client: &Client,
+    opts: &ConnectOptions,
+    response: Duration,
+) -> Result<MultiplexedConnection, StoreError> {
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(opts.connect_timeout))
+        .set_response_timeout(Some(response));
+    Ok(client.get_multiplexed_async_connection_with_config(&config).await?)
+}
+
+/// Reads the server version from `INFO server` and refuses anything older
+/// than [`MIN_REDIS`]. Returns the version text.
+pub async fn check_version(conn: &mut MultiplexedConnection) -> Result<String, StoreError> {
+    let info: String = redis::cmd("INFO").arg("server").query_async(conn).await?;
+    let version = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .map(|v| v.trim().to_owned())
+        .ok_or_else(|| StoreError::Reply("INFO server has no redis_version".into()))?;
+    if parse_version(&version) < MIN_REDIS {
+        return Err(StoreError::TooOld(version));
+    }
+    Ok(version)
+}
+
+fn parse_version(v: &str) -> (u32, u32) {
+    let mut parts = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+/// Creates consumer group `group` on `stream` at id `0` (so entries written
+/// before the group existed are delivered too), creating the stream if
+/// needed. An existing group is left as it is.
+pub async fn ensure_group(conn: &mut MultiplexedConnection, stream: &str, group: &str) -> Result<bool, StoreError> {
+    let created: Result<(), redis::RedisError> =
+        redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(group).arg("0").arg("MKSTREAM").query_async(conn).await;
+    match created {
+        Ok(()) => Ok(true),
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `XREADGROUP` of new entries (`>`), blocking up to `block`.
+pub async fn read_new(
+    conn: &mut MultiplexedConnection,
+    keys: &Keys,
+    consumer: &str,
+    count: usize,
+    block: Duration,
+) -> Result<Vec<StreamEntry>, StoreError> {
+    let reply: Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(INPUT_GROUP)
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(count)
+        .arg("BLOCK")
+        .arg(block.as_millis().max(1) as u64)
+        .arg("STREAMS")
+        .arg(&keys.input)
+        .arg(">")
+        .query_async(conn)
+        .await?;
+    entries::decode_read(reply)
+}
+
+/// This consumer's own pending entries with ids above `after`.
+pub async fn read_own_pending(
+    conn: &mut MultiplexedConnection,
+    keys: &Keys,
+    consumer: &str,
+    after: EntryId,
+    count: usize,
+) -> Result<Vec<StreamEntry>, StoreError> {
+    let reply: Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(INPUT_GROUP)
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(count)
+        .arg("STREAMS")
+        .arg(&keys.input)
+        .arg(after.to_string())
+        .query_async(conn)
+        .await?;
+    entries::decode_read(reply)
+}
+
+/// `XAUTOCLAIM` of input entries idle for at least `min_idle`, from
+/// `cursor`. Returns the next cursor (`0-0` when the scan is complete).
+pub async fn autoclaim(
+    conn: &mut MultiplexedConnection,
+    keys: &Keys,
+    consumer: &str,
+    min_idle: Duration,
+    cursor: EntryId,
+    count: usize,
+) -> Result<(EntryId, Vec<StreamEntry>), StoreError> {
+    let reply: Value = redis::cmd("XAUTOCLAIM")
+        .arg(&keys.input)
+        .arg(INPUT_GROUP)
+        .arg(consumer)
+        .arg(min_idle.as_millis() as u64)
+        .arg(cursor.to_string())
+        .arg("COUNT")
+        .arg(count)
+        .query_async(conn)
+        .await?;
+    entries::decode_autoclaim(reply)
+}
+
+/// Appends one entry to a stream and returns its id.
+pub async fn xadd(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    fields: &[(&[u8], &[u8])],
+) -> Result<String, StoreError> {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(stream).arg("*");
+    for (k, v) in fields {
+        cmd.arg(*k).arg(*v);
+    }
+    Ok(cmd.query_async(conn).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_parsing() {
+        assert_eq!(parse_version("7.0.15"), (7, 0));
+        assert_eq!(parse_version("6.2.0"), (6, 2));
+        assert!(parse_version("6.0.16") < MIN_REDIS);
+        assert!(parse_version("255.255.255") >= MIN_REDIS);
+    }
+}

@@ -1,0 +1,4 @@
+//! The single integration-test binary (`cargo test --test it`).
+
+mod harness;
+mod harness_selftest;
