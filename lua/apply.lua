@@ -4,18 +4,18 @@
 -- KEYS[1]: the input stream
 -- KEYS[2]: the watermark (string)
 -- KEYS[3]: the schedule (sorted set, score = ts)
--- KEYS[4]: the bodies (hash, element id -> payload blob)
+-- KEYS[4]: the bodies (hash, element id -> payload blob; only elements with a payload)
 -- KEYS[5]: the output stream
 -- KEYS[6]: the dead-letter stream
 -- ARGV[1]: the input consumer group
 -- ARGV[2]: max elements released by watermark advances in this call
 -- ARGV[3]: the number of entries that follow
 -- ARGV[4..]: the entries, sorted by entry id, each one of
---   <entry id> 'A' <element id> <ts> <blob: ts and payload>   (add)
---   <entry id> 'C' <element id>                               (cancel)
---   <entry id> 'W' <ts>                                       (watermark)
---   <entry id> 'D' <reason> <detail> <blob: original fields>  (dead letter)
---   <entry id> 'X'                                            (entry deleted from the stream)
+--   <entry id> 'A' <element id> <ts> <payload blob, '' if none>   (add)
+--   <entry id> 'C' <element id>                                   (cancel)
+--   <entry id> 'W' <ts>                                           (watermark)
+--   <entry id> 'D' <reason> <detail> <blob: original fields>      (dead letter)
+--   <entry id> 'X'                                                (entry deleted from the stream)
 -- Returns: {processed, released, more_due, blocked, adds, cancels,
 --           watermarks, dead, late}
 --   processed: how many leading entries are done (applied now, or found
@@ -38,6 +38,10 @@ budget = budget - released
 if more then
   return {0, released, 1, 0, 0, 0, 0, 0, 0}
 end
+local wmn = wm and tonumber(wm)
+-- Whether any body may exist: if not, payload-less adds and cancels need
+-- not delete one.
+local bodies = call('HLEN', body) > 0
 
 -- The oldest pending entries of the whole group, in id order. Walking our
 -- batch against them tells, per entry, whether it is still pending (apply
@@ -46,13 +50,28 @@ end
 local pending = call('XPENDING', input, group, '-', '+', count)
 local k = 1
 
--- Adds are buffered so a run of them costs one ZADD and one HSET.
-local zadd, hset = {}, {}
+-- Scheduling adds are buffered so a run of them costs one ZADD, one HSET
+-- and one HDEL. An id seen twice in a run flushes first, so the later add
+-- wins in every key.
+local zadd, hset, hdel, buffered = {}, {}, {}, {}
 local function flush()
   if #zadd > 0 then
     call('ZADD', sched, unpack(zadd))
-    call('HSET', body, unpack(hset))
-    zadd, hset = {}, {}
+    if #hset > 0 then
+      call('HSET', body, unpack(hset))
+    end
+    if #hdel > 0 then
+      call('HDEL', body, unpack(hdel))
+    end
+    zadd, hset, hdel, buffered = {}, {}, {}, {}
+  end
+end
+
+local function emit(id, ts, blob)
+  if blob == '' then
+    call('XADD', out, '*', 'id', id, 'ts', ts)
+  else
+    call('XADD', out, '*', 'id', id, 'ts', ts, msgunpack(blob))
   end
 end
 
@@ -84,33 +103,42 @@ for _ = 1, count do
     if code == 'A' then
       local id, ts, blob = ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
       adds = adds + 1
-      if wm and tonumber(ts) <= tonumber(wm) then
+      if wmn and tonumber(ts) <= wmn then
         -- Late: released at once, replacing any scheduled version.
         flush()
-        if call('ZREM', sched, id) == 1 then
+        if call('ZREM', sched, id) == 1 and bodies then
           call('HDEL', body, id)
         end
-        call('XADD', out, '*', 'id', id, 'ts', msgunpack(blob))
+        emit(id, ts, blob)
         late = late + 1
       else
+        if buffered[id] then
+          flush()
+        end
+        buffered[id] = true
         zadd[#zadd + 1] = ts
         zadd[#zadd + 1] = id
-        hset[#hset + 1] = id
-        hset[#hset + 1] = blob
+        if blob ~= '' then
+          hset[#hset + 1] = id
+          hset[#hset + 1] = blob
+          bodies = true
+        elseif bodies then
+          hdel[#hdel + 1] = id
+        end
       end
     elseif code == 'C' then
       flush()
-      if call('ZREM', sched, ARGV[i + 2]) == 1 then
+      if call('ZREM', sched, ARGV[i + 2]) == 1 and bodies then
         call('HDEL', body, ARGV[i + 2])
       end
       cancels = cancels + 1
     elseif code == 'W' then
       local ts = ARGV[i + 2]
       watermarks = watermarks + 1
-      if not wm or tonumber(ts) > tonumber(wm) then
+      if not wmn or tonumber(ts) > wmn then
         flush()
         call('SET', wmkey, ts)
-        wm = ts
+        wm, wmn = ts, tonumber(ts)
         local n, m = release_due(sched, body, out, wm, budget)
         released = released + n
         budget = budget - n
@@ -118,9 +146,8 @@ for _ = 1, count do
         stop = m
       end
     elseif code == 'D' then
-      local fields = ARGV[i + 4]
       call('XADD', dead, '*', 'reason', ARGV[i + 2], 'detail', ARGV[i + 3],
-        'origin', 'in', 'origin_id', sid, msgunpack(fields))
+        'origin', 'in', 'origin_id', sid, msgunpack(ARGV[i + 4]))
       deadn = deadn + 1
     end
     -- 'X': the entry was deleted from the stream; acknowledging is all.

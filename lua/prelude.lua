@@ -1,8 +1,9 @@
 -- prelude.lua: helpers shared by every tidemark script. The Rust side
 -- prepends this file to each script's source, so it is not a script itself.
 --
--- Payload blobs are concatenated MessagePack `str` objects: ts, then the
--- payload field/value pairs in order (see src/core/codec.rs).
+-- A payload blob is the element's payload field/value pairs in order, as
+-- concatenated MessagePack `str` objects (see src/core/codec.rs). Elements
+-- without payload have no blob.
 
 local call = redis.call
 local unpack = unpack
@@ -10,29 +11,41 @@ local msgunpack = cmsgpack.unpack
 
 -- Releases up to `limit` due elements (score <= wm) into `out`, in
 -- (ts, id) order. `wm` is the watermark as a decimal string, or false.
+-- The due elements are the lowest-ranked ones, so one ZREMRANGEBYRANK
+-- removes them; bodies exist only for elements with a payload, and when
+-- none exists at all the body hash is not touched.
 -- Returns: released count, and whether due elements remain.
 local function release_due(sched, body, out, wm, limit)
   if not wm or limit <= 0 then
     return 0, false
   end
-  local ids = call('ZRANGE', sched, '-inf', wm, 'BYSCORE', 'LIMIT', 0, limit)
-  local n = #ids
+  local due = call('ZRANGE', sched, '-inf', wm, 'BYSCORE', 'LIMIT', 0, limit, 'WITHSCORES')
+  local n = #due / 2
   if n == 0 then
     return 0, false
   end
-  local blobs = call('HMGET', body, unpack(ids))
-  for i = 1, n do
-    local blob = blobs[i]
-    if blob then
-      call('XADD', out, '*', 'id', ids[i], 'ts', msgunpack(blob))
-    else
-      -- The body was removed behind our back: release what we know.
-      local score = call('ZSCORE', sched, ids[i])
-      call('XADD', out, '*', 'id', ids[i], 'ts', string.format('%d', tonumber(score)))
+  if call('HLEN', body) == 0 then
+    for i = 1, #due, 2 do
+      -- Scores of integers up to 2^53 print as plain integers.
+      call('XADD', out, '*', 'id', due[i], 'ts', due[i + 1])
     end
+  else
+    local ids = {}
+    for i = 1, n do
+      ids[i] = due[2 * i - 1]
+    end
+    local blobs = call('HMGET', body, unpack(ids))
+    for i = 1, n do
+      local blob = blobs[i]
+      if blob then
+        call('XADD', out, '*', 'id', ids[i], 'ts', due[2 * i], msgunpack(blob))
+      else
+        call('XADD', out, '*', 'id', ids[i], 'ts', due[2 * i])
+      end
+    end
+    call('HDEL', body, unpack(ids))
   end
-  call('ZREM', sched, unpack(ids))
-  call('HDEL', body, unpack(ids))
+  call('ZREMRANGEBYRANK', sched, 0, n - 1)
   local more = false
   if n == limit then
     more = #call('ZRANGE', sched, '-inf', wm, 'BYSCORE', 'LIMIT', 0, 1) > 0

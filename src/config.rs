@@ -205,6 +205,11 @@ impl Env for ProcessEnv {
 }
 
 impl RawConfig {
+    /// The built-in defaults.
+    pub fn defaults() -> RawConfig {
+        RawConfig { namespace: "default".into(), key_prefix: "tidemark".into(), ..RawConfig::default() }
+    }
+
     /// Layers defaults < file < `TIDEMARK__SECTION__KEY` and `REDIS_URL` <
     /// flags.
     pub fn load(overrides: &Overrides, env: &dyn Env) -> Result<RawConfig, ConfigError> {
@@ -537,5 +542,30 @@ mod tests {
         assert!(s.redis_display.contains("app:***@"));
         let msg = bad_key(&[("REDIS_URL", "redis://app:s3cret@[bad/0")]);
         assert!(!msg.contains("s3cret"), "{msg}");
+    }
+}
+
+#[cfg(test)]
+mod bundled_file {
+    use super::*;
+
+    /// `config/tidemark.toml` documents every key with its built-in default:
+    /// loading it must give exactly the defaults.
+    #[test]
+    fn bundled_config_matches_defaults() {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CONFIG_PATH);
+        let text = std::fs::read_to_string(&path).expect("read bundled config");
+        let from_file: RawConfig = config::Config::builder()
+            .add_source(config::File::from_str(&text, config::FileFormat::Toml))
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .expect("bundled config parses");
+        assert_eq!(
+            serde_json::to_value(&from_file).unwrap(),
+            serde_json::to_value(RawConfig::defaults()).unwrap(),
+            "config/tidemark.toml and the built-in defaults disagree"
+        );
+        // Unset by default, so only a comment can document it.
+        assert!(text.contains("password_file"), "redis.password_file is not documented in the bundled config");
     }
 }

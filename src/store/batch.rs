@@ -42,9 +42,7 @@ pub fn prepare(entry: &StreamEntry, limits: &Limits) -> Prepared {
     match op::parse(fields, limits) {
         Ok(Op::Add { id: elem, ts, payload }) => {
             let ts = ts.to_string().into_bytes();
-            let mut blob =
-                Vec::with_capacity(ts.len() + 1 + payload.iter().map(|(k, v)| k.len() + v.len() + 10).sum::<usize>());
-            codec::push_str(&mut blob, &ts);
+            let mut blob = Vec::with_capacity(payload.iter().map(|(k, v)| k.len() + v.len() + 10).sum::<usize>());
             for (k, v) in &payload {
                 codec::push_str(&mut blob, k);
                 codec::push_str(&mut blob, v);
@@ -93,11 +91,13 @@ mod tests {
     }
 
     #[test]
-    fn add_blob_holds_ts_then_payload() {
+    fn add_blob_holds_the_payload() {
         let p = prepare(&entry(&[("op", b"add"), ("id", b"e"), ("ts", b"+7"), ("k", &[0, 1])]), &Limits::default());
         assert_eq!(p.kind, Kind::Add);
         assert_eq!(p.args[..3], [b"A".to_vec(), b"e".to_vec(), b"7".to_vec()]);
-        assert_eq!(codec::decode(&p.args[3]).unwrap(), vec![b"7".to_vec(), b"k".to_vec(), vec![0, 1]]);
+        assert_eq!(codec::decode(&p.args[3]).unwrap(), vec![b"k".to_vec(), vec![0, 1]]);
+        let bare = prepare(&entry(&[("op", b"add"), ("id", b"e"), ("ts", b"7")]), &Limits::default());
+        assert_eq!(bare.args[3], b"");
     }
 
     #[test]

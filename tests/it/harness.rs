@@ -379,7 +379,11 @@ impl Daemon {
         let log_err = log.try_clone().expect("clone daemon log handle");
 
         let mut cmd = Command::new(bin_path());
-        cmd.args(args);
+        // Run in the private dir so the repository's config/tidemark.toml is
+        // not picked up, and clear the environment layers a developer's
+        // shell may set: each test says exactly what it configures.
+        cmd.args(args).current_dir(dir.path());
+        scrub_env(&mut cmd);
         if !envs.iter().any(|(k, _)| *k == "RUST_LOG") {
             cmd.env("RUST_LOG", "info,tidemark=debug");
         }
@@ -487,11 +491,24 @@ impl Drop for Daemon {
 
 /// Runs `tidemark <args>` to completion and returns its output. Panics (after
 /// killing it) if it runs longer than 60 s.
+/// Removes `REDIS_URL`, `POD_NAME` and every `TIDEMARK__…` variable.
+fn scrub_env(cmd: &mut Command) {
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if k == "REDIS_URL" || k == "POD_NAME" || k.starts_with("TIDEMARK__") {
+            cmd.env_remove(&key);
+        }
+    }
+}
+
 pub fn run_cli(args: &[&str], envs: &[(&str, &str)]) -> Output {
     // Anonymous temp files instead of pipes: no reader threads, no blocking.
     let mut out = tempfile::tempfile().expect("stdout tempfile");
     let mut err = tempfile::tempfile().expect("stderr tempfile");
-    let mut child = Command::new(bin_path())
+    let mut cmd = Command::new(bin_path());
+    cmd.current_dir(std::env::temp_dir());
+    scrub_env(&mut cmd);
+    let mut child = cmd
         .args(args)
         .envs(envs.iter().copied())
         .stdin(Stdio::null())
