@@ -1,0 +1,49 @@
+# Developer entry points for tidemark. `make` (or `make help`) lists them.
+#
+#   make run ARGS="--consumer me"   daemon + private throw-away Redis
+#   REDIS_URL=redis://host:6379 make run   daemon against an existing Redis
+
+CARGO ?= cargo
+ARGS ?=
+BIN := target/release/tidemark
+
+.DEFAULT_GOAL := help
+.PHONY: help build run test lint fmt demo bench clean ensure-redis shellcheck
+
+help: ## List the targets
+	@echo "tidemark developer targets:"
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | \
+		awk 'BEGIN {FS = ":.*## "} {printf "  make %-13s %s\n", $$1, $$2}'
+
+build: ## cargo build --release (target/release/tidemark)
+	$(CARGO) build --release
+
+# run-local.sh installs/starts Redis itself unless REDIS_URL or --redis-url is given.
+run: build ## Run the daemon in the foreground with a private Redis (ARGS="..." go to `tidemark run`)
+	scripts/run-local.sh $(ARGS)
+
+test: ensure-redis ## All tests (unit, integration, doc); installs Redis if missing
+	$(CARGO) test --all-targets
+	$(CARGO) test --doc
+
+lint: ## cargo fmt --check and clippy with -D warnings
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+fmt: ## Format the code (cargo fmt --all)
+	$(CARGO) fmt --all
+
+demo: ensure-redis build ## Narrated end-to-end scenario against a private Redis
+	scripts/demo.sh
+
+bench: ## Benchmarks (placeholder)
+	@echo "bench: not implemented yet (issue 4)"
+
+clean: ## Remove build output (cargo clean)
+	$(CARGO) clean
+
+ensure-redis: ## Check for redis-server/redis-cli >= 6.2, install them on Debian/Ubuntu
+	@scripts/ensure-redis.sh
+
+shellcheck: ## Check the shell scripts (needs shellcheck)
+	shellcheck -x scripts/*.sh .ci/run
