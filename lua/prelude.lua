@@ -15,9 +15,18 @@ local msgunpack = cmsgpack.unpack
 -- removes them; bodies exist only for elements with a payload, and when
 -- none exists at all the body hash is not touched.
 -- Returns: released count, and whether due elements remain.
+local function any_due(sched, wm)
+  return #call('ZRANGE', sched, '-inf', wm, 'BYSCORE', 'LIMIT', 0, 1) > 0
+end
+
 local function release_due(sched, body, out, wm, limit)
-  if not wm or limit <= 0 then
+  if not wm then
     return 0, false
+  end
+  if limit <= 0 then
+    -- The call's budget is spent: report what is due so the caller stops
+    -- applying input until a release call has caught up.
+    return 0, any_due(sched, wm)
   end
   local due = call('ZRANGE', sched, '-inf', wm, 'BYSCORE', 'LIMIT', 0, limit, 'WITHSCORES')
   local n = #due / 2
@@ -46,11 +55,7 @@ local function release_due(sched, body, out, wm, limit)
     call('HDEL', body, unpack(ids))
   end
   call('ZREMRANGEBYRANK', sched, 0, n - 1)
-  local more = false
-  if n == limit then
-    more = #call('ZRANGE', sched, '-inf', wm, 'BYSCORE', 'LIMIT', 0, 1) > 0
-  end
-  return n, more
+  return n, n == limit and any_due(sched, wm)
 end
 
 -- Compares two stream entry ids ("<ms>-<seq>", decimal without leading
