@@ -18,6 +18,11 @@ use tidemark::config::{LogFormat, Overrides, ProcessEnv, RawConfig, Settings};
 use tidemark::core::watermark::parse_ts;
 use tidemark::store::{self, status, StoreError};
 
+/// mimalloc: decoding stream replies allocates many small buffers, and it
+/// cuts the daemon's CPU per entry noticeably compared with glibc malloc.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

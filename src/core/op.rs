@@ -37,23 +37,24 @@ impl Limits {
     }
 }
 
-/// An input operation, as DESIGN.md §3 defines it.
+/// An input operation, as DESIGN.md §3 defines it, borrowing from the
+/// entry it was parsed from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Op {
+pub enum Op<'a> {
     /// Schedule an element, or release it at once if already due; replaces a
     /// still-scheduled element with the same id.
     Add {
         /// The element id (non-empty, binary-safe).
-        id: Vec<u8>,
+        id: &'a [u8],
         /// Its timestamp.
         ts: Timestamp,
         /// Payload fields in their original order.
-        payload: Vec<Field>,
+        payload: Vec<&'a Field>,
     },
     /// Remove a still-scheduled element.
     Cancel {
         /// The element id.
-        id: Vec<u8>,
+        id: &'a [u8],
     },
     /// Raise the watermark.
     Watermark {
@@ -145,7 +146,7 @@ struct Reserved<'a> {
 ///
 /// `cancel` and `watermark` ignore non-reserved fields, so producers may
 /// attach metadata (trace ids and the like) to any operation.
-pub fn parse(fields: &[Field], limits: &Limits) -> Result<Op, Rejection> {
+pub fn parse<'a>(fields: &'a [Field], limits: &Limits) -> Result<Op<'a>, Rejection> {
     let mut reserved = Reserved::default();
     for (name, value) in fields {
         let slot = match name.as_slice() {
@@ -182,7 +183,7 @@ pub fn parse(fields: &[Field], limits: &Limits) -> Result<Op, Rejection> {
     }
 }
 
-fn element_id(raw: Option<&[u8]>, limits: &Limits) -> Result<Vec<u8>, Rejection> {
+fn element_id<'a>(raw: Option<&'a [u8]>, limits: &Limits) -> Result<&'a [u8], Rejection> {
     match raw {
         None => Err(Rejection::new(Reason::MissingId, "the entry has no `id` field")),
         Some([]) => Err(Rejection::new(Reason::MissingId, "the `id` field is empty")),
@@ -190,7 +191,7 @@ fn element_id(raw: Option<&[u8]>, limits: &Limits) -> Result<Vec<u8>, Rejection>
             Reason::TooLarge,
             format!("the id is {} bytes, over the limit of {}", id.len(), limits.max_id_bytes),
         )),
-        Some(id) => Ok(id.to_vec()),
+        Some(id) => Ok(id),
     }
 }
 
@@ -204,9 +205,9 @@ fn timestamp(raw: Option<&[u8]>) -> Result<Timestamp, Rejection> {
     })
 }
 
-fn payload(fields: &[Field], limits: &Limits) -> Result<Vec<Field>, Rejection> {
-    let payload: Vec<Field> =
-        fields.iter().filter(|(name, _)| !matches!(name.as_slice(), b"op" | b"id" | b"ts")).cloned().collect();
+fn payload<'a>(fields: &'a [Field], limits: &Limits) -> Result<Vec<&'a Field>, Rejection> {
+    let payload: Vec<&Field> =
+        fields.iter().filter(|(name, _)| !matches!(name.as_slice(), b"op" | b"id" | b"ts")).collect();
     let max_fields = limits.max_payload_fields.min(HARD_MAX_PAYLOAD_FIELDS);
     if payload.len() > max_fields {
         return Err(Rejection::new(
@@ -272,19 +273,13 @@ mod tests {
         f.push((b"bin".to_vec(), vec![0, 255, 10]));
         f.push((b"z".to_vec(), b"dup keys are payload".to_vec()));
         let op = parse(&f, &Limits::default()).unwrap();
-        assert_eq!(
-            op,
-            Op::Add {
-                id: b"x".to_vec(),
-                ts: 5,
-                payload: vec![
-                    (b"z".to_vec(), b"1".to_vec()),
-                    (b"a".to_vec(), b"2".to_vec()),
-                    (b"bin".to_vec(), vec![0, 255, 10]),
-                    (b"z".to_vec(), b"dup keys are payload".to_vec()),
-                ],
-            }
-        );
+        let want = [
+            (b"z".to_vec(), b"1".to_vec()),
+            (b"a".to_vec(), b"2".to_vec()),
+            (b"bin".to_vec(), vec![0, 255, 10]),
+            (b"z".to_vec(), b"dup keys are payload".to_vec()),
+        ];
+        assert_eq!(op, Op::Add { id: b"x", ts: 5, payload: want.iter().collect() });
     }
 
     #[test]

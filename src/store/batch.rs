@@ -47,9 +47,9 @@ pub fn prepare(entry: &StreamEntry, limits: &Limits) -> Prepared {
                 codec::push_str(&mut blob, k);
                 codec::push_str(&mut blob, v);
             }
-            Prepared { id, kind: Kind::Add, args: vec![b"A".to_vec(), elem, ts, blob] }
+            Prepared { id, kind: Kind::Add, args: vec![b"A".to_vec(), elem.to_vec(), ts, blob] }
         }
-        Ok(Op::Cancel { id: elem }) => Prepared { id, kind: Kind::Cancel, args: vec![b"C".to_vec(), elem] },
+        Ok(Op::Cancel { id: elem }) => Prepared { id, kind: Kind::Cancel, args: vec![b"C".to_vec(), elem.to_vec()] },
         Ok(Op::Watermark { ts }) => {
             Prepared { id, kind: Kind::Watermark, args: vec![b"W".to_vec(), ts.to_string().into_bytes()] }
         }
