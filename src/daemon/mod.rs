@@ -194,11 +194,16 @@ impl Worker<'_> {
     }
 
     /// Claims input entries idle for `claim_idle` (left by dead daemons).
+    ///
+    /// The scan is not bounded by the backlog's capacity: when older entries
+    /// of a dead daemon hold our newer ones back, a backlog full of the newer
+    /// ones is exactly when the claim is needed. What can be claimed is
+    /// bounded anyway: only what dead or stalled daemons had read.
     async fn claim(&mut self) -> Result<(), StoreError> {
         let d = &self.settings.daemon;
         let mut cursor = EntryId::ZERO;
         let mut total = 0u64;
-        while self.backlog.len() < self.capacity() {
+        loop {
             let (next, entries) =
                 store::autoclaim(&mut self.conn, &self.settings.keys, &d.consumer, d.claim_idle, cursor, d.batch_size)
                     .await?;
@@ -273,16 +278,20 @@ impl Worker<'_> {
         let mut retry = BLOCKED_RETRY.0;
         let mut blocked_since: Option<Instant> = None;
         loop {
+            let before = self.backlog.len();
             let blocked = self.drain().await?;
+            if !blocked || self.backlog.len() < before {
+                // Progress: when daemons take turns on interleaved batches,
+                // each is briefly blocked by the other; retry quickly again.
+                blocked_since = None;
+                retry = BLOCKED_RETRY.0;
+            }
             if blocked {
                 let since = *blocked_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= d.claim_idle {
                     self.claim().await?;
                     blocked_since = Some(Instant::now());
                 }
-            } else {
-                blocked_since = None;
-                retry = BLOCKED_RETRY.0;
             }
             if shutdown.is_cancelled() {
                 return self.finish().await;

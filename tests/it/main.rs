@@ -4,5 +4,9 @@ mod harness;
 mod harness_selftest;
 
 mod cli;
+mod crash;
 mod malformed;
+mod model;
+mod order;
+mod redelivery;
 mod seed;
