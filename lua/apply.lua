@@ -7,10 +7,16 @@
 -- KEYS[4]: the bodies (hash, element id -> payload blob; only elements with a payload)
 -- KEYS[5]: the output stream
 -- KEYS[6]: the dead-letter stream
+-- KEYS[7]: clock mode's next-due marker (string; see clock.lua)
 -- ARGV[1]: the input consumer group
 -- ARGV[2]: max elements released by watermark advances in this call
 -- ARGV[3]: the number of entries that follow
--- ARGV[4..]: the entries, sorted by entry id, each one of
+-- ARGV[4]: clock mode: '1' raises the watermark to the server's TIME (ms)
+--   first, and an add scheduled before the marker in KEYS[7] lowers the
+--   marker and is announced on the channel ARGV[5] to wake the clock
+--   leader; '0' leaves KEYS[7] and ARGV[5] unused
+-- ARGV[5]: clock mode's wake-up channel
+-- ARGV[6..]: the entries, sorted by entry id, each one of
 --   <entry id> 'A' <element id> <ts> <payload blob, '' if none>   (add)
 --   <entry id> 'C' <element id>                                   (cancel)
 --   <entry id> 'W' <ts>                                           (watermark)
@@ -31,8 +37,14 @@ local input, wmkey, sched, body, out, dead = KEYS[1], KEYS[2], KEYS[3], KEYS[4],
 local group = ARGV[1]
 local budget = tonumber(ARGV[2])
 local count = tonumber(ARGV[3])
+local clock = ARGV[4] == '1'
 
-local wm = call('GET', wmkey)
+local wm
+if clock then
+  wm = advance_to_server_time(wmkey)
+else
+  wm = call('GET', wmkey)
+end
 local released, more = release_due(sched, body, out, wm, budget)
 budget = budget - released
 if more then
@@ -78,7 +90,9 @@ end
 local acks = {}
 local processed, blocked = 0, 0
 local adds, cancels, watermarks, deadn, late = 0, 0, 0, 0, 0
-local i = 4
+-- Clock mode: the earliest ts scheduled by this call (number and text).
+local earliest, earliest_ts
+local i = 6
 for _ = 1, count do
   local sid, code = ARGV[i], ARGV[i + 1]
   local width = 3
@@ -116,6 +130,9 @@ for _ = 1, count do
           flush()
         end
         buffered[id] = true
+        if clock and (not earliest or tonumber(ts) < earliest) then
+          earliest, earliest_ts = tonumber(ts), ts
+        end
         zadd[#zadd + 1] = ts
         zadd[#zadd + 1] = id
         if blob ~= '' then
@@ -162,5 +179,13 @@ end
 flush()
 if #acks > 0 then
   call('XACK', input, group, unpack(acks))
+end
+if earliest then
+  -- Wake the clock leader only when it sleeps past this element.
+  local marker = call('GET', KEYS[7])
+  if not marker or earliest < tonumber(marker) then
+    call('SET', KEYS[7], earliest_ts)
+    call('PUBLISH', ARGV[5], earliest_ts)
+  end
 end
 return {processed, released, more and 1 or 0, blocked, adds, cancels, watermarks, deadn, late}

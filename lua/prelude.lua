@@ -83,3 +83,22 @@ local function cmp_id(a, b)
   end
   return cmp_num(as, bs)
 end
+
+-- Clock mode: raises the watermark (key `wmkey`) to the Redis server's
+-- TIME in milliseconds; never lowers it, so explicit watermark ops may run
+-- ahead. Returns the watermark (decimal string) and the server time (ms).
+local function advance_to_server_time(wmkey)
+  if redis.replicate_commands then
+    -- Redis 6.2: replicate the script's effects, so TIME may precede
+    -- writes. A no-op from Redis 7.0 on, where that is the only mode.
+    redis.replicate_commands()
+  end
+  local t = call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local wm = call('GET', wmkey)
+  if not wm or tonumber(wm) < now then
+    wm = string.format('%.0f', now)
+    call('SET', wmkey, wm)
+  end
+  return wm, now
+end

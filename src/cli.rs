@@ -57,6 +57,90 @@ pub enum Command {
     Watermark(WatermarkArgs),
     /// Show the watermark, schedule, streams and groups of a namespace.
     Status(StatusArgs),
+    /// Run a command once per released element of an output group.
+    ///
+    /// The element arrives as one JSON object on stdin, then a newline:
+    ///   {"id":"order-42","ts":1700000000000,"fields":{"customer":"7","raw":{"base64":"AP8="}}}
+    /// An id, field name or value that is not UTF-8 is written {"base64":"..."}. A field name
+    /// that repeats maps to an array of its values; when a name repeats or is not UTF-8,
+    /// "pairs" also lists every field as [name, value], in order.
+    ///
+    /// Environment: TIDEMARK_ID, TIDEMARK_TS, TIDEMARK_GROUP, TIDEMARK_CONSUMER,
+    /// TIDEMARK_DELIVERY (1, 2, ...), TIDEMARK_MAX_DELIVERIES, TIDEMARK_ENTRY_ID (the :out
+    /// entry id). An id that is not UTF-8 (or holds NUL) is given in base64, with
+    /// TIDEMARK_ID_ENCODING=base64.
+    ///
+    /// Exit 0 acknowledges the element. Any other exit, or running past --timeout (its
+    /// process group is killed), is a failure retried after --claim-idle; the failure of
+    /// delivery --max-deliveries moves it to the dead-letter stream. Its stdout and stderr
+    /// are logged line by line, tagged with the element id. SIGTERM/SIGINT: stop reading,
+    /// let running commands finish within consume.shutdown_grace, then exit 0.
+    #[command(verbatim_doc_comment)]
+    Consume(ConsumeArgs),
+    /// Inspect and replay dead letters.
+    #[command(subcommand)]
+    Dead(DeadCommand),
+}
+
+/// `tidemark consume`
+#[derive(Debug, Args)]
+pub struct ConsumeArgs {
+    /// Output consumer group to read (created at id 0 if missing)
+    #[arg(long, value_name = "G")]
+    pub group: String,
+    /// Consumer name in the group [default: $POD_NAME, then the host name]
+    #[arg(long, value_name = "NAME")]
+    pub consumer: Option<String>,
+    /// Most elements handled at once [default: 16]
+    #[arg(long, value_name = "N")]
+    pub concurrency: Option<usize>,
+    /// Deliveries before an element goes to the dead-letter stream [default: 5]
+    #[arg(long, value_name = "N")]
+    pub max_deliveries: Option<u64>,
+    /// Retry failed elements once idle this long, e.g. 30s [default: 30s]
+    #[arg(long, value_name = "DUR")]
+    pub claim_idle: Option<String>,
+    /// Kill the command after this long, e.g. 5m; counts as a failure [default: 5m]
+    #[arg(long, value_name = "DUR")]
+    pub timeout: Option<String>,
+    /// The command and its arguments (after `--`)
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+/// `tidemark dead`
+#[derive(Debug, Subcommand)]
+pub enum DeadCommand {
+    /// List dead letters, newest first, with their reason.
+    List(DeadListArgs),
+    /// Send dead letters back where they came from and delete them from :dead.
+    Replay(DeadReplayArgs),
+}
+
+/// `tidemark dead list`
+#[derive(Debug, Args)]
+pub struct DeadListArgs {
+    /// How many to show
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    pub count: usize,
+    /// Print JSON instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `tidemark dead replay`
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["id", "all"])))]
+pub struct DeadReplayArgs {
+    /// Replay this dead letter (its entry id in :dead)
+    #[arg(long, value_name = "ENTRY_ID")]
+    pub id: Option<String>,
+    /// Replay every dead letter (of --reason, if given)
+    #[arg(long)]
+    pub all: bool,
+    /// Only dead letters with this reason code
+    #[arg(long, value_name = "CODE")]
+    pub reason: Option<String>,
 }
 
 /// `tidemark run`
@@ -68,6 +152,9 @@ pub struct RunArgs {
     /// Output consumer group to create at startup (repeatable; replaces daemon.groups)
     #[arg(long = "group", value_name = "G")]
     pub groups: Vec<String>,
+    /// Clock mode: the watermark follows the Redis server's TIME in milliseconds
+    #[arg(long)]
+    pub clock: bool,
 }
 
 /// `tidemark add`

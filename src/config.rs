@@ -92,6 +92,11 @@ pub struct RawDaemon {
     /// Longest reconnect delay.
     #[serde(with = "humantime_serde")]
     pub reconnect_max: Duration,
+    /// Clock mode: the watermark follows the Redis server's `TIME` (ms).
+    pub clock: bool,
+    /// Clock mode: longest sleep between checks when nothing is due soon.
+    #[serde(with = "humantime_serde")]
+    pub clock_max_sleep: Duration,
 }
 
 impl Default for RawDaemon {
@@ -107,6 +112,103 @@ impl Default for RawDaemon {
             shutdown_grace: Duration::from_secs(10),
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(10),
+            clock: false,
+            clock_max_sleep: Duration::from_secs(1),
+        }
+    }
+}
+
+/// `[consume]`: the consumer runtime and `tidemark consume`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConsume {
+    /// Consumer name in the output group; empty = `POD_NAME`, then host name.
+    pub consumer: String,
+    /// Most elements handled at once.
+    pub concurrency: usize,
+    /// Most entries per `XREADGROUP` (never more than free handler slots).
+    pub batch_size: usize,
+    /// How long one `XREADGROUP` blocks.
+    #[serde(with = "humantime_serde")]
+    pub block: Duration,
+    /// Failed entries are retried once idle this long (any live consumer).
+    #[serde(with = "humantime_serde")]
+    pub claim_idle: Duration,
+    /// After this many deliveries an entry goes to `:dead`.
+    pub max_deliveries: u64,
+    /// `tidemark consume`: a command running longer is killed (a failure).
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Time allowed for in-flight handlers after SIGTERM/SIGINT.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for RawConsume {
+    fn default() -> Self {
+        RawConsume {
+            consumer: String::new(),
+            concurrency: 16,
+            batch_size: 100,
+            block: Duration::from_secs(2),
+            claim_idle: Duration::from_secs(30),
+            max_deliveries: 5,
+            timeout: Duration::from_secs(300),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `[lease]`: liveness leases of daemons and consumers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLease {
+    /// Lease lifetime; refreshed every third of it.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// A consumer without a lease and with nothing pending is removed from
+    /// its group once idle this long.
+    #[serde(with = "humantime_serde")]
+    pub dead_consumer_grace: Duration,
+}
+
+impl Default for RawLease {
+    fn default() -> Self {
+        RawLease { ttl: Duration::from_secs(5), dead_consumer_grace: Duration::from_secs(60) }
+    }
+}
+
+/// `[housekeeping]`: periodic work done by one elected daemon.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawHousekeeping {
+    /// How often the leader works.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Lifetime of the leader's Redlock lock (extended while it lives).
+    #[serde(with = "humantime_serde")]
+    pub lock_ttl: Duration,
+    /// Trim acknowledged input from `:in`.
+    pub trim_input: bool,
+    /// Trim `:out` below what every group has acknowledged.
+    pub trim_output: bool,
+    /// Cap `:dead` at about this many entries (0 = no cap).
+    pub dead_maxlen: u64,
+    /// Also trim `:out` entries older than this even if a group has not
+    /// acknowledged them, with a warning naming the group (0s = never).
+    #[serde(with = "humantime_serde")]
+    pub output_max_age: Duration,
+}
+
+impl Default for RawHousekeeping {
+    fn default() -> Self {
+        RawHousekeeping {
+            interval: Duration::from_secs(5),
+            lock_ttl: Duration::from_secs(15),
+            trim_input: true,
+            trim_output: true,
+            dead_maxlen: 100_000,
+            output_max_age: Duration::ZERO,
         }
     }
 }
@@ -160,6 +262,12 @@ pub struct RawConfig {
     pub redis: RawRedis,
     /// `[daemon]`
     pub daemon: RawDaemon,
+    /// `[consume]`
+    pub consume: RawConsume,
+    /// `[lease]`
+    pub lease: RawLease,
+    /// `[housekeeping]`
+    pub housekeeping: RawHousekeeping,
     /// `[limits]`
     pub limits: RawLimits,
     /// `[log]`
@@ -182,6 +290,18 @@ pub struct Overrides {
     pub consumer: Option<String>,
     /// `--group` (replaces the configured list when non-empty)
     pub groups: Vec<String>,
+    /// `run --clock`
+    pub clock: bool,
+    /// `consume --consumer`
+    pub consume_consumer: Option<String>,
+    /// `consume --concurrency`
+    pub consume_concurrency: Option<usize>,
+    /// `consume --max-deliveries`
+    pub consume_max_deliveries: Option<u64>,
+    /// `consume --claim-idle` (as written, e.g. "30s")
+    pub consume_claim_idle: Option<String>,
+    /// `consume --timeout` (as written)
+    pub consume_timeout: Option<String>,
 }
 
 /// Where the process environment comes from (injected for tests).
@@ -256,6 +376,24 @@ impl RawConfig {
         if !overrides.groups.is_empty() {
             builder = builder.set_override("daemon.groups", overrides.groups.clone())?;
         }
+        if overrides.clock {
+            builder = builder.set_override("daemon.clock", true)?;
+        }
+        if let Some(c) = &overrides.consume_consumer {
+            builder = builder.set_override("consume.consumer", c.as_str())?;
+        }
+        if let Some(n) = overrides.consume_concurrency {
+            builder = builder.set_override("consume.concurrency", n as u64)?;
+        }
+        if let Some(n) = overrides.consume_max_deliveries {
+            builder = builder.set_override("consume.max_deliveries", n)?;
+        }
+        if let Some(d) = &overrides.consume_claim_idle {
+            builder = builder.set_override("consume.claim_idle", d.as_str())?;
+        }
+        if let Some(d) = &overrides.consume_timeout {
+            builder = builder.set_override("consume.timeout", d.as_str())?;
+        }
         Ok(builder.build()?.try_deserialize()?)
     }
 }
@@ -293,6 +431,60 @@ pub struct DaemonSettings {
     pub backoff: Backoff,
     /// Input size limits.
     pub limits: Limits,
+    /// Clock mode.
+    pub clock: bool,
+    /// Clock mode: longest sleep between checks.
+    pub clock_max_sleep: Duration,
+}
+
+/// The consumer runtime's validated settings.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ConsumeSettings {
+    /// Consumer name in the output group.
+    pub consumer: String,
+    /// Most elements handled at once.
+    pub concurrency: usize,
+    /// Most entries per read.
+    pub batch_size: usize,
+    /// `XREADGROUP` block time.
+    pub block: Duration,
+    /// Idle time before failed or abandoned entries are retried.
+    pub claim_idle: Duration,
+    /// Deliveries before an entry is dead-lettered.
+    pub max_deliveries: u64,
+    /// Per-element command timeout (`tidemark consume`).
+    pub timeout: Duration,
+    /// Drain deadline on shutdown.
+    pub shutdown_grace: Duration,
+}
+
+/// Liveness lease settings.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct LeaseSettings {
+    /// Lease lifetime (refreshed every third of it).
+    pub ttl: Duration,
+    /// Idle time after which a dead consumer with nothing pending is removed.
+    pub dead_consumer_grace: Duration,
+}
+
+/// Housekeeping settings.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct HousekeepingSettings {
+    /// Period of the leader's work.
+    pub interval: Duration,
+    /// Redlock lock lifetime.
+    pub lock_ttl: Duration,
+    /// Trim `:in`.
+    pub trim_input: bool,
+    /// Trim `:out`.
+    pub trim_output: bool,
+    /// Cap of `:dead` (0 = none).
+    pub dead_maxlen: u64,
+    /// Max age of `:out` entries (`None` = unlimited).
+    pub output_max_age: Option<Duration>,
 }
 
 /// Everything the program runs with.
@@ -309,6 +501,12 @@ pub struct Settings {
     pub keys: Keys,
     /// Daemon settings.
     pub daemon: DaemonSettings,
+    /// Consumer settings.
+    pub consume: ConsumeSettings,
+    /// Lease settings.
+    pub lease: LeaseSettings,
+    /// Housekeeping settings.
+    pub housekeeping: HousekeepingSettings,
     /// Log format.
     pub log_format: LogFormat,
 }
@@ -341,6 +539,21 @@ fn range(key: &str, v: usize, lo: usize, hi: usize) -> Result<usize, ConfigError
         return Err(invalid(key, format!("must be between {lo} and {hi} (got {v})")));
     }
     Ok(v)
+}
+
+/// A consumer name: the configured one, else `POD_NAME`, else the host name.
+pub(crate) fn consumer_name(configured: &str, env: &dyn Env) -> String {
+    if !configured.is_empty() {
+        return configured.to_owned();
+    }
+    if let Some(pod) = env.var("POD_NAME").filter(|p| !p.is_empty()) {
+        return pod;
+    }
+    hostname::get()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "tidemark".into())
 }
 
 /// Masks the password of a Redis URL: `redis://user:***@host:6379/0`.
@@ -391,17 +604,7 @@ impl Settings {
         };
 
         let d = &raw.daemon;
-        let consumer = if !d.consumer.is_empty() {
-            d.consumer.clone()
-        } else if let Some(pod) = env.var("POD_NAME").filter(|p| !p.is_empty()) {
-            pod
-        } else {
-            hostname::get()
-                .ok()
-                .and_then(|h| h.into_string().ok())
-                .filter(|h| !h.is_empty())
-                .unwrap_or_else(|| "tidemark".into())
-        };
+        let consumer = consumer_name(&d.consumer, env);
         valid_name("daemon.consumer", &consumer)?;
         for g in &d.groups {
             valid_name("daemon.groups", g)?;
@@ -424,7 +627,40 @@ impl Settings {
                 range("limits.max_payload_bytes", l.max_payload_bytes, 0, 512 << 20)?,
                 range("limits.max_payload_fields", l.max_payload_fields, 0, HARD_MAX_PAYLOAD_FIELDS)?,
             ),
+            clock: d.clock,
+            clock_max_sleep: positive("daemon.clock_max_sleep", d.clock_max_sleep)?,
         };
+        let c = &raw.consume;
+        let consume = ConsumeSettings {
+            consumer: consumer_name(&c.consumer, env),
+            concurrency: range("consume.concurrency", c.concurrency, 1, 10_000)?,
+            batch_size: range("consume.batch_size", c.batch_size, 1, MAX_BATCH_SIZE)?,
+            block: positive("consume.block", c.block)?,
+            claim_idle: positive("consume.claim_idle", c.claim_idle)?,
+            max_deliveries: range("consume.max_deliveries", c.max_deliveries as usize, 1, 1_000_000)? as u64,
+            timeout: positive("consume.timeout", c.timeout)?,
+            shutdown_grace: positive("consume.shutdown_grace", c.shutdown_grace)?,
+        };
+        valid_name("consume.consumer", &consume.consumer)?;
+        let lease = LeaseSettings {
+            ttl: positive("lease.ttl", raw.lease.ttl)?,
+            dead_consumer_grace: positive("lease.dead_consumer_grace", raw.lease.dead_consumer_grace)?,
+        };
+        if lease.ttl < Duration::from_millis(300) {
+            return Err(invalid("lease.ttl", "must be at least 300ms"));
+        }
+        let h = &raw.housekeeping;
+        let housekeeping = HousekeepingSettings {
+            interval: positive("housekeeping.interval", h.interval)?,
+            lock_ttl: positive("housekeeping.lock_ttl", h.lock_ttl)?,
+            trim_input: h.trim_input,
+            trim_output: h.trim_output,
+            dead_maxlen: h.dead_maxlen,
+            output_max_age: (!h.output_max_age.is_zero()).then_some(h.output_max_age),
+        };
+        if housekeeping.lock_ttl <= housekeeping.interval {
+            return Err(invalid("housekeeping.lock_ttl", "must be longer than housekeeping.interval"));
+        }
         let log_format = match raw.log.format.as_str() {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -436,6 +672,9 @@ impl Settings {
             connect,
             keys: Keys::new(&raw.key_prefix, &raw.namespace),
             daemon,
+            consume,
+            lease,
+            housekeeping,
             log_format,
         })
     }

@@ -4,6 +4,8 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod consume;
 pub mod core;
 pub mod daemon;
+pub mod dead;
 pub mod store;

@@ -36,9 +36,20 @@ fn main() -> ExitCode {
     overrides.redis_url = cli.global.redis_url.clone();
     overrides.namespace = cli.global.namespace.clone();
     overrides.log_format = cli.global.log_format.clone();
-    if let Command::Run(run) = &cli.command {
-        overrides.consumer = run.consumer.clone();
-        overrides.groups = run.groups.clone();
+    match &cli.command {
+        Command::Run(run) => {
+            overrides.consumer = run.consumer.clone();
+            overrides.groups = run.groups.clone();
+            overrides.clock = run.clock;
+        }
+        Command::Consume(c) => {
+            overrides.consume_consumer = c.consumer.clone();
+            overrides.consume_concurrency = c.concurrency;
+            overrides.consume_max_deliveries = c.max_deliveries;
+            overrides.consume_claim_idle = c.claim_idle.clone();
+            overrides.consume_timeout = c.timeout.clone();
+        }
+        _ => {}
     }
     let settings = match RawConfig::load(&overrides, &ProcessEnv).and_then(|raw| Settings::from_raw(raw, &ProcessEnv)) {
         Ok(s) => s,
@@ -63,6 +74,7 @@ fn main() -> ExitCode {
     runtime.block_on(async move {
         match cli.command {
             Command::Run(_) => run_daemon(settings).await,
+            Command::Consume(c) => run_consume(settings, c).await,
             other => match one_shot(&settings, other).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) if e.is_connection() || e.is_fatal() => {
@@ -118,27 +130,21 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// The daemon with signal handling: the first SIGTERM/SIGINT stops reading
-/// and drains within the grace period; a second one exits at once.
-async fn run_daemon(settings: Settings) -> ExitCode {
+/// Installs SIGTERM/SIGINT handling: the first signal cancels the returned
+/// token (stop reading, drain within the grace period); a second one exits
+/// at once with code 130.
+fn install_signals(grace: std::time::Duration) -> std::io::Result<(CancellationToken, signal_hook_tokio::Handle)> {
     let shutdown = CancellationToken::new();
-    let mut signals = match signal_hook_tokio::Signals::new([SIGTERM, SIGINT]) {
-        Ok(s) => s,
-        Err(e) => {
-            error!(error = %e, "cannot install signal handlers");
-            return ExitCode::FAILURE;
-        }
-    };
+    let mut signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT])?;
     let handle = signals.handle();
     let on_signal = shutdown.clone();
-    let grace = settings.daemon.shutdown_grace;
     tokio::spawn(async move {
         let mut seen = 0;
         while let Some(signal) = signals.next().await {
             seen += 1;
             let name = if signal == SIGTERM { "SIGTERM" } else { "SIGINT" };
             if seen == 1 {
-                info!(signal = name, grace = ?grace, "shutting down: finishing the call in flight");
+                info!(signal = name, grace = ?grace, "shutting down: finishing the work in flight");
                 on_signal.cancel();
             } else {
                 warn!(signal = name, "second signal: exiting now");
@@ -146,32 +152,85 @@ async fn run_daemon(settings: Settings) -> ExitCode {
             }
         }
     });
+    Ok((shutdown, handle))
+}
 
-    let stats = Arc::new(tidemark::daemon::Stats::default());
-    let mut daemon = tokio::spawn(tidemark::daemon::run(settings, stats, shutdown.clone()));
+/// Runs `work` until it ends; once `shutdown` fires, allows it `grace` more.
+async fn supervise<E>(
+    work: impl std::future::Future<Output = Result<(), E>> + Send + 'static,
+    shutdown: CancellationToken,
+    grace: std::time::Duration,
+    fatal_code: impl Fn(&E) -> u8,
+) -> ExitCode
+where
+    E: std::fmt::Display + Send + 'static,
+{
+    let mut task = tokio::spawn(work);
     let result = tokio::select! {
-        r = &mut daemon => r,
-        _ = shutdown.cancelled() => match tokio::time::timeout(grace, &mut daemon).await {
+        r = &mut task => r,
+        _ = shutdown.cancelled() => match tokio::time::timeout(grace, &mut task).await {
             Ok(r) => r,
             Err(_) => {
                 error!(grace = ?grace, "shutdown did not finish within the grace period; exiting");
-                handle.close();
                 return ExitCode::FAILURE;
             }
         },
     };
-    handle.close();
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
             error!(error = %e, "cannot continue");
-            ExitCode::from(if e.is_fatal() { EXIT_UNAVAILABLE } else { 1 })
+            ExitCode::from(fatal_code(&e))
         }
         Err(e) => {
-            error!(error = %e, "the daemon task failed");
+            error!(error = %e, "the task failed");
             ExitCode::FAILURE
         }
     }
+}
+
+/// `tidemark run`: the daemon under signal handling.
+async fn run_daemon(settings: Settings) -> ExitCode {
+    let grace = settings.daemon.shutdown_grace;
+    let (shutdown, handle) = match install_signals(grace) {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "cannot install signal handlers");
+            return ExitCode::FAILURE;
+        }
+    };
+    let stats = Arc::new(tidemark::daemon::Stats::default());
+    let work = tidemark::daemon::run(settings, stats, shutdown.clone());
+    let code = supervise(work, shutdown, grace, |e: &StoreError| if e.is_fatal() { EXIT_UNAVAILABLE } else { 1 }).await;
+    handle.close();
+    code
+}
+
+/// `tidemark consume`: the consumer runtime running a command per element.
+async fn run_consume(settings: Settings, args: cli::ConsumeArgs) -> ExitCode {
+    let grace = settings.consume.shutdown_grace;
+    let (shutdown, handle) = match install_signals(grace) {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "cannot install signal handlers");
+            return ExitCode::FAILURE;
+        }
+    };
+    let work = tidemark::consume::command::run(settings, args.group, args.command, shutdown.clone());
+    let exit_code = |e: &tidemark::consume::ConsumeError| {
+        if matches!(e, tidemark::consume::ConsumeError::Invalid { .. }) {
+            EXIT_CONFIG
+        } else if e.is_fatal() {
+            EXIT_UNAVAILABLE
+        } else {
+            1
+        }
+    };
+    // The runtime drains handlers within `grace`, then acknowledges and
+    // drops its lease.
+    let code = supervise(work, shutdown, grace + tidemark::consume::FINISH_MARGIN, exit_code).await;
+    handle.close();
+    code
 }
 
 async fn one_shot(settings: &Settings, command: Command) -> Result<(), StoreError> {
@@ -204,7 +263,13 @@ async fn one_shot(settings: &Settings, command: Command) -> Result<(), StoreErro
             }
             return Ok(());
         }
-        Command::Run(_) => unreachable!("run is handled by run_daemon"),
+        Command::Dead(cli::DeadCommand::List(l)) => {
+            return tidemark::dead::cli_list(&mut conn, keys, l.count, l.json).await
+        }
+        Command::Dead(cli::DeadCommand::Replay(r)) => {
+            return tidemark::dead::cli_replay(&mut conn, keys, r.id.as_deref(), r.reason.as_deref()).await
+        }
+        Command::Run(_) | Command::Consume(_) => unreachable!("long-running commands are handled above"),
     };
     println!("{id}");
     Ok(())

@@ -4,6 +4,7 @@
 pub mod backoff;
 pub mod codec;
 pub mod entry_id;
+pub mod json;
 pub mod op;
 pub mod watermark;
 

@@ -2,6 +2,8 @@
 //! and in order, releases due elements in bounded chunks, claims the work of
 //! dead daemons, and reconnects after Redis failures.
 
+pub mod clock;
+pub mod housekeeping;
 mod stats;
 
 use std::collections::BTreeMap;
@@ -27,7 +29,35 @@ const BLOCKED_RETRY: (Duration, Duration) = (Duration::from_millis(2), Duration:
 /// Runs the daemon until `shutdown` is cancelled. Returns an error only for
 /// failures that retrying cannot fix (wrong password, Redis too old).
 pub async fn run(settings: Settings, stats: Arc<Stats>, shutdown: CancellationToken) -> Result<(), StoreError> {
-    let scripts = Scripts::new();
+    // Side tasks live as long as the daemon: its liveness lease (so peers
+    // claim its input at once if it dies), the housekeeping leader election,
+    // and in clock mode the clock.
+    let stop_side = shutdown.child_token();
+    let mut side = vec![
+        store::lease::keep(
+            settings.client.clone(),
+            settings.connect.clone(),
+            settings.keys.lease("in", INPUT_GROUP, &settings.daemon.consumer),
+            settings.daemon.consumer.clone(),
+            settings.lease.ttl,
+            stop_side.clone(),
+        ),
+        tokio::spawn(housekeeping::run(settings.clone(), stats.clone(), stop_side.clone())),
+    ];
+    if settings.daemon.clock {
+        side.push(tokio::spawn(clock::run(settings.clone(), stats.clone(), stop_side.clone())));
+    }
+    let result = ingest(&settings, &stats, &shutdown).await;
+    stop_side.cancel();
+    for task in side {
+        let _ = task.await;
+    }
+    result
+}
+
+/// The ingest/release loop with reconnects.
+async fn ingest(settings: &Settings, stats: &Arc<Stats>, shutdown: &CancellationToken) -> Result<(), StoreError> {
+    let scripts = Scripts::new().clock_mode(settings.daemon.clock);
     // Failed attempts since the last successful connection: drives the
     // backoff and makes each state change (up → down) log once.
     let mut failures: u32 = 0;
@@ -40,7 +70,7 @@ pub async fn run(settings: Settings, stats: Arc<Stats>, shutdown: CancellationTo
     );
     loop {
         let mut connected = false;
-        let result = session(&settings, &scripts, &stats, &shutdown, &mut connected).await;
+        let result = session(settings, &scripts, stats, shutdown, &mut connected).await;
         if connected {
             if ever_connected && failures > 0 {
                 stats.reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -193,6 +223,44 @@ impl Worker<'_> {
         Ok(())
     }
 
+    /// Claims at once the pending input of daemons whose liveness lease is
+    /// gone (killed, or cut off from Redis), instead of waiting for
+    /// `claim_idle`. Entries idle less than half a lease lifetime are left
+    /// alone, so two daemons claiming at once do not take the same entry.
+    async fn claim_from_dead_peers(&mut self) -> Result<(), StoreError> {
+        let s = self.settings;
+        let me = &s.daemon.consumer;
+        let peers = store::lease::peers(&mut self.conn, &s.keys, &s.keys.input, "in", INPUT_GROUP).await?;
+        for peer in peers.iter().filter(|p| p.pending > 0 && !p.leased && &p.name != me) {
+            let mut total = 0u64;
+            // Not bounded by the backlog's capacity, like `claim`: the dead
+            // peer's older entries are what our newer ones wait for. The loop
+            // ends when the peer has nothing pending left.
+            loop {
+                let entries = store::lease::claim_from_peer(
+                    &mut self.conn,
+                    &s.keys.input,
+                    INPUT_GROUP,
+                    &peer.name,
+                    me,
+                    s.lease.ttl / 2,
+                    s.daemon.batch_size,
+                )
+                .await?;
+                if entries.is_empty() {
+                    break;
+                }
+                total += entries.len() as u64;
+                self.take(entries);
+            }
+            if total > 0 {
+                self.stats.claimed.fetch_add(total, std::sync::atomic::Ordering::Relaxed);
+                info!(peer = %peer.name, entries = total, "claimed the input entries of a daemon whose lease expired");
+            }
+        }
+        Ok(())
+    }
+
     /// Claims input entries idle for `claim_idle` (left by dead daemons).
     ///
     /// The scan is not bounded by the backlog's capacity: when older entries
@@ -275,6 +343,8 @@ impl Worker<'_> {
         sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut claim = interval((d.claim_idle / 2).max(Duration::from_millis(10)));
         claim.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut failover = interval(self.settings.lease.ttl / 2);
+        failover.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut retry = BLOCKED_RETRY.0;
         let mut blocked_since: Option<Instant> = None;
         loop {
@@ -310,6 +380,7 @@ impl Worker<'_> {
                 }
                 _ = sweep.tick() => self.release_all().await?,
                 _ = claim.tick() => self.claim().await?,
+                _ = failover.tick() => self.claim_from_dead_peers().await?,
             }
         }
     }

@@ -1,6 +1,6 @@
 //! Counters of what a daemon has done, shared with whoever reports them.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 use crate::store::ApplyOutcome;
 
@@ -25,6 +25,9 @@ pub struct Stats {
     pub claimed: AtomicU64,
     /// Times the connection to Redis was re-established.
     pub reconnects: AtomicU64,
+    /// Whether this daemon holds the housekeeping lock right now (a state,
+    /// not a counter).
+    pub housekeeping_leader: AtomicBool,
 }
 
 impl Stats {

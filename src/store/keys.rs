@@ -18,6 +18,8 @@ pub struct Keys {
     pub dead: String,
     /// The namespace these keys belong to.
     pub namespace: String,
+    /// `<prefix>:{NS}`: the stem of internal keys.
+    stem: String,
 }
 
 impl Keys {
@@ -32,7 +34,29 @@ impl Keys {
             out: key("out"),
             dead: key("dead"),
             namespace: ns.to_owned(),
+            stem: format!("{prefix}:{{{ns}}}"),
         }
+    }
+
+    /// The liveness lease of `consumer` in `group` of stream `stream`
+    /// (`"in"` or `"out"`): `<prefix>:{NS}:lease:<stream>:<group>:<consumer>`.
+    pub fn lease(&self, stream: &str, group: &str, consumer: &str) -> String {
+        format!("{}:lease:{stream}:{group}:{consumer}", self.stem)
+    }
+
+    /// A lock named `name`: `<prefix>:{NS}:lock:<name>` (e.g. `housekeeping`, `clock`).
+    pub fn lock(&self, name: &str) -> String {
+        format!("{}:lock:{name}", self.stem)
+    }
+
+    /// Clock mode: the ts the clock leader sleeps until (string).
+    pub fn clock_next(&self) -> String {
+        format!("{}:clock:next", self.stem)
+    }
+
+    /// Clock mode: the pub/sub channel that wakes the clock leader early.
+    pub fn wake_channel(&self) -> String {
+        format!("{}:wake", self.stem)
     }
 }
 
@@ -52,5 +76,9 @@ mod tests {
         assert_eq!(k.body, "tidemark:{default}:body");
         assert_eq!(k.out, "tidemark:{default}:out");
         assert_eq!(k.dead, "tidemark:{default}:dead");
+        assert_eq!(k.lease("out", "billing", "pod-1"), "tidemark:{default}:lease:out:billing:pod-1");
+        assert_eq!(k.lock("housekeeping"), "tidemark:{default}:lock:housekeeping");
+        assert_eq!(k.clock_next(), "tidemark:{default}:clock:next");
+        assert_eq!(k.wake_channel(), "tidemark:{default}:wake");
     }
 }

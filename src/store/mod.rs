@@ -3,6 +3,8 @@
 pub mod batch;
 pub mod entries;
 pub mod keys;
+pub mod lease;
+pub mod retention;
 pub mod scripts;
 pub mod status;
 
@@ -35,6 +37,10 @@ pub enum StoreError {
     /// The server is older than [`MIN_REDIS`].
     #[error("redis {0} is too old: tidemark needs Redis >= 6.2 (XAUTOCLAIM, ZRANGE BYSCORE)")]
     TooOld(String),
+    /// A request Redis cannot satisfy as asked, e.g. an unknown dead-letter
+    /// id. The message is for the user.
+    #[error("{0}")]
+    Rejected(String),
 }
 
 impl StoreError {
@@ -61,7 +67,7 @@ impl StoreError {
                     || e.code() == Some("WRONGPASS")
             }
             StoreError::TooOld(_) => true,
-            StoreError::Reply(_) => false,
+            StoreError::Reply(_) | StoreError::Rejected(_) => false,
         }
     }
 }
@@ -120,7 +126,8 @@ pub async fn ensure_group(conn: &mut MultiplexedConnection, stream: &str, group:
     }
 }
 
-/// `XREADGROUP` of new entries (`>`), blocking up to `block`.
+/// `XREADGROUP` of new input entries (`>`) in the input group, blocking up
+/// to `block`.
 pub async fn read_new(
     conn: &mut MultiplexedConnection,
     keys: &Keys,
@@ -128,16 +135,29 @@ pub async fn read_new(
     count: usize,
     block: Duration,
 ) -> Result<Vec<StreamEntry>, StoreError> {
+    read_group(conn, &keys.input, INPUT_GROUP, consumer, count, block).await
+}
+
+/// `XREADGROUP` of new entries (`>`) of `stream` in `group`, blocking up to
+/// `block`.
+pub async fn read_group(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    count: usize,
+    block: Duration,
+) -> Result<Vec<StreamEntry>, StoreError> {
     let reply: Value = redis::cmd("XREADGROUP")
         .arg("GROUP")
-        .arg(INPUT_GROUP)
+        .arg(group)
         .arg(consumer)
         .arg("COUNT")
-        .arg(count)
+        .arg(count.max(1))
         .arg("BLOCK")
         .arg(block.as_millis().max(1) as u64)
         .arg("STREAMS")
-        .arg(&keys.input)
+        .arg(stream)
         .arg(">")
         .query_async(conn)
         .await?;

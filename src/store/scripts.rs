@@ -10,6 +10,8 @@ use super::{Keys, Prepared, StoreError, INPUT_GROUP};
 const PRELUDE: &str = include_str!("../../lua/prelude.lua");
 const APPLY: &str = include_str!("../../lua/apply.lua");
 const RELEASE: &str = include_str!("../../lua/release.lua");
+const CLOCK: &str = include_str!("../../lua/clock.lua");
+const CLOCK_LOCK: &str = include_str!("../../lua/clock_lock.lua");
 
 /// What one `apply.lua` call did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -36,11 +38,29 @@ pub struct ApplyOutcome {
     pub late: u64,
 }
 
+/// What one `clock.lua` tick did and found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClockTick {
+    /// Elements released into `:out`.
+    pub released: u64,
+    /// Due elements remain: tick again at once.
+    pub more_due: bool,
+    /// The lowest scheduled ts (above the watermark unless `more_due`).
+    pub next_due: Option<i64>,
+    /// The Redis server's `TIME`, in milliseconds.
+    pub now_ms: i64,
+}
+
 /// The loaded scripts.
 #[derive(Clone)]
 pub struct Scripts {
     apply: Script,
     release: Script,
+    clock: Script,
+    clock_lock: Script,
+    /// Clock mode: `apply` first raises the watermark to the server's
+    /// `TIME` and wakes the clock leader for adds due before it expects.
+    clock_mode: bool,
 }
 
 impl Default for Scripts {
@@ -55,19 +75,29 @@ impl Scripts {
         Scripts {
             apply: Script::new(&format!("{PRELUDE}\n{APPLY}")),
             release: Script::new(&format!("{PRELUDE}\n{RELEASE}")),
+            clock: Script::new(&format!("{PRELUDE}\n{CLOCK}")),
+            clock_lock: Script::new(&format!("{PRELUDE}\n{CLOCK_LOCK}")),
+            clock_mode: false,
         }
     }
 
-    /// Loads both scripts into the server's script cache.
+    /// The same scripts with clock mode on or off (see [`Scripts::apply`]).
+    pub fn clock_mode(mut self, on: bool) -> Self {
+        self.clock_mode = on;
+        self
+    }
+
+    /// Loads the scripts into the server's script cache.
     pub async fn load(&self, conn: &mut MultiplexedConnection) -> Result<(), StoreError> {
-        for script in [&self.apply, &self.release] {
+        for script in [&self.apply, &self.release, &self.clock, &self.clock_lock] {
             let _: String = script.prepare_invoke().load_async(conn).await?;
         }
         Ok(())
     }
 
     /// Applies `batch` (sorted by entry id) and acknowledges what it applied,
-    /// atomically. Watermark advances release at most `chunk` elements.
+    /// atomically. Watermark advances release at most `chunk` elements. In
+    /// clock mode the watermark is first raised to the server's `TIME`.
     pub async fn apply(
         &self,
         conn: &mut MultiplexedConnection,
@@ -82,9 +112,12 @@ impl Scripts {
             .key(&keys.body)
             .key(&keys.out)
             .key(&keys.dead)
+            .key(keys.clock_next())
             .arg(INPUT_GROUP)
             .arg(chunk)
-            .arg(batch.len());
+            .arg(batch.len())
+            .arg(if self.clock_mode { "1" } else { "0" })
+            .arg(keys.wake_channel());
         for p in batch {
             inv.arg(p.id.to_string());
             for a in &p.args {
@@ -145,5 +178,49 @@ impl Scripts {
                 return Ok(total);
             }
         }
+    }
+
+    /// Clock mode's tick: raises the watermark to the server's `TIME`,
+    /// releases up to `chunk` due elements and reports the next due ts.
+    pub async fn clock(
+        &self,
+        conn: &mut MultiplexedConnection,
+        keys: &Keys,
+        chunk: usize,
+    ) -> Result<ClockTick, StoreError> {
+        let r: Vec<i64> = self
+            .clock
+            .key(&keys.wm)
+            .key(&keys.sched)
+            .key(&keys.body)
+            .key(&keys.out)
+            .key(keys.clock_next())
+            .arg(chunk)
+            .invoke_async(conn)
+            .await?;
+        let [released, more, has_next, next, now] = r[..] else {
+            return Err(StoreError::Reply(format!("clock.lua returned {r:?}")));
+        };
+        Ok(ClockTick {
+            released: released.max(0) as u64,
+            more_due: more == 1,
+            next_due: (has_next == 1).then_some(next),
+            now_ms: now,
+        })
+    }
+
+    /// The clock leader's lock `key`: takes it if free or extends it if
+    /// `token` holds it (`Some(ttl)`), or releases it if `token` holds it
+    /// (`None`). Returns whether `token` holds (or held) it.
+    pub async fn clock_lock(
+        &self,
+        conn: &mut MultiplexedConnection,
+        key: &str,
+        token: &str,
+        ttl: Option<std::time::Duration>,
+    ) -> Result<bool, StoreError> {
+        let ms = ttl.map_or(0, |t| t.as_millis().max(1) as u64);
+        let held: i64 = self.clock_lock.key(key).arg(token).arg(ms).invoke_async(conn).await?;
+        Ok(held == 1)
     }
 }

@@ -4,7 +4,7 @@ use redis::aio::MultiplexedConnection;
 use redis::Value;
 use serde::Serialize;
 
-use super::{Keys, StoreError, INPUT_GROUP};
+use super::{lease, Keys, StoreError, INPUT_GROUP};
 
 /// One consumer group as `XINFO GROUPS` reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -35,13 +35,58 @@ pub struct InputInfo {
     pub daemons: u64,
 }
 
+/// A consumer of an output group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConsumerStatus {
+    /// Consumer name.
+    pub name: String,
+    /// Entries delivered to it and not yet acknowledged.
+    pub pending: u64,
+    /// Milliseconds since it last read or claimed.
+    pub idle_ms: u64,
+    /// Whether its liveness lease is held: a consumer without one is dead
+    /// (or not a tidemark consumer), and live consumers claim its entries.
+    pub leased: bool,
+}
+
+/// The oldest entry still pending in a group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OldestPending {
+    /// Its entry id in `:out`.
+    pub id: String,
+    /// The consumer it was last delivered to.
+    pub consumer: String,
+    /// Milliseconds since that delivery.
+    pub idle_ms: u64,
+    /// How many times it has been delivered.
+    pub deliveries: u64,
+}
+
+/// An output consumer group: how far it is, and who works on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OutputGroup {
+    /// Group name.
+    pub name: String,
+    /// Entries delivered to a consumer and not yet acknowledged.
+    pub pending: u64,
+    /// Entries not yet delivered to the group; `None` where Redis cannot
+    /// tell (Redis < 7, or after some deletions).
+    pub lag: Option<u64>,
+    /// The last entry id delivered to the group.
+    pub last_delivered_id: String,
+    /// The oldest pending entry, if any.
+    pub oldest_pending: Option<OldestPending>,
+    /// Its consumers with their lease state.
+    pub consumers: Vec<ConsumerStatus>,
+}
+
 /// The output stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct OutputInfo {
     /// Entries in `:out`.
     pub length: u64,
     /// Its consumer groups.
-    pub groups: Vec<GroupInfo>,
+    pub groups: Vec<OutputGroup>,
 }
 
 /// Everything `tidemark status` shows.
@@ -110,6 +155,45 @@ pub async fn groups(conn: &mut MultiplexedConnection, stream: &str) -> Result<Ve
         .collect())
 }
 
+/// The oldest pending entry of `group` on `stream` (`XPENDING … - + 1`).
+async fn oldest_pending(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    group: &str,
+) -> Result<Option<OldestPending>, StoreError> {
+    let reply: Result<Vec<(String, String, u64, u64)>, redis::RedisError> =
+        redis::cmd("XPENDING").arg(stream).arg(group).arg("-").arg("+").arg(1).query_async(conn).await;
+    match reply {
+        Ok(entries) => Ok(entries.into_iter().next().map(|(id, consumer, idle_ms, deliveries)| OldestPending {
+            id,
+            consumer,
+            idle_ms,
+            deliveries,
+        })),
+        // The group vanished since XINFO GROUPS.
+        Err(e) if e.code() == Some("NOGROUP") => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Reads one output group's pending entries and consumers.
+async fn output_group(conn: &mut MultiplexedConnection, keys: &Keys, g: GroupInfo) -> Result<OutputGroup, StoreError> {
+    let oldest_pending = oldest_pending(conn, &keys.out, &g.name).await?;
+    let consumers = lease::peers(conn, keys, &keys.out, "out", &g.name)
+        .await?
+        .into_iter()
+        .map(|p| ConsumerStatus { name: p.name, pending: p.pending, idle_ms: p.idle_ms, leased: p.leased })
+        .collect();
+    Ok(OutputGroup {
+        name: g.name,
+        pending: g.pending,
+        lag: g.lag,
+        last_delivered_id: g.last_delivered_id,
+        oldest_pending,
+        consumers,
+    })
+}
+
 /// Takes a snapshot of namespace `keys`.
 pub async fn snapshot(conn: &mut MultiplexedConnection, keys: &Keys) -> Result<Status, StoreError> {
     #[allow(clippy::type_complexity)]
@@ -134,7 +218,10 @@ pub async fn snapshot(conn: &mut MultiplexedConnection, keys: &Keys) -> Result<S
         .query_async(conn)
         .await?;
     let input_group = groups(conn, &keys.input).await?.into_iter().find(|g| g.name == INPUT_GROUP);
-    let out_groups = groups(conn, &keys.out).await?;
+    let mut out_groups = Vec::new();
+    for g in groups(conn, &keys.out).await? {
+        out_groups.push(output_group(conn, keys, g).await?);
+    }
     Ok(Status {
         namespace: keys.namespace.clone(),
         watermark: wm.and_then(|w| w.parse().ok()),
@@ -171,6 +258,20 @@ fn opt(n: Option<u64>) -> String {
     n.map_or_else(|| "n/a".into(), thousands)
 }
 
+/// A short human duration: `850ms`, `4.2s`, `3m05s`, `2h07m`, `3d04h`.
+pub fn human_ms(ms: u64) -> String {
+    const MIN: u64 = 60_000;
+    const HOUR: u64 = 60 * MIN;
+    const DAY: u64 = 24 * HOUR;
+    match ms {
+        0..1_000 => format!("{ms}ms"),
+        1_000..MIN => format!("{}.{}s", ms / 1_000, ms % 1_000 / 100),
+        MIN..HOUR => format!("{}m{:02}s", ms / MIN, ms % MIN / 1_000),
+        HOUR..DAY => format!("{}h{:02}m", ms / HOUR, ms % HOUR / MIN),
+        _ => format!("{}d{:02}h", ms / DAY, ms % DAY / HOUR),
+    }
+}
+
 /// Renders a status as an aligned, human-readable table.
 pub fn render(s: &Status) -> String {
     use std::fmt::Write;
@@ -200,16 +301,37 @@ pub fn render(s: &Status) -> String {
     row("output", format!("length {}", thousands(s.output.length)));
     let width = s.output.groups.iter().map(|g| g.name.len()).max().unwrap_or(0);
     for g in &s.output.groups {
-        row(
-            "  group",
-            format!(
-                "{:<width$}  pending {}  lag {}  consumers {}",
-                g.name,
-                thousands(g.pending),
-                opt(g.lag),
-                g.consumers
-            ),
+        let mut line = format!(
+            "{:<width$}  pending {}  lag {}  consumers {}",
+            g.name,
+            thousands(g.pending),
+            opt(g.lag),
+            g.consumers.len()
         );
+        if let Some(o) = &g.oldest_pending {
+            let _ = write!(
+                line,
+                "  oldest pending idle {} ({} at {}, deliveries {})",
+                human_ms(o.idle_ms),
+                o.id,
+                o.consumer,
+                o.deliveries
+            );
+        }
+        row("  group", line);
+        let cwidth = g.consumers.iter().map(|c| c.name.len()).max().unwrap_or(0);
+        for c in &g.consumers {
+            row(
+                "    consumer",
+                format!(
+                    "{:<cwidth$}  pending {}  idle {}  {}",
+                    c.name,
+                    thousands(c.pending),
+                    human_ms(c.idle_ms),
+                    if c.leased { "lease held (alive)" } else { "no lease (dead or not a tidemark consumer)" }
+                ),
+            );
+        }
     }
     if s.output.groups.is_empty() {
         row("  group", "(none: configure daemon.groups or run with --group)".into());
@@ -228,5 +350,18 @@ mod tests {
         assert_eq!(thousands(999), "999");
         assert_eq!(thousands(1000), "1,000");
         assert_eq!(thousands(1234567), "1,234,567");
+    }
+
+    #[test]
+    fn human_durations() {
+        assert_eq!(human_ms(0), "0ms");
+        assert_eq!(human_ms(999), "999ms");
+        assert_eq!(human_ms(1_000), "1.0s");
+        assert_eq!(human_ms(4_250), "4.2s");
+        assert_eq!(human_ms(59_999), "59.9s");
+        assert_eq!(human_ms(185_000), "3m05s");
+        assert_eq!(human_ms(2 * 3_600_000 + 7 * 60_000 + 5_000), "2h07m");
+        assert_eq!(human_ms(3 * 86_400_000 + 4 * 3_600_000), "3d04h");
+        assert_eq!(human_ms(u64::MAX), "213503982334d14h");
     }
 }

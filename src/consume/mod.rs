@@ -1,0 +1,376 @@
+//! The consumer runtime: reads one consumer group of the output stream with
+//! bounded concurrency, acknowledges what its handler finished, retries
+//! failures, dead-letters poison elements, takes over the work of dead
+//! consumers, and drains on shutdown. `tidemark consume` is this runtime
+//! running a command per element ([`command`]).
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use tidemark::consume::{ConsumerBuilder, Element};
+//! use tidemark::store::Keys;
+//! use tokio_util::sync::CancellationToken;
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let client = redis::Client::open("redis://127.0.0.1:6379")?;
+//! let consumer = ConsumerBuilder::new(client, Keys::new("tidemark", "default"), "billing")
+//!     .consumer("billing-1")
+//!     .concurrency(8)
+//!     .claim_idle(Duration::from_secs(30))
+//!     .max_deliveries(5)
+//!     .build(|element: Element| async move {
+//!         println!("{} is due (ts {})", element.id_lossy(), element.ts);
+//!         Ok::<(), std::io::Error>(())
+//!     })?;
+//! let shutdown = CancellationToken::new();
+//! consumer.run(shutdown).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Semantics, precisely:
+//! - **Deliveries.** An element is handed to a handler at most
+//!   `max_deliveries` times (the group's delivery counter counts each read
+//!   and each claim). When the handler fails on delivery `max_deliveries` the
+//!   element goes to `:dead` at once, with the error as `detail`; an element
+//!   whose last delivery never finished (its consumer died) goes there when
+//!   it is next claimed. Moving and acknowledging are one atomic script.
+//! - **Retries.** A failed element stays pending and is retried by whichever
+//!   live consumer of the group claims it first once it has been idle for
+//!   `claim_idle`. While a handler runs, its consumer keeps the entry fresh
+//!   (every `claim_idle / 3`), so a long handler is not started twice.
+//! - **Dead consumers.** Each consumer keeps a lease key
+//!   (`<prefix>:{NS}:lease:out:<group>:<consumer>`, `SET … PX ttl`,
+//!   refreshed every `ttl / 3`). Every `ttl / 2` a consumer looks at its
+//!   group: a peer with pending entries and no lease is dead, and its entries
+//!   are claimed at once; a dead peer with nothing pending is removed from
+//!   the group after `dead_consumer_grace`. A plain `XREADGROUP` consumer
+//!   (not this runtime) in the same group must keep such a lease too, or it
+//!   is treated as dead.
+//! - **Shutdown.** Stop reading, let running handlers finish within
+//!   `shutdown_grace` (then abort them), acknowledge, and delete the lease so
+//!   that peers take whatever is left at once.
+
+pub mod command;
+mod element;
+mod json;
+mod output;
+mod runtime;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+pub use element::{parse as parse_element, Element};
+pub use json::encode as element_json;
+
+use crate::config::{consumer_name, ProcessEnv, Settings, MAX_BATCH_SIZE};
+use crate::core::backoff::Backoff;
+use crate::store::{ConnectOptions, Keys, StoreError};
+
+/// Time the binary allows after `shutdown_grace` for the last
+/// acknowledgements and for deleting the lease.
+pub const FINISH_MARGIN: Duration = Duration::from_secs(5);
+
+/// Errors of the consumer runtime.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConsumeError {
+    /// Redis failed in a way that retrying cannot fix (wrong password,
+    /// server too old). Connection failures are retried, never returned.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// An option is out of range.
+    #[error("invalid consumer option {option}: {message}")]
+    Invalid {
+        /// The option's name.
+        option: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+impl ConsumeError {
+    /// Retrying cannot help.
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            ConsumeError::Store(e) => e.is_fatal(),
+            ConsumeError::Invalid { .. } => true,
+        }
+    }
+}
+
+/// Processes one element. `Ok` acknowledges it; `Err` leaves it pending to
+/// be retried (and, on the last allowed delivery, moves it to `:dead` with
+/// the error's text as `detail`). A panic counts as an `Err`.
+///
+/// Implemented for every `Fn(Element) -> impl Future<Output = Result<(), E>>`
+/// where `E: Display`, so an async closure is a handler.
+pub trait Handler: Send + Sync + 'static {
+    /// Why handling failed.
+    type Error: std::fmt::Display + Send + 'static;
+
+    /// Handles `element`.
+    fn handle(&self, element: Element) -> impl Future<Output = Result<(), Self::Error>> + Send;
+}
+
+impl<F, Fut, E> Handler for F
+where
+    F: Fn(Element) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    type Error = E;
+
+    fn handle(&self, element: Element) -> impl Future<Output = Result<(), E>> + Send {
+        self(element)
+    }
+}
+
+/// The runtime's knobs (see [`ConsumerBuilder`] for each one's meaning).
+#[derive(Debug, Clone)]
+struct Options {
+    consumer: String,
+    concurrency: usize,
+    batch_size: usize,
+    block: Duration,
+    claim_idle: Duration,
+    max_deliveries: u64,
+    lease_ttl: Duration,
+    dead_consumer_grace: Duration,
+    shutdown_grace: Duration,
+    handler_timeout: Option<Duration>,
+    ack_interval: Duration,
+    backoff: Backoff,
+}
+
+/// Builds a [`Consumer`]. Defaults are those of `config/tidemark.toml`.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct ConsumerBuilder {
+    client: redis::Client,
+    connect: ConnectOptions,
+    redis_display: String,
+    keys: Keys,
+    group: String,
+    opts: Options,
+}
+
+impl ConsumerBuilder {
+    /// A consumer of `group` on `keys.out`, connecting with `client`. The
+    /// consumer name defaults to `$POD_NAME`, then the host name.
+    pub fn new(client: redis::Client, keys: Keys, group: impl Into<String>) -> Self {
+        let raw = crate::config::RawConfig::defaults();
+        // host:port or a socket path: never a password.
+        let redis_display = client.get_connection_info().addr().to_string();
+        ConsumerBuilder {
+            client,
+            connect: ConnectOptions {
+                connect_timeout: raw.redis.connect_timeout,
+                response_timeout: raw.redis.response_timeout,
+            },
+            redis_display,
+            keys,
+            group: group.into(),
+            opts: Options {
+                consumer: consumer_name("", &ProcessEnv),
+                concurrency: raw.consume.concurrency,
+                batch_size: raw.consume.batch_size,
+                block: raw.consume.block,
+                claim_idle: raw.consume.claim_idle,
+                max_deliveries: raw.consume.max_deliveries,
+                lease_ttl: raw.lease.ttl,
+                dead_consumer_grace: raw.lease.dead_consumer_grace,
+                shutdown_grace: raw.consume.shutdown_grace,
+                handler_timeout: None,
+                ack_interval: Duration::from_millis(5),
+                backoff: Backoff::try_new(raw.daemon.reconnect_min, raw.daemon.reconnect_max)
+                    .expect("the built-in reconnect bounds are valid"),
+            },
+        }
+    }
+
+    /// A consumer of `group` configured by `settings` (`[consume]`,
+    /// `[lease]`, the reconnect backoff and the Redis connection).
+    pub fn from_settings(settings: &Settings, group: impl Into<String>) -> Self {
+        let c = &settings.consume;
+        ConsumerBuilder {
+            client: settings.client.clone(),
+            connect: settings.connect.clone(),
+            redis_display: settings.redis_display.clone(),
+            keys: settings.keys.clone(),
+            group: group.into(),
+            opts: Options {
+                consumer: c.consumer.clone(),
+                concurrency: c.concurrency,
+                batch_size: c.batch_size,
+                block: c.block,
+                claim_idle: c.claim_idle,
+                max_deliveries: c.max_deliveries,
+                lease_ttl: settings.lease.ttl,
+                dead_consumer_grace: settings.lease.dead_consumer_grace,
+                shutdown_grace: c.shutdown_grace,
+                handler_timeout: None,
+                ack_interval: Duration::from_millis(5),
+                backoff: settings.daemon.backoff,
+            },
+        }
+    }
+
+    /// This consumer's name in the group; must be unique among the group's
+    /// live consumers (a restart may reuse it: it resumes its own pending
+    /// entries at once).
+    pub fn consumer(mut self, name: impl Into<String>) -> Self {
+        self.opts.consumer = name.into();
+        self
+    }
+
+    /// Connection timeouts.
+    pub fn connect_options(mut self, connect: ConnectOptions) -> Self {
+        self.connect = connect;
+        self
+    }
+
+    /// Most handlers running at once (default 16). Never more entries are
+    /// read than there are free slots.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.opts.concurrency = n;
+        self
+    }
+
+    /// Most entries per read or claim (default 100).
+    pub fn batch_size(mut self, n: usize) -> Self {
+        self.opts.batch_size = n;
+        self
+    }
+
+    /// How long one `XREADGROUP` blocks (default 2 s).
+    pub fn block(mut self, d: Duration) -> Self {
+        self.opts.block = d;
+        self
+    }
+
+    /// A failed element is retried once idle this long (default 30 s).
+    pub fn claim_idle(mut self, d: Duration) -> Self {
+        self.opts.claim_idle = d;
+        self
+    }
+
+    /// Deliveries before an element goes to `:dead` (default 5).
+    pub fn max_deliveries(mut self, n: u64) -> Self {
+        self.opts.max_deliveries = n;
+        self
+    }
+
+    /// Lifetime of the liveness lease (default 5 s, at least 300 ms). A dead
+    /// consumer's entries are taken over about this long after it died.
+    pub fn lease_ttl(mut self, d: Duration) -> Self {
+        self.opts.lease_ttl = d;
+        self
+    }
+
+    /// A dead consumer with nothing pending is removed from the group once
+    /// idle this long (default 60 s).
+    pub fn dead_consumer_grace(mut self, d: Duration) -> Self {
+        self.opts.dead_consumer_grace = d;
+        self
+    }
+
+    /// Time running handlers get to finish after shutdown (default 10 s).
+    pub fn shutdown_grace(mut self, d: Duration) -> Self {
+        self.opts.shutdown_grace = d;
+        self
+    }
+
+    /// A handler running longer is cancelled (dropped), which counts as a
+    /// failure (default: no limit).
+    pub fn handler_timeout(mut self, d: Duration) -> Self {
+        self.opts.handler_timeout = Some(d);
+        self
+    }
+
+    /// Acknowledgements are sent in batches at most this late (default 5 ms).
+    pub fn ack_interval(mut self, d: Duration) -> Self {
+        self.opts.ack_interval = d;
+        self
+    }
+
+    /// The reconnect policy after Redis failures.
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.opts.backoff = backoff;
+        self
+    }
+
+    /// Validates the options and attaches `handler`.
+    pub fn build<H: Handler>(self, handler: H) -> Result<Consumer<H>, ConsumeError> {
+        let invalid = |option: &'static str, message: &str| ConsumeError::Invalid { option, message: message.into() };
+        let name_ok = |s: &str| !s.is_empty() && !s.chars().any(char::is_control);
+        let o = &self.opts;
+        if !name_ok(&self.group) {
+            return Err(invalid("group", "must be non-empty, without control characters"));
+        }
+        if !name_ok(&o.consumer) {
+            return Err(invalid("consumer", "must be non-empty, without control characters"));
+        }
+        if !(1..=10_000).contains(&o.concurrency) {
+            return Err(invalid("concurrency", "must be between 1 and 10000"));
+        }
+        if !(1..=MAX_BATCH_SIZE).contains(&o.batch_size) {
+            return Err(invalid("batch_size", &format!("must be between 1 and {MAX_BATCH_SIZE}")));
+        }
+        if o.max_deliveries == 0 {
+            return Err(invalid("max_deliveries", "must be at least 1"));
+        }
+        if o.lease_ttl < Duration::from_millis(300) {
+            return Err(invalid("lease_ttl", "must be at least 300ms"));
+        }
+        for (option, d) in [
+            ("block", o.block),
+            ("claim_idle", o.claim_idle),
+            ("dead_consumer_grace", o.dead_consumer_grace),
+            ("shutdown_grace", o.shutdown_grace),
+            ("ack_interval", o.ack_interval),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(option, "must be greater than zero"));
+            }
+        }
+        if o.handler_timeout.is_some_and(|d| d.is_zero()) {
+            return Err(invalid("handler_timeout", "must be greater than zero"));
+        }
+        Ok(Consumer {
+            client: self.client,
+            connect: self.connect,
+            redis_display: self.redis_display,
+            keys: self.keys,
+            group: self.group,
+            opts: self.opts,
+            handler: Arc::new(handler),
+        })
+    }
+}
+
+/// A configured consumer; [`Consumer::run`] runs it.
+pub struct Consumer<H> {
+    client: redis::Client,
+    connect: ConnectOptions,
+    redis_display: String,
+    keys: Keys,
+    group: String,
+    opts: Options,
+    handler: Arc<H>,
+}
+
+impl<H: Handler> Consumer<H> {
+    /// The consumer's name in its group.
+    pub fn name(&self) -> &str {
+        &self.opts.consumer
+    }
+
+    /// Runs until `shutdown` is cancelled and the drain is over. Redis
+    /// failures are retried with backoff; only what retrying cannot fix is
+    /// returned.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ConsumeError> {
+        runtime::run(self, shutdown).await
+    }
+}

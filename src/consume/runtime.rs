@@ -1,0 +1,688 @@
+//! The consumer's event loop: one reader, up to `concurrency` handler tasks,
+//! batched acknowledgements, periodic claims, touches and peer scans, and a
+//! drain on shutdown. Handler tasks outlive Redis sessions, so a reconnect
+//! never interrupts work in flight.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use tokio::task::{JoinError, JoinHandle, JoinSet};
+use tokio::time::{interval, sleep_until, Instant, Interval, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::element::{self, Element};
+use super::output::{self, ClaimFrom, ClaimOutcome, DeadLetter, Scripts};
+use super::{ConsumeError, Consumer, Handler, FINISH_MARGIN};
+use crate::core::op::{Field, Reason};
+use crate::core::EntryId;
+use crate::store::{self, lease, StoreError, StreamEntry};
+
+/// Longest `detail` written to `:dead` (a handler's error can be huge).
+const MAX_DETAIL: usize = 2000;
+/// Most claim calls per idle-claim tick, so a huge pending list cannot
+/// hold the loop for long.
+const CLAIM_PAGES_PER_TICK: usize = 10;
+
+type ReadFuture = Pin<Box<dyn Future<Output = Result<Vec<StreamEntry>, StoreError>> + Send>>;
+type TaskResult = Result<(), String>;
+
+/// A handler task's element.
+struct Running {
+    /// The output entry to acknowledge.
+    entry: EntryId,
+    /// The element id, for logs.
+    id: String,
+    /// Which delivery this is.
+    delivery: u64,
+}
+
+/// Counters for the closing log line.
+#[derive(Default)]
+struct Counters {
+    handled: u64,
+    failed: u64,
+    dead: u64,
+}
+
+struct Runtime<H> {
+    /// Configuration and handler.
+    c: Consumer<H>,
+    /// The consumer's scripts.
+    scripts: Scripts,
+    /// Running handlers. Outlives sessions: a reconnect does not stop work.
+    tasks: JoinSet<TaskResult>,
+    /// What each running task handles.
+    running: HashMap<tokio::task::Id, Running>,
+    /// Elements delivered to us and not started yet (a read or claim may
+    /// bring more than the free slots of the moment; bounded by one batch).
+    queue: VecDeque<Element>,
+    /// Every entry this consumer is responsible for right now: queued,
+    /// running, or finished but not yet acknowledged. They are touched so
+    /// that nobody claims them, and a second delivery of one is ignored.
+    held: HashSet<EntryId>,
+    /// Finished entries to acknowledge at the next flush.
+    acks: Vec<EntryId>,
+    /// Entries to move to `:dead` at the next flush.
+    dead: Vec<DeadLetter>,
+    /// When the buffered acknowledgements must go out.
+    flush_at: Option<Instant>,
+    /// Where the next idle claim scan goes on.
+    cursor: EntryId,
+    /// Set once shutdown began: the deadline of the drain.
+    stopping: Option<Instant>,
+    /// Our own pending entries (from a previous run under this name) have
+    /// been taken up.
+    resumed: bool,
+    /// The lease keeper and its stop signal, once started.
+    lease: Option<(JoinHandle<()>, CancellationToken)>,
+    /// Counters.
+    counters: Counters,
+}
+
+/// Runs `consumer` until shutdown (see [`Consumer::run`]).
+pub(super) async fn run<H: Handler>(consumer: Consumer<H>, shutdown: CancellationToken) -> Result<(), ConsumeError> {
+    let mut rt = Runtime {
+        c: consumer,
+        scripts: Scripts::new(),
+        tasks: JoinSet::new(),
+        running: HashMap::new(),
+        queue: VecDeque::new(),
+        held: HashSet::new(),
+        acks: Vec::new(),
+        dead: Vec::new(),
+        flush_at: None,
+        cursor: EntryId::ZERO,
+        stopping: None,
+        resumed: false,
+        lease: None,
+        counters: Counters::default(),
+    };
+    let result = rt.run(&shutdown).await;
+    rt.stop_lease().await;
+    let Counters { handled, failed, dead } = rt.counters;
+    info!(group = %rt.c.group, consumer = %rt.c.opts.consumer, handled, failed, dead, "consumer stopped");
+    result
+}
+
+impl<H: Handler> Runtime<H> {
+    async fn run(&mut self, shutdown: &CancellationToken) -> Result<(), ConsumeError> {
+        let o = &self.c.opts;
+        info!(
+            redis = %self.c.redis_display,
+            stream = %self.c.keys.out,
+            group = %self.c.group,
+            consumer = %o.consumer,
+            concurrency = o.concurrency,
+            max_deliveries = o.max_deliveries,
+            claim_idle = ?o.claim_idle,
+            lease_ttl = ?o.lease_ttl,
+            "consumer starting"
+        );
+        // Failed attempts since the last good connection: drives the backoff
+        // and logs each outage once.
+        let mut failures: u32 = 0;
+        loop {
+            let mut connected = false;
+            let result = self.session(shutdown, &mut connected).await;
+            if connected {
+                failures = 0;
+            }
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_fatal() => {
+                    self.tasks.abort_all();
+                    return Err(e.into());
+                }
+                Err(e) => {
+                    if connected && e.is_connection() {
+                        warn!(error = %e, "lost the connection to Redis; reconnecting (running handlers go on)");
+                    } else if connected {
+                        warn!(error = %e, "a Redis command failed; starting over after a pause");
+                    } else if failures == 0 {
+                        warn!(error = %e, redis = %self.c.redis_display, "cannot reach Redis; retrying with backoff");
+                    } else {
+                        debug!(error = %e, failures, "still cannot reach Redis");
+                    }
+                    if self.stopping.is_some() && self.tasks.is_empty() {
+                        self.final_flush().await;
+                        return Ok(());
+                    }
+                    let delay = self.c.opts.backoff.delay(failures, rand::random::<f64>());
+                    failures = failures.saturating_add(1);
+                    self.wait_offline(delay, shutdown).await;
+                    if self.stopping.is_some() && self.tasks.is_empty() {
+                        self.final_flush().await;
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// One connected period: until the drain is over (`Ok`) or Redis fails.
+    async fn session(&mut self, shutdown: &CancellationToken, connected: &mut bool) -> Result<(), StoreError> {
+        let c = &self.c;
+        let o = &c.opts;
+        let mut conn = store::connect(&c.client, &c.connect, c.connect.response_timeout).await?;
+        let version = store::check_version(&mut conn).await?;
+        if store::ensure_group(&mut conn, &c.keys.out, &c.group).await? {
+            info!(group = %c.group, stream = %c.keys.out, "created output group at id 0");
+        }
+        self.scripts.load(&mut conn).await?;
+        // The reader's blocking XREADGROUP would hold up every other command
+        // queued behind it on a shared connection.
+        let reader = store::connect(&c.client, &c.connect, c.connect.response_timeout + o.block).await?;
+        if self.lease.is_none() {
+            self.start_lease(&mut conn).await?;
+        }
+        *connected = true;
+        info!(
+            redis_version = %version,
+            group = %self.c.group,
+            consumer = %self.c.opts.consumer,
+            "connected to Redis; consuming"
+        );
+        self.flush(&mut conn).await?;
+        if !self.resumed && self.stopping.is_none() {
+            self.resume_own(&mut conn).await?;
+            self.resumed = true;
+        }
+
+        let o = &self.c.opts;
+        let mut claim_tick = ticker((o.claim_idle / 4).min(Duration::from_secs(5)));
+        let mut touch_tick = ticker(o.claim_idle / 3);
+        let mut peer_tick = ticker(o.lease_ttl / 2);
+        // At most one read in flight; it asks for no more than the free
+        // slots at the time (claims meanwhile may overfill the queue by at
+        // most one batch).
+        let mut read: Option<ReadFuture> = None;
+        loop {
+            self.start_queued();
+            if self.stopping.is_some() && self.tasks.is_empty() {
+                break;
+            }
+            if read.is_none() && self.stopping.is_none() && self.queue.is_empty() {
+                let free = self.c.opts.concurrency.saturating_sub(self.running.len());
+                if free > 0 {
+                    read = Some(self.read(&reader, free.min(self.c.opts.batch_size)));
+                }
+            }
+            let deadline = self.stopping;
+            let flush_at = self.flush_at;
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled(), if deadline.is_none() => {
+                    // Entries of a read still in flight stay pending here;
+                    // the lease goes away on exit, so peers take them at once.
+                    read = None;
+                    self.begin_stop();
+                }
+                _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    self.abort_running().await;
+                }
+                Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => self.settle(joined),
+                _ = sleep_until(flush_at.unwrap_or_else(Instant::now)), if flush_at.is_some() => {
+                    self.flush(&mut conn).await?;
+                }
+                entries = async { read.as_mut().expect("guarded").await }, if read.is_some() => {
+                    read = None;
+                    self.accept_new(entries?);
+                }
+                _ = touch_tick.tick() => self.touch(&mut conn).await?,
+                _ = claim_tick.tick(), if deadline.is_none() => self.claim_idle(&mut conn).await?,
+                _ = peer_tick.tick(), if deadline.is_none() => self.scan_peers(&mut conn).await?,
+            }
+        }
+        self.flush(&mut conn).await?;
+        Ok(())
+    }
+
+    fn read(&self, reader: &MultiplexedConnection, count: usize) -> ReadFuture {
+        let mut conn = reader.clone();
+        let keys = self.c.keys.clone();
+        let group = self.c.group.clone();
+        let me = self.c.opts.consumer.clone();
+        let block = self.c.opts.block;
+        Box::pin(async move { output::read_new(&mut conn, &keys, &group, &me, count, block).await })
+    }
+
+    /// Sets our lease (warning if another process holds the same name) and
+    /// starts keeping it.
+    async fn start_lease(&mut self, conn: &mut MultiplexedConnection) -> Result<(), StoreError> {
+        let c = &self.c;
+        let key = c.keys.lease("out", &c.group, &c.opts.consumer);
+        let host = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
+        let holder = format!("{host}:{}", std::process::id());
+        let current: Option<String> = redis::cmd("GET").arg(&key).query_async(conn).await?;
+        if let Some(other) = current.filter(|h| *h != holder) {
+            warn!(
+                consumer = %c.opts.consumer,
+                holder = %other,
+                "the lease of this consumer name is held by another process: unless that was an earlier run that \
+                 just ended, give every consumer its own name"
+            );
+        }
+        lease::refresh(conn, &key, &holder, c.opts.lease_ttl).await?;
+        let stop = CancellationToken::new();
+        let handle = lease::keep(c.client.clone(), c.connect.clone(), key, holder, c.opts.lease_ttl, stop.clone());
+        self.lease = Some((handle, stop));
+        Ok(())
+    }
+
+    /// Stops keeping the lease and deletes it, so peers take anything left
+    /// pending here at once.
+    async fn stop_lease(&mut self) {
+        if let Some((handle, stop)) = self.lease.take() {
+            stop.cancel();
+            let _ = tokio::time::timeout(FINISH_MARGIN / 3, handle).await;
+        }
+    }
+
+    /// Takes up our own pending entries left by an earlier run under this
+    /// name (up to the free slots; the rest follow after `claim_idle`).
+    async fn resume_own(&mut self, conn: &mut MultiplexedConnection) -> Result<(), StoreError> {
+        let me = self.c.opts.consumer.clone();
+        let mut total = 0;
+        loop {
+            let room = self.room();
+            if room == 0 {
+                break;
+            }
+            let count = room.min(self.c.opts.batch_size);
+            let o = self.claim(conn, ClaimFrom::Peer(&me), Duration::ZERO, count).await?;
+            let n = o.claimed.len() + o.dead.len();
+            total += o.claimed.len();
+            self.take_claimed(o);
+            if n < count {
+                break;
+            }
+        }
+        if total > 0 {
+            info!(entries = total, "resuming entries left pending by an earlier run of this consumer");
+        }
+        Ok(())
+    }
+
+    /// Retries entries idle for `claim_idle` at any consumer (failures, and
+    /// work of consumers that died without us noticing their lease).
+    async fn claim_idle(&mut self, conn: &mut MultiplexedConnection) -> Result<(), StoreError> {
+        for _ in 0..CLAIM_PAGES_PER_TICK {
+            let room = self.room();
+            if room == 0 {
+                return Ok(());
+            }
+            let count = room.min(self.c.opts.batch_size);
+            let o = self.claim(conn, ClaimFrom::Idle(self.cursor), self.c.opts.claim_idle, count).await?;
+            self.cursor = o.cursor;
+            if !o.claimed.is_empty() {
+                info!(entries = o.claimed.len(), idle = ?self.c.opts.claim_idle, "retrying idle entries");
+            }
+            self.take_claimed(o);
+            if self.cursor == EntryId::ZERO {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes over the entries of peers whose lease expired, and removes
+    /// long-dead peers with nothing pending from the group.
+    async fn scan_peers(&mut self, conn: &mut MultiplexedConnection) -> Result<(), StoreError> {
+        let c = &self.c;
+        let peers = lease::peers(conn, &c.keys, &c.keys.out, "out", &c.group).await?;
+        let me = c.opts.consumer.clone();
+        for peer in peers.iter().filter(|p| p.name != me && !p.leased && p.pending > 0) {
+            let room = self.room();
+            if room == 0 {
+                break;
+            }
+            // Entries younger than half a lease were just claimed by another
+            // live consumer scanning at the same time: leave them.
+            let min_idle = self.c.opts.lease_ttl / 2;
+            let count = room.min(self.c.opts.batch_size);
+            let o = self.claim(conn, ClaimFrom::Peer(&peer.name), min_idle, count).await?;
+            if !o.claimed.is_empty() || !o.dead.is_empty() {
+                info!(
+                    peer = %peer.name,
+                    claimed = o.claimed.len(),
+                    dead = o.dead.len(),
+                    "took over the pending entries of a consumer whose lease expired"
+                );
+            }
+            self.take_claimed(o);
+        }
+        let c = &self.c;
+        let removed =
+            lease::remove_dead_consumers(conn, &c.keys.out, &c.group, &me, &peers, c.opts.dead_consumer_grace).await?;
+        for name in removed {
+            info!(peer = %name, "removed a dead consumer with nothing pending from the group");
+        }
+        Ok(())
+    }
+
+    async fn claim(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        from: ClaimFrom<'_>,
+        min_idle: Duration,
+        count: usize,
+    ) -> Result<ClaimOutcome, StoreError> {
+        let c = &self.c;
+        let o = self
+            .scripts
+            .claim(conn, &c.keys, &c.group, &c.opts.consumer, from, min_idle, count, c.opts.max_deliveries)
+            .await?;
+        for id in &o.dead {
+            self.counters.dead += 1;
+            warn!(
+                entry = %id,
+                max_deliveries = c.opts.max_deliveries,
+                "element delivered max_deliveries times without being acknowledged; moved to the dead-letter stream"
+            );
+        }
+        Ok(o)
+    }
+
+    fn take_claimed(&mut self, o: ClaimOutcome) {
+        for claimed in o.claimed {
+            self.accept(claimed.id, claimed.fields, claimed.delivery);
+        }
+    }
+
+    /// Free handler slots not already spoken for by queued elements.
+    fn room(&self) -> usize {
+        self.c.opts.concurrency.saturating_sub(self.running.len() + self.queue.len())
+    }
+
+    fn accept_new(&mut self, entries: Vec<StreamEntry>) {
+        for e in entries {
+            // A new delivery always has fields; `None` means deleted.
+            if let Some(fields) = e.fields {
+                self.accept(e.id, fields, 1);
+            }
+        }
+    }
+
+    /// Queues an element delivered to us, or dead-letters an entry that is
+    /// not an element.
+    fn accept(&mut self, entry: EntryId, fields: Vec<Field>, delivery: u64) {
+        if !self.held.insert(entry) {
+            debug!(entry = %entry, "entry is already being handled here; ignoring its extra delivery");
+            return;
+        }
+        match element::parse(entry, fields, delivery) {
+            Ok(el) => self.queue.push_back(el),
+            Err(rejection) => {
+                warn!(
+                    entry = %entry,
+                    reason = %rejection.reason,
+                    detail = %rejection.detail,
+                    "output entry is not an element; moving it to the dead-letter stream"
+                );
+                self.dead.push(DeadLetter { id: entry, reason: rejection.reason, detail: rejection.detail });
+                self.schedule_flush();
+            }
+        }
+    }
+
+    fn start_queued(&mut self) {
+        while self.stopping.is_none() && self.running.len() < self.c.opts.concurrency {
+            let Some(el) = self.queue.pop_front() else { return };
+            self.start(el);
+        }
+    }
+
+    fn start(&mut self, el: Element) {
+        let handler = Arc::clone(&self.c.handler);
+        let timeout = self.c.opts.handler_timeout;
+        let running = Running { entry: el.entry_id, id: el.id_lossy().into_owned(), delivery: el.delivery };
+        debug!(id = %running.id, entry = %running.entry, delivery = running.delivery, "handling element");
+        let task = self.tasks.spawn(async move {
+            let handled = handler.handle(el);
+            match timeout {
+                None => handled.await.map_err(|e| e.to_string()),
+                Some(limit) => match tokio::time::timeout(limit, handled).await {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(_) => Err(format!("the handler did not finish within {limit:?}")),
+                },
+            }
+        });
+        self.running.insert(task.id(), running);
+    }
+
+    /// Records a finished handler: success is acknowledged at the next
+    /// flush; failure stays pending for a retry, or goes to `:dead` when it
+    /// was the last allowed delivery.
+    fn settle(&mut self, joined: Result<(tokio::task::Id, TaskResult), JoinError>) {
+        let (task, result) = match joined {
+            Ok((task, result)) => (task, result),
+            Err(e) if e.is_panic() => {
+                let task = e.id();
+                (task, Err(format!("the handler panicked: {}", panic_message(e))))
+            }
+            Err(e) => {
+                // Aborted at the end of the shutdown grace: unfinished, not
+                // failed. It stays pending for another consumer.
+                if let Some(r) = self.running.remove(&e.id()) {
+                    self.held.remove(&r.entry);
+                }
+                return;
+            }
+        };
+        let Some(r) = self.running.remove(&task) else { return };
+        let max = self.c.opts.max_deliveries;
+        match result {
+            Ok(()) => {
+                self.counters.handled += 1;
+                debug!(id = %r.id, entry = %r.entry, delivery = r.delivery, "element handled");
+                self.acks.push(r.entry);
+                self.schedule_flush();
+            }
+            Err(error) if r.delivery >= max => {
+                self.counters.failed += 1;
+                warn!(
+                    id = %r.id,
+                    entry = %r.entry,
+                    delivery = r.delivery,
+                    max_deliveries = max,
+                    error = %error,
+                    "handler failed on the last allowed delivery; moving the element to the dead-letter stream"
+                );
+                let detail = truncate(format!("delivery {} of {max} failed: {error}", r.delivery));
+                self.dead.push(DeadLetter { id: r.entry, reason: Reason::MaxDeliveries, detail });
+                self.schedule_flush();
+            }
+            Err(error) => {
+                self.counters.failed += 1;
+                warn!(
+                    id = %r.id,
+                    entry = %r.entry,
+                    delivery = r.delivery,
+                    max_deliveries = max,
+                    error = %error,
+                    retry_after = ?self.c.opts.claim_idle,
+                    "handler failed; the element will be retried"
+                );
+                self.held.remove(&r.entry);
+            }
+        }
+    }
+
+    fn schedule_flush(&mut self) {
+        let now = Instant::now();
+        let at = if self.acks.len() + self.dead.len() >= self.c.opts.batch_size {
+            now
+        } else {
+            now + self.c.opts.ack_interval
+        };
+        self.flush_at = Some(self.flush_at.map_or(at, |t| t.min(at)));
+    }
+
+    /// Sends the buffered acknowledgements and dead letters. On failure they
+    /// stay buffered for the next session.
+    async fn flush(&mut self, conn: &mut MultiplexedConnection) -> Result<(), StoreError> {
+        self.flush_at = None;
+        let c = &self.c;
+        if !self.acks.is_empty() {
+            output::ack(conn, &c.keys, &c.group, &self.acks).await?;
+            for id in self.acks.drain(..) {
+                self.held.remove(&id);
+            }
+        }
+        if !self.dead.is_empty() {
+            let moved: HashSet<EntryId> = self
+                .scripts
+                .dead_letter(conn, &c.keys, &c.group, &c.opts.consumer, &self.dead)
+                .await?
+                .into_iter()
+                .collect();
+            for letter in self.dead.drain(..) {
+                self.held.remove(&letter.id);
+                if moved.contains(&letter.id) {
+                    self.counters.dead += 1;
+                    info!(entry = %letter.id, reason = %letter.reason, "moved to the dead-letter stream");
+                } else {
+                    info!(entry = %letter.id, "not dead-lettered: another consumer has taken the entry over");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps every held entry fresh so that no peer claims it after
+    /// `claim_idle`; warns about any a peer took over anyway.
+    async fn touch(&mut self, conn: &mut MultiplexedConnection) -> Result<(), StoreError> {
+        if self.held.is_empty() {
+            return Ok(());
+        }
+        let c = &self.c;
+        let ids: Vec<EntryId> = self.held.iter().copied().collect();
+        let lost = self.scripts.touch(conn, &c.keys, &c.group, &c.opts.consumer, &ids).await?;
+        for id in lost {
+            if self.acks.contains(&id) {
+                continue;
+            }
+            warn!(
+                entry = %id,
+                "another consumer took over an entry still being handled here (Redis was unreachable for long?); \
+                 it may be processed twice"
+            );
+            self.held.remove(&id);
+        }
+        Ok(())
+    }
+
+    fn begin_stop(&mut self) {
+        let grace = self.c.opts.shutdown_grace;
+        self.stopping = Some(Instant::now() + grace);
+        for el in self.queue.drain(..) {
+            self.held.remove(&el.entry_id);
+        }
+        info!(
+            running = self.running.len(),
+            grace = ?grace,
+            "stopping: no more reads; waiting for running handlers (unstarted elements stay pending for peers)"
+        );
+    }
+
+    async fn abort_running(&mut self) {
+        warn!(
+            running = self.running.len(),
+            "handlers did not finish within the shutdown grace period; aborting them (their elements stay pending \
+             for other consumers)"
+        );
+        self.tasks.abort_all();
+        while let Some(joined) = self.tasks.join_next_with_id().await {
+            self.settle(joined);
+        }
+    }
+
+    /// Between sessions: keeps settling handlers and watching for shutdown
+    /// until `delay` is over.
+    async fn wait_offline(&mut self, delay: Duration, shutdown: &CancellationToken) {
+        let until = Instant::now() + delay;
+        loop {
+            self.start_queued();
+            if self.stopping.is_some() && self.tasks.is_empty() {
+                return;
+            }
+            let deadline = self.stopping;
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled(), if deadline.is_none() => self.begin_stop(),
+                _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    self.abort_running().await;
+                }
+                Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => self.settle(joined),
+                _ = sleep_until(until) => return,
+            }
+        }
+    }
+
+    /// The last attempt to send acknowledgements while Redis is failing.
+    async fn final_flush(&mut self) {
+        if self.acks.is_empty() && self.dead.is_empty() {
+            return;
+        }
+        let (client, connect) = (self.c.client.clone(), self.c.connect.clone());
+        let attempt = async {
+            let mut conn = store::connect(&client, &connect, connect.response_timeout).await?;
+            self.flush(&mut conn).await
+        };
+        let result = tokio::time::timeout(FINISH_MARGIN / 3, attempt).await;
+        if !matches!(result, Ok(Ok(()))) {
+            warn!(
+                unacknowledged = self.acks.len(),
+                "Redis is unreachable: handled elements could not be acknowledged and will be processed again"
+            );
+        }
+    }
+}
+
+fn ticker(period: Duration) -> Interval {
+    let mut t = interval(period.max(Duration::from_millis(10)));
+    t.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    t
+}
+
+fn panic_message(e: JoinError) -> String {
+    let payload = e.into_panic();
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(no message)".into()
+    }
+}
+
+fn truncate(mut s: String) -> String {
+    if s.len() > MAX_DETAIL {
+        let mut end = MAX_DETAIL;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncates_on_a_char_boundary() {
+        assert_eq!(truncate("abc".into()), "abc");
+        let long = "é".repeat(MAX_DETAIL);
+        let t = truncate(long);
+        assert!(t.len() <= MAX_DETAIL + '…'.len_utf8());
+        assert!(t.ends_with('…'));
+    }
+}

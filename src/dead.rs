@@ -1,0 +1,534 @@
+//! `tidemark dead list | replay`: shows the dead-letter stream and sends
+//! dead letters back where they came from (`:in`, or `:out` as fresh
+//! entries), deleting each from `:dead` in the same atomic script call.
+
+use std::fmt::Write as _;
+
+use redis::aio::MultiplexedConnection;
+use redis::{Script, Value};
+use serde::ser::{SerializeStruct, Serializer};
+use serde::Serialize;
+use serde_json::Value as Json;
+
+use crate::core::op::{Field, Reason};
+use crate::core::{json as bin_json, EntryId};
+use crate::store::entries::{decode_entries, StreamEntry};
+use crate::store::{Keys, StoreError};
+
+const REPLAY: &str = include_str!("../lua/replay.lua");
+
+/// Dead letters examined per replay script call: bounds how long Redis is
+/// held, however many letters there are.
+pub const REPLAY_PAGE: usize = 500;
+/// `dead replay --all` reports progress on stderr every this many letters.
+const PROGRESS_EVERY: u64 = 5000;
+/// Longest element id shown in the table, in characters.
+const ELEMENT_WIDTH: usize = 24;
+/// Longest detail shown in the table, in characters.
+const DETAIL_WIDTH: usize = 60;
+
+/// One entry of `:dead`: the header tidemark writes (`reason`, `detail`,
+/// `origin`, `origin_id`, in this order) and the original fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// Its entry id in `:dead`.
+    pub id: EntryId,
+    /// The reason code, e.g. `bad_ts` (empty if the entry has no header).
+    pub reason: Vec<u8>,
+    /// A sentence saying what was wrong.
+    pub detail: Vec<u8>,
+    /// `in` or `out:<group>`.
+    pub origin: Vec<u8>,
+    /// The entry id it had in its origin stream.
+    pub origin_id: Vec<u8>,
+    /// The original fields, verbatim and in order.
+    pub fields: Vec<Field>,
+}
+
+impl DeadLetter {
+    /// Splits a stream entry into header and original fields. Header
+    /// fields are taken only from the leading positions, in order, so an
+    /// original field that happens to be named `reason` stays original.
+    pub fn from_fields(id: EntryId, fields: Vec<Field>) -> DeadLetter {
+        let mut header: [Vec<u8>; 4] = Default::default();
+        let names: [&[u8]; 4] = [b"reason", b"detail", b"origin", b"origin_id"];
+        let mut rest = fields.into_iter().peekable();
+        for (slot, name) in header.iter_mut().zip(names) {
+            match rest.next_if(|(k, _)| k.as_slice() == name) {
+                Some((_, v)) => *slot = v,
+                None => break,
+            }
+        }
+        let [reason, detail, origin, origin_id] = header;
+        DeadLetter { id, reason, detail, origin, origin_id, fields: rest.collect() }
+    }
+
+    /// The element id (the first original `id` field), if it has one.
+    pub fn element_id(&self) -> Option<&[u8]> {
+        self.fields.iter().find(|(k, _)| k.as_slice() == b"id").map(|(_, v)| v.as_slice())
+    }
+}
+
+/// As JSON, in this key order: `id`, `reason`, `detail`, `origin`,
+/// `origin_id`, `element_id` (null if none), and `fields` as `[name, value]`
+/// pairs (order and repeated names kept); any non-UTF-8 byte string as
+/// `{"base64": …}`.
+impl Serialize for DeadLetter {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut st = s.serialize_struct("DeadLetter", 7)?;
+        st.serialize_field("id", &self.id.to_string())?;
+        st.serialize_field("reason", &bin_json::bytes(&self.reason))?;
+        st.serialize_field("detail", &bin_json::bytes(&self.detail))?;
+        st.serialize_field("origin", &bin_json::bytes(&self.origin))?;
+        st.serialize_field("origin_id", &bin_json::bytes(&self.origin_id))?;
+        st.serialize_field("element_id", &self.element_id().map(bin_json::bytes))?;
+        let fields: Vec<[Json; 2]> =
+            self.fields.iter().map(|(k, v)| [bin_json::bytes(k), bin_json::bytes(v)]).collect();
+        st.serialize_field("fields", &fields)?;
+        st.end()
+    }
+}
+
+fn letters(entries: Vec<StreamEntry>) -> Vec<DeadLetter> {
+    entries.into_iter().filter_map(|e| Some(DeadLetter::from_fields(e.id, e.fields?))).collect()
+}
+
+/// The newest `count` dead letters, newest first, and how many there are.
+pub async fn list(
+    conn: &mut MultiplexedConnection,
+    keys: &Keys,
+    count: usize,
+) -> Result<(Vec<DeadLetter>, u64), StoreError> {
+    let (total, newest): (u64, Value) = redis::pipe()
+        .xlen(&keys.dead)
+        .cmd("XREVRANGE")
+        .arg(&keys.dead)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(count.max(1))
+        .query_async(conn)
+        .await?;
+    let mut found = letters(decode_entries(newest)?);
+    found.truncate(count);
+    Ok((found, total))
+}
+
+/// Display text for a table cell: lossy UTF-8, control characters escaped
+/// (so a value cannot break the table), cut to `max` characters with `…`;
+/// `-` when empty.
+pub fn cell(b: &[u8], max: usize) -> String {
+    if b.is_empty() {
+        return "-".to_owned();
+    }
+    let mut text = String::new();
+    for c in String::from_utf8_lossy(b).chars() {
+        if c.is_control() {
+            text.extend(c.escape_default());
+        } else {
+            text.push(c);
+        }
+    }
+    if text.chars().count() <= max {
+        return text;
+    }
+    let mut cut: String = text.chars().take(max.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
+}
+
+/// Renders dead letters as an aligned table with a header line.
+pub fn render_table(letters: &[DeadLetter]) -> String {
+    let header = ["ENTRY ID", "REASON", "ORIGIN", "ORIGIN ID", "ELEMENT", "DETAIL"];
+    let rows: Vec<[String; 6]> = letters
+        .iter()
+        .map(|l| {
+            [
+                l.id.to_string(),
+                cell(&l.reason, 32),
+                cell(&l.origin, 32),
+                cell(&l.origin_id, 32),
+                l.element_id().map_or_else(|| "-".to_owned(), |e| cell(e, ELEMENT_WIDTH)),
+                cell(&l.detail, DETAIL_WIDTH),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(|h| h.chars().count());
+    for row in &rows {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: [&str; 6]| {
+        let mut l = String::new();
+        for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(c);
+            } else {
+                let pad = w - c.chars().count();
+                let _ = write!(l, "{c}{}  ", " ".repeat(pad));
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(header);
+    for row in &rows {
+        line(row.each_ref().map(String::as_str));
+    }
+    out
+}
+
+/// `tidemark dead list`: prints up to `count` dead letters, newest first,
+/// as a table or (`json`) as a JSON array.
+pub async fn cli_list(
+    conn: &mut MultiplexedConnection,
+    keys: &Keys,
+    count: usize,
+    json: bool,
+) -> Result<(), StoreError> {
+    let (found, total) = list(conn, keys, count).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&found).map_err(|e| StoreError::Reply(e.to_string()))?);
+        return Ok(());
+    }
+    if total == 0 {
+        println!("no dead letters in {}", keys.dead);
+        return Ok(());
+    }
+    print!("{}", render_table(&found));
+    println!("({} of {} dead letters, newest first)", found.len(), crate::store::status::thousands(total));
+    Ok(())
+}
+
+/// What happened to one examined dead letter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Appended to `:in` with this new entry id.
+    ToInput(String),
+    /// Appended to `:out` as a fresh entry with this id.
+    ToOutput(String),
+    /// Left alone: its reason differs from the one asked for.
+    Skipped,
+    /// Left in `:dead`: it cannot be replayed (the text says why).
+    Invalid(String),
+}
+
+/// One examined dead letter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replayed {
+    /// Its entry id in `:dead`.
+    pub dead_id: String,
+    /// Its reason code (lossy UTF-8).
+    pub reason: String,
+    /// What happened to it.
+    pub outcome: Outcome,
+}
+
+/// One replay script call's result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayPage {
+    /// Letters examined.
+    pub examined: usize,
+    /// The last examined id (the next page starts after it).
+    pub last: Option<String>,
+    /// One per examined letter, in id order.
+    pub letters: Vec<Replayed>,
+}
+
+fn text(v: &Value) -> Result<String, StoreError> {
+    match v {
+        Value::BulkString(b) => Ok(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Ok(s.clone()),
+        Value::Int(i) => Ok(i.to_string()),
+        other => Err(StoreError::Reply(format!("replay.lua: expected a string, got {other:?}"))),
+    }
+}
+
+/// Decodes `replay.lua`'s reply.
+fn decode_page(reply: Value) -> Result<ReplayPage, StoreError> {
+    let Value::Array(items) = reply else {
+        return Err(StoreError::Reply(format!("replay.lua returned {reply:?}")));
+    };
+    let (head, results) =
+        items.split_at_checked(2).ok_or_else(|| StoreError::Reply("replay.lua: short reply".into()))?;
+    let examined = match &head[0] {
+        Value::Int(n) => usize::try_from(*n).unwrap_or(0),
+        other => return Err(StoreError::Reply(format!("replay.lua: bad count {other:?}"))),
+    };
+    let last = Some(text(&head[1])?).filter(|l| !l.is_empty());
+    let letters = results
+        .chunks(4)
+        .map(|q| {
+            let [id, outcome, reason, detail] = q else {
+                return Err(StoreError::Reply("replay.lua: incomplete result".into()));
+            };
+            let detail = text(detail)?;
+            let outcome = match text(outcome)?.as_str() {
+                "in" => Outcome::ToInput(detail),
+                "out" => Outcome::ToOutput(detail),
+                "skipped" => Outcome::Skipped,
+                _ => Outcome::Invalid(detail),
+            };
+            Ok(Replayed { dead_id: text(id)?, reason: text(reason)?, outcome })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(ReplayPage { examined, last, letters })
+}
+
+/// Replays up to `count` dead letters with ids from `start` (XRANGE
+/// syntax) to `end` (inclusive) whose reason is `reason` (any if `None`),
+/// each atomically (append to its origin stream + delete from `:dead`).
+pub async fn replay_page(
+    conn: &mut MultiplexedConnection,
+    keys: &Keys,
+    start: &str,
+    end: &str,
+    count: usize,
+    reason: Option<&str>,
+) -> Result<ReplayPage, StoreError> {
+    let reply: Value = Script::new(REPLAY)
+        .key(&keys.dead)
+        .key(&keys.input)
+        .key(&keys.out)
+        .arg(start)
+        .arg(end)
+        .arg(count)
+        .arg(reason.unwrap_or(""))
+        .invoke_async(conn)
+        .await?;
+    decode_page(reply)
+}
+
+/// Tallies of one `dead replay` run.
+#[derive(Debug, Default)]
+struct Tally {
+    examined: u64,
+    to_input: u64,
+    to_output: u64,
+    invalid: u64,
+}
+
+impl Tally {
+    /// Prints one line per replayed letter (stdout) or unreplayable one
+    /// (stderr) and counts them.
+    fn record(&mut self, keys: &Keys, page: &ReplayPage) {
+        self.examined += page.examined as u64;
+        for l in &page.letters {
+            match &l.outcome {
+                Outcome::ToInput(new_id) => {
+                    self.to_input += 1;
+                    println!("{} ({}) -> {} {new_id}", l.dead_id, l.reason, keys.input);
+                }
+                Outcome::ToOutput(new_id) => {
+                    self.to_output += 1;
+                    println!("{} ({}) -> {} {new_id}", l.dead_id, l.reason, keys.out);
+                }
+                Outcome::Skipped => {}
+                Outcome::Invalid(why) => {
+                    self.invalid += 1;
+                    let reason = if l.reason.is_empty() { String::new() } else { format!(" ({})", l.reason) };
+                    eprintln!("tidemark: dead letter {}{reason} cannot be replayed: {why}", l.dead_id);
+                }
+            }
+        }
+    }
+
+    fn summary(&self, keys: &Keys) -> String {
+        let mut s = format!(
+            "replayed {} dead letter{} ({} to {}, {} to {})",
+            self.to_input + self.to_output,
+            if self.to_input + self.to_output == 1 { "" } else { "s" },
+            self.to_input,
+            keys.input,
+            self.to_output,
+            keys.out
+        );
+        if self.invalid > 0 {
+            let _ = write!(s, "; {} could not be replayed and stay in {}", self.invalid, keys.dead);
+        }
+        s
+    }
+}
+
+/// `tidemark dead replay`: `id` = that one letter (an error if it does not
+/// exist, has another reason than `reason`, or cannot be replayed);
+/// `None` = every letter (of `reason`, if given) that exists when the
+/// command starts, in pages of [`REPLAY_PAGE`].
+pub async fn cli_replay(
+    conn: &mut MultiplexedConnection,
+    keys: &Keys,
+    id: Option<&str>,
+    reason: Option<&str>,
+) -> Result<(), StoreError> {
+    if let Some(r) = reason {
+        if !Reason::ALL.iter().any(|known| known.code() == r) {
+            eprintln!("tidemark: note: {r:?} is not one of tidemark's reason codes");
+        }
+    }
+    let mut tally = Tally::default();
+    match id {
+        Some(raw) => {
+            let id: EntryId = raw.parse().map_err(|_| {
+                StoreError::Rejected(format!("--id {raw:?} is not a stream entry id (like 1700000000000-0)"))
+            })?;
+            let id = id.to_string();
+            let page = replay_page(conn, keys, &id, &id, 1, reason).await?;
+            let Some(letter) = page.letters.first() else {
+                return Err(StoreError::Rejected(format!("no dead letter with id {id} in {}", keys.dead)));
+            };
+            match &letter.outcome {
+                Outcome::Skipped => {
+                    return Err(StoreError::Rejected(format!(
+                        "dead letter {id} has reason {}, not {}: nothing replayed",
+                        letter.reason,
+                        reason.unwrap_or_default()
+                    )))
+                }
+                Outcome::Invalid(why) => {
+                    return Err(StoreError::Rejected(format!("dead letter {id} cannot be replayed: {why}")))
+                }
+                Outcome::ToInput(_) | Outcome::ToOutput(_) => tally.record(keys, &page),
+            }
+        }
+        None => {
+            // Only letters that exist now: a replayed input entry that is
+            // still malformed comes back as a new, later letter, and must
+            // not be replayed again by this same run.
+            let newest: Value =
+                redis::cmd("XREVRANGE").arg(&keys.dead).arg("+").arg("-").arg("COUNT").arg(1).query_async(conn).await?;
+            let Some(newest) = decode_entries(newest)?.first().map(|e| e.id.to_string()) else {
+                println!("no dead letters in {}", keys.dead);
+                return Ok(());
+            };
+            let mut start = "-".to_owned();
+            let mut next_progress = PROGRESS_EVERY;
+            loop {
+                let page = replay_page(conn, keys, &start, &newest, REPLAY_PAGE, reason).await?;
+                tally.record(keys, &page);
+                if tally.examined >= next_progress {
+                    eprintln!(
+                        "tidemark: {} dead letters examined, {} replayed so far",
+                        tally.examined,
+                        tally.to_input + tally.to_output
+                    );
+                    next_progress = tally.examined + PROGRESS_EVERY;
+                }
+                match page.last {
+                    Some(last) if page.examined == REPLAY_PAGE && last != newest => start = format!("({last}"),
+                    _ => break,
+                }
+            }
+        }
+    }
+    println!("{}", tally.summary(keys));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn f(k: &str, v: &[u8]) -> Field {
+        (k.as_bytes().to_vec(), v.to_vec())
+    }
+
+    fn letter() -> DeadLetter {
+        DeadLetter::from_fields(
+            EntryId { ms: 7, seq: 1 },
+            vec![
+                f("reason", b"bad_ts"),
+                f("detail", b"`ts` is not an integer"),
+                f("origin", b"in"),
+                f("origin_id", b"5-0"),
+                f("op", b"add"),
+                f("id", b"order-1"),
+                f("ts", b"soon"),
+                f("reason", &[0xff, 0x00]),
+            ],
+        )
+    }
+
+    #[test]
+    fn splits_header_from_original_fields() {
+        let l = letter();
+        assert_eq!(l.reason, b"bad_ts");
+        assert_eq!(l.origin, b"in");
+        assert_eq!(l.origin_id, b"5-0");
+        assert_eq!(l.fields.len(), 4);
+        assert_eq!(l.fields[3], f("reason", &[0xff, 0x00]), "a payload field named `reason` stays original");
+        assert_eq!(l.element_id(), Some(&b"order-1"[..]));
+
+        // Without a header, everything is original.
+        let foreign = DeadLetter::from_fields(EntryId::ZERO, vec![f("op", b"add"), f("reason", b"x")]);
+        assert!(foreign.reason.is_empty());
+        assert_eq!(foreign.fields.len(), 2);
+    }
+
+    #[test]
+    fn json_keeps_order_repeats_and_bytes() {
+        let mut l = letter();
+        l.fields.push(f("op", b"again"));
+        let text = serde_json::to_string(&l).unwrap();
+        assert!(text.starts_with(r#"{"id":"7-1","reason":"bad_ts","detail":"#), "{text}");
+        assert_eq!(
+            serde_json::to_value(&l).unwrap(),
+            json!({
+                "id": "7-1",
+                "reason": "bad_ts",
+                "detail": "`ts` is not an integer",
+                "origin": "in",
+                "origin_id": "5-0",
+                "element_id": "order-1",
+                "fields": [["op", "add"], ["id", "order-1"], ["ts", "soon"], ["reason", {"base64": "/wA="}], ["op", "again"]],
+            })
+        );
+    }
+
+    #[test]
+    fn table_cells_are_one_line_and_bounded() {
+        assert_eq!(cell(b"a\nb\tc", 10), "a\\nb\\tc");
+        assert_eq!(cell(&[b'x', 0xff], 10), "x\u{fffd}");
+        assert_eq!(cell(b"say \"hi\"", 20), "say \"hi\"");
+        assert_eq!(cell(b"abcdefghij", 5), "abcd…");
+        assert_eq!(cell(b"", 5), "-", "an empty cell keeps the columns readable");
+        let table = render_table(&[letter()]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 2, "{table}");
+        assert!(lines[0].starts_with("ENTRY ID  REASON  ORIGIN  ORIGIN ID  ELEMENT  DETAIL"), "{table}");
+        assert!(lines[1].starts_with("7-1       bad_ts  in      5-0        order-1  `ts` is not"), "{table}");
+    }
+
+    #[test]
+    fn decodes_replay_replies() {
+        let s = |t: &str| Value::BulkString(t.as_bytes().to_vec());
+        let reply = Value::Array(vec![
+            Value::Int(3),
+            s("9-0"),
+            s("7-0"),
+            s("in"),
+            s("bad_ts"),
+            s("10-0"),
+            s("8-0"),
+            s("skipped"),
+            s("too_large"),
+            s(""),
+            s("9-0"),
+            s("invalid"),
+            s("x"),
+            s("unknown origin"),
+        ]);
+        let page = decode_page(reply).unwrap();
+        assert_eq!(page.examined, 3);
+        assert_eq!(page.last.as_deref(), Some("9-0"));
+        assert_eq!(
+            page.letters.iter().map(|l| l.outcome.clone()).collect::<Vec<_>>(),
+            [Outcome::ToInput("10-0".into()), Outcome::Skipped, Outcome::Invalid("unknown origin".into())]
+        );
+        assert!(decode_page(Value::Array(vec![Value::Int(0)])).is_err());
+        let empty = decode_page(Value::Array(vec![Value::Int(0), s("")])).unwrap();
+        assert_eq!((empty.examined, empty.last, empty.letters.len()), (0, None, 0));
+    }
+}
