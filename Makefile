@@ -8,12 +8,12 @@ ARGS ?=
 BIN := target/release/tidemark
 
 .DEFAULT_GOAL := help
-.PHONY: help build run test lint fmt demo bench clean ensure-redis shellcheck
+.PHONY: help build run test lint fmt demo bench clean ensure-redis ensure-chromium shellcheck
 
 help: ## List the targets
 	@echo "tidemark developer targets:"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | \
-		awk 'BEGIN {FS = ":.*## "} {printf "  make %-13s %s\n", $$1, $$2}'
+		awk 'BEGIN {FS = ":.*## "} {printf "  make %-15s %s\n", $$1, $$2}'
 
 build: ## cargo build --release (target/release/tidemark)
 	$(CARGO) build --release
@@ -22,7 +22,7 @@ build: ## cargo build --release (target/release/tidemark)
 run: build ## Run the daemon in the foreground with a private Redis (ARGS="..." go to `tidemark run`)
 	scripts/run-local.sh $(ARGS)
 
-test: ensure-redis ## All tests (unit, integration, doc); installs Redis if missing
+test: ensure-redis ensure-chromium ## All tests (unit, integration, doc); installs Redis and Chromium if missing
 	$(CARGO) test --all-targets
 	$(CARGO) test --doc
 
@@ -44,6 +44,9 @@ clean: ## Remove build output (cargo clean)
 
 ensure-redis: ## Check for redis-server/redis-cli >= 6.2, install them on Debian/Ubuntu
 	@scripts/ensure-redis.sh
+
+ensure-chromium: ## Check for Chromium (the dashboard test's browser), install it on Debian/Ubuntu
+	@scripts/ensure-chromium.sh
 
 shellcheck: ## Check the shell scripts (needs shellcheck)
 	shellcheck -x scripts/*.sh .ci/run

@@ -158,7 +158,7 @@ note "tidemark = $(quote_args "$BIN" "${TM_ARGS[@]}"), with REDIS_URL set"
 # The output group "readers" stands for a downstream consumer: it is created
 # at startup, and the output stream is never trimmed below what it has read.
 # In its own session (setsid) so that a Ctrl-C reaches it only via cleanup.
-RUN_ARGS=(run --consumer demo --group readers)
+RUN_ARGS=(--http off run --consumer demo --group readers)
 if command -v setsid >/dev/null 2>&1; then
   NO_COLOR=1 setsid "$BIN" "${TM_ARGS[@]}" "${RUN_ARGS[@]}" >"$DAEMON_LOG" 2>&1 </dev/null &
 else

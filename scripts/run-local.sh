@@ -73,6 +73,17 @@ trap cleanup EXIT
 redis_start
 export REDIS_URL=$REDIS_LOCAL_URL
 P=$REDIS_PORT
+
+# The HTTP endpoint (dashboard, /metrics, /healthz, /readyz) on a free port
+# too, unless the caller chose an address.
+HTTP_ARGS=()
+if [[ -z "${TIDEMARK__HTTP__ADDR:-}" && " $* " != *" --http"* ]]; then
+  HTTP_PORT=$(redis_free_port)
+  HTTP_ARGS=(--http "127.0.0.1:$HTTP_PORT")
+  DASHBOARD="Dashboard: http://127.0.0.1:$HTTP_PORT/   (also /metrics, /healthz, /readyz)"
+else
+  DASHBOARD="Dashboard: on the address given with --http / TIDEMARK__HTTP__ADDR"
+fi
 cat <<BANNER
 ------------------------------------------------------------------------------
 tidemark: private Redis at $REDIS_URL (data in $REDIS_DIR, removed on exit)
@@ -81,6 +92,7 @@ Try, in another terminal:
   redis-cli -p $P XADD 'tidemark:{default}:in' '*' op watermark ts 1
   redis-cli -p $P XRANGE 'tidemark:{default}:out' - +
   REDIS_URL=$REDIS_URL $BIN status
+$DASHBOARD
 Stop with Ctrl-C.
 ------------------------------------------------------------------------------
 BANNER
@@ -89,9 +101,9 @@ BANNER
 # (the EXIT trap stops Redis). In its own session where setsid exists, so a
 # terminal Ctrl-C reaches it exactly once: forwarded by the trap below.
 if command -v setsid >/dev/null 2>&1; then
-  setsid "$BIN" ${CONFIG_ARGS[@]+"${CONFIG_ARGS[@]}"} run "$@" </dev/null &
+  setsid "$BIN" ${CONFIG_ARGS[@]+"${CONFIG_ARGS[@]}"} ${HTTP_ARGS[@]+"${HTTP_ARGS[@]}"} run "$@" </dev/null &
 else
-  "$BIN" ${CONFIG_ARGS[@]+"${CONFIG_ARGS[@]}"} run "$@" </dev/null &
+  "$BIN" ${CONFIG_ARGS[@]+"${CONFIG_ARGS[@]}"} ${HTTP_ARGS[@]+"${HTTP_ARGS[@]}"} run "$@" </dev/null &
 fi
 DAEMON_PID=$!
 

@@ -30,7 +30,7 @@ pub struct Cli {
 #[derive(Debug, Args)]
 pub struct GlobalArgs {
     /// Configuration file [default: config/tidemark.toml if it exists]
-    #[arg(long, global = true, value_name = "FILE")]
+    #[arg(long, global = true, value_name = "FILE", env = "TIDEMARK_CONFIG")]
     pub config: Option<PathBuf>,
     /// Redis URL: redis://[user:password@]host:port[/db], rediss://… or unix:///path
     /// (overrides REDIS_URL and the config file)
@@ -42,6 +42,10 @@ pub struct GlobalArgs {
     /// Log format: text or json [default: text]; the level comes from RUST_LOG
     #[arg(long, global = true, value_name = "FORMAT")]
     pub log_format: Option<String>,
+    /// For run and consume: serve /healthz, /readyz, /metrics and the dashboard on
+    /// IP:PORT, or "off" [default: 127.0.0.1:9464]
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub http: Option<String>,
 }
 
 /// The commands.

@@ -43,6 +43,13 @@ pub struct RawRedis {
     pub url: String,
     /// Read the password from this file (Kubernetes secrets); overrides the URL's.
     pub password_file: Option<PathBuf>,
+    /// `rediss://` only: PEM file of the CA certificates to trust instead of
+    /// the system's (a private CA).
+    pub tls_ca_file: Option<PathBuf>,
+    /// `rediss://` only: PEM client certificate (chain) for mutual TLS.
+    pub tls_cert_file: Option<PathBuf>,
+    /// `rediss://` only: PEM private key of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
     /// Time allowed to connect.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -56,6 +63,9 @@ impl Default for RawRedis {
         RawRedis {
             url: "redis://127.0.0.1:6379".into(),
             password_file: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(30),
         }
@@ -250,6 +260,23 @@ impl Default for RawLog {
     }
 }
 
+/// `[http]`: `/healthz`, `/readyz`, `/metrics` and the dashboard.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawHttp {
+    /// `IP:PORT` to listen on (`run` and `consume`); `off` or empty: none.
+    pub addr: String,
+}
+
+impl Default for RawHttp {
+    fn default() -> Self {
+        RawHttp { addr: DEFAULT_HTTP_ADDR.into() }
+    }
+}
+
+/// Where `run` and `consume` serve HTTP unless configured otherwise.
+pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:9464";
+
 /// The configuration as read, before validation.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -272,6 +299,8 @@ pub struct RawConfig {
     pub limits: RawLimits,
     /// `[log]`
     pub log: RawLog,
+    /// `[http]`
+    pub http: RawHttp,
 }
 
 /// Values given on the command line; they override everything else.
@@ -302,6 +331,8 @@ pub struct Overrides {
     pub consume_claim_idle: Option<String>,
     /// `consume --timeout` (as written)
     pub consume_timeout: Option<String>,
+    /// `--http` (`run` and `consume`)
+    pub http_addr: Option<String>,
 }
 
 /// Where the process environment comes from (injected for tests).
@@ -338,7 +369,10 @@ impl RawConfig {
         match &overrides.config_file {
             Some(path) => {
                 if !path.is_file() {
-                    return Err(invalid("--config", format!("{} does not exist or is not a file", path.display())));
+                    return Err(invalid(
+                        "--config (or TIDEMARK_CONFIG)",
+                        format!("{} does not exist or is not a file", path.display()),
+                    ));
                 }
                 builder = builder.add_source(config::File::from(path.as_path()).format(config::FileFormat::Toml));
             }
@@ -393,6 +427,9 @@ impl RawConfig {
         }
         if let Some(d) = &overrides.consume_timeout {
             builder = builder.set_override("consume.timeout", d.as_str())?;
+        }
+        if let Some(a) = &overrides.http_addr {
+            builder = builder.set_override("http.addr", a.as_str())?;
         }
         Ok(builder.build()?.try_deserialize()?)
     }
@@ -509,6 +546,8 @@ pub struct Settings {
     pub housekeeping: HousekeepingSettings,
     /// Log format.
     pub log_format: LogFormat,
+    /// Where to serve HTTP (`None`: off).
+    pub http_addr: Option<std::net::SocketAddr>,
 }
 
 /// Hard upper bound on `batch_size`: the apply script unpacks two values
@@ -556,16 +595,148 @@ pub(crate) fn consumer_name(configured: &str, env: &dyn Env) -> String {
         .unwrap_or_else(|| "tidemark".into())
 }
 
-/// Masks the password of a Redis URL: `redis://user:***@host:6379/0`.
+/// Masks the password of a Redis URL: `redis://user:***@host:6379/0`, and
+/// the `pass` query parameter of a `unix://` URL.
 pub fn redact_url(url: &str) -> String {
     match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            if u.query_pairs().any(|(k, _)| k == "pass") {
+                let pairs: Vec<(String, String)> = u
+                    .query_pairs()
+                    .map(|(k, v)| {
+                        let v = if k == "pass" { "***".to_owned() } else { v.into_owned() };
+                        (k.into_owned(), v)
+                    })
+                    .collect();
+                u.query_pairs_mut().clear().extend_pairs(pairs);
+            }
             u.to_string()
         }
-        Ok(u) => u.to_string(),
         Err(_) => "<unparseable url>".into(),
     }
+}
+
+/// The environment variable that may hold the Redis password (for example
+/// from a Kubernetes secret); it replaces the URL's password.
+pub const REDIS_PASSWORD_ENV: &str = "REDIS_PASSWORD";
+
+/// Builds the (unconnected) Redis client from `[redis]`: the URL, the
+/// password from `password_file` or `REDIS_PASSWORD`, and the TLS files.
+/// Every message masks the password.
+fn redis_client(r: &RawRedis, env: &dyn Env) -> Result<redis::Client, ConfigError> {
+    let url = r.url.trim();
+    let mut parsed =
+        url::Url::parse(url).map_err(|e| invalid("redis.url", format!("{} is not a URL: {e}", redact_url(url))))?;
+    if !matches!(parsed.scheme(), "redis" | "rediss" | "unix" | "redis+unix") {
+        return Err(invalid(
+            "redis.url",
+            format!("scheme {:?} is not one of redis, rediss, unix, redis+unix", parsed.scheme()),
+        ));
+    }
+    if let Some((key, password)) = password(r, env)? {
+        if matches!(parsed.scheme(), "redis" | "rediss") {
+            parsed.set_password(Some(&password)).map_err(|()| invalid(key, "this URL cannot carry a password"))?;
+        } else {
+            parsed.query_pairs_mut().append_pair("pass", &password);
+        }
+    }
+    match tls_certificates(r, &parsed)? {
+        None => {
+            redis::Client::open(parsed.as_str()).map_err(|e| invalid("redis.url", format!("{}: {e}", redact_url(url))))
+        }
+        Some(certs) => redis::Client::build_with_tls(parsed.as_str(), certs)
+            .map_err(|e| invalid("redis.tls_ca_file/tls_cert_file/tls_key_file", format!("{}: {e}", redact_url(url)))),
+    }
+}
+
+/// The password from `redis.password_file` or `REDIS_PASSWORD` (not both),
+/// with the key to blame if it cannot be used.
+fn password(r: &RawRedis, env: &dyn Env) -> Result<Option<(&'static str, String)>, ConfigError> {
+    // A secret written with a trailing newline (`echo`, `--from-file`) must
+    // not turn into a different password.
+    let from_env = env.var(REDIS_PASSWORD_ENV).map(|p| p.trim_end_matches(['\r', '\n']).to_owned());
+    match (&r.password_file, from_env.filter(|p| !p.is_empty())) {
+        (Some(_), Some(_)) => {
+            Err(invalid("redis.password_file", format!("{REDIS_PASSWORD_ENV} is set too; give the password only once")))
+        }
+        (Some(path), None) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| invalid("redis.password_file", format!("cannot read {}: {e}", path.display())))?;
+            let password = text.trim_end_matches(['\r', '\n']);
+            if password.is_empty() {
+                return Err(invalid("redis.password_file", format!("{} is empty", path.display())));
+            }
+            Ok(Some(("redis.password_file", password.to_owned())))
+        }
+        (None, from_env) => Ok(from_env.map(|p| (REDIS_PASSWORD_ENV, p))),
+    }
+}
+
+/// The TLS material of `redis.tls_*`, read and checked now so that a wrong
+/// file is a configuration error naming its key, not a failed connection.
+fn tls_certificates(r: &RawRedis, url: &url::Url) -> Result<Option<redis::TlsCertificates>, ConfigError> {
+    let files = [
+        ("redis.tls_ca_file", &r.tls_ca_file),
+        ("redis.tls_cert_file", &r.tls_cert_file),
+        ("redis.tls_key_file", &r.tls_key_file),
+    ];
+    let Some((first, _)) = files.iter().find(|(_, path)| path.is_some()) else {
+        return Ok(None);
+    };
+    if url.scheme() != "rediss" {
+        return Err(invalid(first, "needs a rediss:// URL"));
+    }
+    if url.fragment() == Some("insecure") && r.tls_ca_file.is_some() {
+        return Err(invalid(
+            "redis.tls_ca_file",
+            "has no effect with #insecure in the URL, which skips certificate checks",
+        ));
+    }
+    let root_cert = match &r.tls_ca_file {
+        Some(path) => Some(read_certificates("redis.tls_ca_file", path)?),
+        None => None,
+    };
+    let client_tls = match (&r.tls_cert_file, &r.tls_key_file) {
+        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+            client_cert: read_certificates("redis.tls_cert_file", cert)?,
+            client_key: read_private_key("redis.tls_key_file", key)?,
+        }),
+        (None, None) => None,
+        (Some(_), None) => return Err(invalid("redis.tls_key_file", "must be set with redis.tls_cert_file")),
+        (None, Some(_)) => return Err(invalid("redis.tls_cert_file", "must be set with redis.tls_key_file")),
+    };
+    Ok(Some(redis::TlsCertificates { client_tls, root_cert }))
+}
+
+fn read_file(key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))
+}
+
+/// A PEM file holding at least one certificate; returns its bytes.
+fn read_certificates(key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let pem = read_file(key, path)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid(key, format!("{} is not valid PEM: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(invalid(key, format!("{} holds no PEM certificate", path.display())));
+    }
+    Ok(pem)
+}
+
+/// A PEM file holding a private key; returns its bytes. The message never
+/// quotes the file.
+fn read_private_key(key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    use rustls::pki_types::{pem::PemObject, PrivateKeyDer};
+    let pem = read_file(key, path)?;
+    if PrivateKeyDer::from_pem_slice(&pem).is_err() {
+        return Err(invalid(key, format!("{} holds no PEM private key (PKCS#8, PKCS#1 or SEC1)", path.display())));
+    }
+    Ok(pem)
 }
 
 impl Settings {
@@ -575,28 +746,7 @@ impl Settings {
         valid_name("key_prefix", &raw.key_prefix)?;
 
         let url = raw.redis.url.trim();
-        let mut parsed =
-            url::Url::parse(url).map_err(|e| invalid("redis.url", format!("{} is not a URL: {e}", redact_url(url))))?;
-        if !matches!(parsed.scheme(), "redis" | "rediss" | "unix" | "redis+unix") {
-            return Err(invalid(
-                "redis.url",
-                format!("scheme {:?} is not one of redis, rediss, unix, redis+unix", parsed.scheme()),
-            ));
-        }
-        if let Some(path) = &raw.redis.password_file {
-            let password = std::fs::read_to_string(path)
-                .map_err(|e| invalid("redis.password_file", format!("cannot read {}: {e}", path.display())))?;
-            let password = password.trim_end_matches(['\r', '\n']);
-            if matches!(parsed.scheme(), "redis" | "rediss") {
-                parsed
-                    .set_password(Some(password))
-                    .map_err(|()| invalid("redis.password_file", "this URL cannot carry a password"))?;
-            } else {
-                parsed.query_pairs_mut().append_pair("pass", password);
-            }
-        }
-        let client = redis::Client::open(parsed.as_str())
-            .map_err(|e| invalid("redis.url", format!("{}: {e}", redact_url(url))))?;
+        let client = redis_client(&raw.redis, env)?;
 
         let connect = ConnectOptions {
             connect_timeout: positive("redis.connect_timeout", raw.redis.connect_timeout)?,
@@ -666,6 +816,7 @@ impl Settings {
             "json" => LogFormat::Json,
             other => return Err(invalid("log.format", format!("{other:?} is not one of text, json"))),
         };
+        let http_addr = parse_http_addr(&raw.http.addr)?;
         Ok(Settings {
             client,
             redis_display: redact_url(url),
@@ -676,8 +827,20 @@ impl Settings {
             lease,
             housekeeping,
             log_format,
+            http_addr,
         })
     }
+}
+
+/// `http.addr`: `IP:PORT`, or `off` / empty for no HTTP server.
+fn parse_http_addr(raw: &str) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+    let raw = raw.trim();
+    if raw.is_empty() || raw.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    raw.parse().map(Some).map_err(|_| {
+        invalid("http.addr", format!("{raw:?} is not IP:PORT (e.g. 127.0.0.1:9464 or [::]:9464) or \"off\""))
+    })
 }
 
 #[cfg(test)]
@@ -773,6 +936,28 @@ mod tests {
     }
 
     #[test]
+    fn http_addr_default_env_flag_and_off() {
+        let s = settings(&[("POD_NAME", "p")], Overrides::default()).unwrap();
+        assert_eq!(s.http_addr, Some("127.0.0.1:9464".parse().unwrap()));
+        let s = settings(&[("POD_NAME", "p"), ("TIDEMARK__HTTP__ADDR", "0.0.0.0:8080")], Overrides::default()).unwrap();
+        assert_eq!(s.http_addr, Some("0.0.0.0:8080".parse().unwrap()));
+        for off in ["off", "OFF", ""] {
+            let o = Overrides { http_addr: Some(off.into()), ..Overrides::default() };
+            let s = settings(&[("POD_NAME", "p"), ("TIDEMARK__HTTP__ADDR", "0.0.0.0:8080")], o).unwrap();
+            assert_eq!(s.http_addr, None, "--http {off:?}");
+        }
+        let o = Overrides { http_addr: Some("[::1]:9000".into()), ..Overrides::default() };
+        assert_eq!(settings(&[("POD_NAME", "p")], o).unwrap().http_addr, Some("[::1]:9000".parse().unwrap()));
+        for bad in ["localhost:9464", "9464", "127.0.0.1", "127.0.0.1:99999", "on"] {
+            let o = Overrides { http_addr: Some(bad.into()), ..Overrides::default() };
+            match settings(&[("POD_NAME", "p")], o) {
+                Err(e) => assert!(e.to_string().contains("http.addr"), "{bad:?}: {e}"),
+                Ok(s) => panic!("--http {bad:?} was accepted as {:?}", s.http_addr),
+            }
+        }
+    }
+
+    #[test]
     fn password_never_shown() {
         let s =
             settings(&[("REDIS_URL", "redis://app:s3cret@127.0.0.1:6379/0"), ("POD_NAME", "p")], Overrides::default())
@@ -781,6 +966,20 @@ mod tests {
         assert!(s.redis_display.contains("app:***@"));
         let msg = bad_key(&[("REDIS_URL", "redis://app:s3cret@[bad/0")]);
         assert!(!msg.contains("s3cret"), "{msg}");
+        assert_eq!(redact_url("unix:///run/redis.sock?db=2&pass=s3cret"), "unix:///run/redis.sock?db=2&pass=***");
+    }
+
+    #[test]
+    fn tls_files_need_a_rediss_url_and_each_other() {
+        let cases = [
+            ("redis://h:1", "TIDEMARK__REDIS__TLS_CA_FILE", "redis.tls_ca_file: needs a rediss:// URL"),
+            ("rediss://h:1", "TIDEMARK__REDIS__TLS_CERT_FILE", "redis.tls_key_file: must be set with"),
+            ("rediss://h:1", "TIDEMARK__REDIS__TLS_KEY_FILE", "redis.tls_cert_file: must be set with"),
+        ];
+        for (url, key, message) in cases {
+            let msg = bad_key(&[("REDIS_URL", url), (key, "/nonexistent.pem"), ("POD_NAME", "p")]);
+            assert!(msg.contains(message), "{url} {key}: {msg}");
+        }
     }
 }
 

@@ -8,4 +8,6 @@ pub mod consume;
 pub mod core;
 pub mod daemon;
 pub mod dead;
+pub mod http;
+pub mod metrics;
 pub mod store;

@@ -16,6 +16,7 @@ use tracing::{error, info, warn};
 use cli::{Cli, Command, EXIT_CONFIG, EXIT_UNAVAILABLE};
 use tidemark::config::{LogFormat, Overrides, ProcessEnv, RawConfig, Settings};
 use tidemark::core::watermark::parse_ts;
+use tidemark::http::{self, Endpoints, Readiness};
 use tidemark::store::{self, status, StoreError};
 
 /// mimalloc: decoding stream replies allocates many small buffers, and it
@@ -36,6 +37,7 @@ fn main() -> ExitCode {
     overrides.redis_url = cli.global.redis_url.clone();
     overrides.namespace = cli.global.namespace.clone();
     overrides.log_format = cli.global.log_format.clone();
+    overrides.http_addr = cli.global.http.clone();
     match &cli.command {
         Command::Run(run) => {
             overrides.consumer = run.consumer.clone();
@@ -200,10 +202,38 @@ async fn run_daemon(settings: Settings) -> ExitCode {
         }
     };
     let stats = Arc::new(tidemark::daemon::Stats::default());
+    let endpoints =
+        Endpoints::new(settings.clone(), stats.readiness.clone(), shutdown.clone()).stats(Arc::clone(&stats));
+    let http = match start_http(&settings, endpoints).await {
+        Ok(http) => http,
+        Err(code) => return code,
+    };
     let work = tidemark::daemon::run(settings, stats, shutdown.clone());
     let code = supervise(work, shutdown, grace, |e: &StoreError| if e.is_fatal() { EXIT_UNAVAILABLE } else { 1 }).await;
+    if let Some(http) = http {
+        http.stop().await;
+    }
     handle.close();
     code
+}
+
+/// Starts the HTTP server if `http.addr` is set, with the Prometheus
+/// recorder installed. A taken address is a startup error (exit 1).
+async fn start_http(settings: &Settings, mut endpoints: Endpoints) -> Result<Option<http::Server>, ExitCode> {
+    let Some(addr) = settings.http_addr else {
+        return Ok(None);
+    };
+    match tidemark::metrics::install() {
+        Ok(handle) => endpoints = endpoints.prometheus(handle),
+        Err(e) => warn!(error = %e, "serving /metrics without script latency, dead-letter and consumer metrics"),
+    }
+    match http::Server::start(addr, endpoints).await {
+        Ok(server) => Ok(Some(server)),
+        Err(e) => {
+            error!(error = %e, "cannot start: choose another address with --http IP:PORT (or --http off)");
+            Err(ExitCode::FAILURE)
+        }
+    }
 }
 
 /// `tidemark consume`: the consumer runtime running a command per element.
@@ -216,7 +246,13 @@ async fn run_consume(settings: Settings, args: cli::ConsumeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let work = tidemark::consume::command::run(settings, args.group, args.command, shutdown.clone());
+    let readiness = Readiness::default();
+    let http = match start_http(&settings, Endpoints::new(settings.clone(), readiness.clone(), shutdown.clone())).await
+    {
+        Ok(http) => http,
+        Err(code) => return code,
+    };
+    let work = tidemark::consume::command::run(settings, args.group, args.command, readiness, shutdown.clone());
     let exit_code = |e: &tidemark::consume::ConsumeError| {
         if matches!(e, tidemark::consume::ConsumeError::Invalid { .. }) {
             EXIT_CONFIG
@@ -229,6 +265,9 @@ async fn run_consume(settings: Settings, args: cli::ConsumeArgs) -> ExitCode {
     // The runtime drains handlers within `grace`, then acknowledges and
     // drops its lease.
     let code = supervise(work, shutdown, grace + tidemark::consume::FINISH_MARGIN, exit_code).await;
+    if let Some(http) = http {
+        http.stop().await;
+    }
     handle.close();
     code
 }

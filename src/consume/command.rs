@@ -20,6 +20,7 @@ use tracing::{error, info, warn};
 
 use super::{ConsumeError, ConsumerBuilder, Element, Handler};
 use crate::config::Settings;
+use crate::http::Readiness;
 
 /// Longest stdout/stderr line logged as one; longer lines are split.
 const MAX_LINE: u64 = 16 * 1024;
@@ -27,11 +28,13 @@ const MAX_LINE: u64 = 16 * 1024;
 /// (a background process it started may hold the pipes open for longer).
 const OUTPUT_DRAIN: Duration = Duration::from_millis(500);
 
-/// Runs `program` once per element of `group` until `shutdown`.
+/// Runs `program` once per element of `group` until `shutdown`, reporting
+/// its connection state to `readiness`.
 pub async fn run(
     settings: Settings,
     group: String,
     program: Vec<String>,
+    readiness: Readiness,
     shutdown: CancellationToken,
 ) -> Result<(), ConsumeError> {
     let Some((command, args)) = program.split_first() else {
@@ -49,7 +52,7 @@ pub async fn run(
         timeout: settings.consume.timeout,
     };
     info!(command = ?program, timeout = ?handler.timeout, "running a command per element");
-    ConsumerBuilder::from_settings(&settings, group).build(handler)?.run(shutdown).await
+    ConsumerBuilder::from_settings(&settings, group).readiness(readiness).build(handler)?.run(shutdown).await
 }
 
 /// Whether `command` names an existing file, directly or through `$PATH`.
@@ -96,6 +99,8 @@ impl Handler for CommandHandler {
             .env("TIDEMARK_DELIVERY", element.delivery.to_string())
             .env("TIDEMARK_MAX_DELIVERIES", self.max_deliveries.to_string())
             .env("TIDEMARK_ENTRY_ID", &entry)
+            // Our Redis password is not the command's business.
+            .env_remove(crate::config::REDIS_PASSWORD_ENV)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

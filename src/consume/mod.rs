@@ -66,6 +66,7 @@ pub use json::encode as element_json;
 
 use crate::config::{consumer_name, ProcessEnv, Settings, MAX_BATCH_SIZE};
 use crate::core::backoff::Backoff;
+use crate::http::Readiness;
 use crate::store::{ConnectOptions, Keys, StoreError};
 
 /// Time the binary allows after `shutdown_grace` for the last
@@ -142,6 +143,7 @@ struct Options {
     handler_timeout: Option<Duration>,
     ack_interval: Duration,
     backoff: Backoff,
+    readiness: Readiness,
 }
 
 /// Builds a [`Consumer`]. Defaults are those of `config/tidemark.toml`.
@@ -186,6 +188,7 @@ impl ConsumerBuilder {
                 ack_interval: Duration::from_millis(5),
                 backoff: Backoff::try_new(raw.daemon.reconnect_min, raw.daemon.reconnect_max)
                     .expect("the built-in reconnect bounds are valid"),
+                readiness: Readiness::default(),
             },
         }
     }
@@ -213,6 +216,7 @@ impl ConsumerBuilder {
                 handler_timeout: None,
                 ack_interval: Duration::from_millis(5),
                 backoff: settings.daemon.backoff,
+                readiness: Readiness::default(),
             },
         }
     }
@@ -298,6 +302,13 @@ impl ConsumerBuilder {
     /// The reconnect policy after Redis failures.
     pub fn backoff(mut self, backoff: Backoff) -> Self {
         self.opts.backoff = backoff;
+        self
+    }
+
+    /// Where the runtime reports whether it is connected and set up, or
+    /// shutting down (what `/readyz` answers from).
+    pub fn readiness(mut self, readiness: Readiness) -> Self {
+        self.opts.readiness = readiness;
         self
     }
 

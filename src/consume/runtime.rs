@@ -20,6 +20,7 @@ use super::output::{self, ClaimFrom, ClaimOutcome, DeadLetter, Scripts};
 use super::{ConsumeError, Consumer, Handler, FINISH_MARGIN};
 use crate::core::op::{Field, Reason};
 use crate::core::EntryId;
+use crate::metrics::ConsumerMetrics;
 use crate::store::{self, lease, StoreError, StreamEntry};
 
 /// Longest `detail` written to `:dead` (a handler's error can be huge).
@@ -82,12 +83,13 @@ struct Runtime<H> {
     lease: Option<(JoinHandle<()>, CancellationToken)>,
     /// Counters.
     counters: Counters,
+    /// The same counts (and more) for `/metrics`.
+    metrics: ConsumerMetrics,
 }
 
 /// Runs `consumer` until shutdown (see [`Consumer::run`]).
 pub(super) async fn run<H: Handler>(consumer: Consumer<H>, shutdown: CancellationToken) -> Result<(), ConsumeError> {
     let mut rt = Runtime {
-        c: consumer,
         scripts: Scripts::new(),
         tasks: JoinSet::new(),
         running: HashMap::new(),
@@ -101,6 +103,8 @@ pub(super) async fn run<H: Handler>(consumer: Consumer<H>, shutdown: Cancellatio
         resumed: false,
         lease: None,
         counters: Counters::default(),
+        metrics: ConsumerMetrics::new(&consumer.group),
+        c: consumer,
     };
     let result = rt.run(&shutdown).await;
     rt.stop_lease().await;
@@ -126,11 +130,16 @@ impl<H: Handler> Runtime<H> {
         // Failed attempts since the last good connection: drives the backoff
         // and logs each outage once.
         let mut failures: u32 = 0;
+        let mut ever_connected = false;
         loop {
             let mut connected = false;
-            let result = self.session(shutdown, &mut connected).await;
+            let result = self.session(shutdown, &mut connected, ever_connected).await;
             if connected {
+                ever_connected = true;
                 failures = 0;
+            }
+            if let Err(e) = &result {
+                self.c.opts.readiness.set_disconnected(e);
             }
             match result {
                 Ok(()) => return Ok(()),
@@ -165,7 +174,13 @@ impl<H: Handler> Runtime<H> {
     }
 
     /// One connected period: until the drain is over (`Ok`) or Redis fails.
-    async fn session(&mut self, shutdown: &CancellationToken, connected: &mut bool) -> Result<(), StoreError> {
+    /// A `reconnect` (an earlier session was connected) is counted once set up.
+    async fn session(
+        &mut self,
+        shutdown: &CancellationToken,
+        connected: &mut bool,
+        reconnect: bool,
+    ) -> Result<(), StoreError> {
         let c = &self.c;
         let o = &c.opts;
         let mut conn = store::connect(&c.client, &c.connect, c.connect.response_timeout).await?;
@@ -181,6 +196,10 @@ impl<H: Handler> Runtime<H> {
             self.start_lease(&mut conn).await?;
         }
         *connected = true;
+        self.c.opts.readiness.set_ready();
+        if reconnect {
+            self.metrics.reconnects.increment(1);
+        }
         info!(
             redis_version = %version,
             group = %self.c.group,
@@ -320,6 +339,7 @@ impl<H: Handler> Runtime<H> {
             let o = self.claim(conn, ClaimFrom::Idle(self.cursor), self.c.opts.claim_idle, count).await?;
             self.cursor = o.cursor;
             if !o.claimed.is_empty() {
+                self.metrics.claimed.increment(o.claimed.len() as u64);
                 info!(entries = o.claimed.len(), idle = ?self.c.opts.claim_idle, "retrying idle entries");
             }
             self.take_claimed(o);
@@ -347,6 +367,8 @@ impl<H: Handler> Runtime<H> {
             let count = room.min(self.c.opts.batch_size);
             let o = self.claim(conn, ClaimFrom::Peer(&peer.name), min_idle, count).await?;
             if !o.claimed.is_empty() || !o.dead.is_empty() {
+                self.metrics.claimed.increment(o.claimed.len() as u64);
+                self.metrics.takeovers.increment(1);
                 info!(
                     peer = %peer.name,
                     claimed = o.claimed.len(),
@@ -377,6 +399,7 @@ impl<H: Handler> Runtime<H> {
             .scripts
             .claim(conn, &c.keys, &c.group, &c.opts.consumer, from, min_idle, count, c.opts.max_deliveries)
             .await?;
+        crate::metrics::record_dead_letters(Reason::MaxDeliveries.code(), o.dead.len() as u64);
         for id in &o.dead {
             self.counters.dead += 1;
             warn!(
@@ -453,6 +476,7 @@ impl<H: Handler> Runtime<H> {
             }
         });
         self.running.insert(task.id(), running);
+        self.metrics.in_flight.set(self.running.len() as f64);
     }
 
     /// Records a finished handler: success is acknowledged at the next
@@ -471,20 +495,24 @@ impl<H: Handler> Runtime<H> {
                 if let Some(r) = self.running.remove(&e.id()) {
                     self.held.remove(&r.entry);
                 }
+                self.metrics.in_flight.set(self.running.len() as f64);
                 return;
             }
         };
         let Some(r) = self.running.remove(&task) else { return };
+        self.metrics.in_flight.set(self.running.len() as f64);
         let max = self.c.opts.max_deliveries;
         match result {
             Ok(()) => {
                 self.counters.handled += 1;
+                self.metrics.handled.increment(1);
                 debug!(id = %r.id, entry = %r.entry, delivery = r.delivery, "element handled");
                 self.acks.push(r.entry);
                 self.schedule_flush();
             }
             Err(error) if r.delivery >= max => {
                 self.counters.failed += 1;
+                self.metrics.failed.increment(1);
                 warn!(
                     id = %r.id,
                     entry = %r.entry,
@@ -499,6 +527,7 @@ impl<H: Handler> Runtime<H> {
             }
             Err(error) => {
                 self.counters.failed += 1;
+                self.metrics.failed.increment(1);
                 warn!(
                     id = %r.id,
                     entry = %r.entry,
@@ -545,6 +574,7 @@ impl<H: Handler> Runtime<H> {
                 self.held.remove(&letter.id);
                 if moved.contains(&letter.id) {
                     self.counters.dead += 1;
+                    crate::metrics::record_dead_letters(letter.reason.code(), 1);
                     info!(entry = %letter.id, reason = %letter.reason, "moved to the dead-letter stream");
                 } else {
                     info!(entry = %letter.id, "not dead-lettered: another consumer has taken the entry over");
@@ -578,6 +608,7 @@ impl<H: Handler> Runtime<H> {
     }
 
     fn begin_stop(&mut self) {
+        self.c.opts.readiness.set_shutting_down();
         let grace = self.c.opts.shutdown_grace;
         self.stopping = Some(Instant::now() + grace);
         for el in self.queue.drain(..) {

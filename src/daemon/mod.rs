@@ -48,6 +48,7 @@ pub async fn run(settings: Settings, stats: Arc<Stats>, shutdown: CancellationTo
         side.push(tokio::spawn(clock::run(settings.clone(), stats.clone(), stop_side.clone())));
     }
     let result = ingest(&settings, &stats, &shutdown).await;
+    stats.readiness.set_shutting_down();
     stop_side.cancel();
     for task in side {
         let _ = task.await;
@@ -70,11 +71,8 @@ async fn ingest(settings: &Settings, stats: &Arc<Stats>, shutdown: &Cancellation
     );
     loop {
         let mut connected = false;
-        let result = session(settings, &scripts, stats, shutdown, &mut connected).await;
+        let result = session(settings, &scripts, stats, shutdown, &mut connected, ever_connected).await;
         if connected {
-            if ever_connected && failures > 0 {
-                stats.reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
             ever_connected = true;
             failures = 0;
         }
@@ -85,6 +83,7 @@ async fn ingest(settings: &Settings, stats: &Arc<Stats>, shutdown: &Cancellation
             }
             Err(e) if e.is_fatal() => return Err(e),
             Err(e) => {
+                stats.readiness.set_disconnected(&e);
                 if connected {
                     warn!(error = %e, "lost the connection to Redis; reconnecting");
                 } else if failures == 0 {
@@ -107,13 +106,15 @@ async fn ingest(settings: &Settings, stats: &Arc<Stats>, shutdown: &Cancellation
 }
 
 /// One connected period: set up, recover, then read and apply until
-/// shutdown (`Ok`) or a Redis failure (`Err`).
+/// shutdown (`Ok`) or a Redis failure (`Err`). A `reconnect` (an earlier
+/// session was connected) is counted as soon as it is set up.
 async fn session(
     settings: &Settings,
     scripts: &Scripts,
     stats: &Arc<Stats>,
     shutdown: &CancellationToken,
     connected: &mut bool,
+    reconnect: bool,
 ) -> Result<(), StoreError> {
     let d = &settings.daemon;
     let keys = &settings.keys;
@@ -127,6 +128,10 @@ async fn session(
     }
     scripts.load(&mut conn).await?;
     *connected = true;
+    stats.readiness.set_ready();
+    if reconnect {
+        stats.reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     info!(redis_version = %version, redis = %settings.redis_display, consumer = %d.consumer, "connected to Redis");
 
     let mut worker = Worker { settings, scripts, stats, conn, backlog: BTreeMap::new() };
@@ -255,6 +260,7 @@ impl Worker<'_> {
             }
             if total > 0 {
                 self.stats.claimed.fetch_add(total, std::sync::atomic::Ordering::Relaxed);
+                self.stats.failovers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 info!(peer = %peer.name, entries = total, "claimed the input entries of a daemon whose lease expired");
             }
         }
@@ -307,6 +313,7 @@ impl Worker<'_> {
             let batch: Vec<&Prepared> = self.backlog.values().take(d.batch_size).collect();
             let size = batch.len();
             let outcome = self.scripts.apply(&mut self.conn, &self.settings.keys, &batch, d.release_chunk).await?;
+            crate::metrics::record_input_dead_letters(&batch[..outcome.processed.min(size)], outcome.dead);
             let done: Vec<EntryId> = batch[..outcome.processed.min(size)].iter().map(|p| p.id).collect();
             for id in &done {
                 self.backlog.remove(id);

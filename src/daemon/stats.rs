@@ -2,6 +2,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
+use crate::http::Readiness;
 use crate::store::ApplyOutcome;
 
 /// Monotonic counters since the daemon started.
@@ -23,11 +24,16 @@ pub struct Stats {
     pub released: AtomicU64,
     /// Input entries claimed from other consumers.
     pub claimed: AtomicU64,
+    /// Daemons whose pending input was taken over because their liveness
+    /// lease expired (their entries also count in `claimed`).
+    pub failovers: AtomicU64,
     /// Times the connection to Redis was re-established.
     pub reconnects: AtomicU64,
     /// Whether this daemon holds the housekeeping lock right now (a state,
     /// not a counter).
     pub housekeeping_leader: AtomicBool,
+    /// Whether the daemon is connected and set up (`/readyz`).
+    pub readiness: Readiness,
 }
 
 impl Stats {

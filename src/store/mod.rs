@@ -1,5 +1,6 @@
 //! All Redis I/O: connections, key names, scripts, stream reads and writes.
 
+pub mod backlog;
 pub mod batch;
 pub mod entries;
 pub mod keys;
@@ -28,8 +29,9 @@ pub const MIN_REDIS: (u32, u32) = (6, 2);
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    /// A Redis command or connection failed.
-    #[error("redis: {0}")]
+    /// A Redis command or connection failed. Credential and permission
+    /// errors carry a hint saying what to check.
+    #[error("redis: {0}{hint}", hint = credentials_hint(.0))]
     Redis(#[from] redis::RedisError),
     /// Redis answered something we could not decode.
     #[error("unexpected reply from redis: {0}")]
@@ -58,17 +60,42 @@ impl StoreError {
         }
     }
 
-    /// Retrying cannot help (wrong password, server too old, bad URL).
+    /// Retrying cannot help (wrong or missing password, an ACL user without
+    /// a permission we need, server too old, bad URL).
     pub fn is_fatal(&self) -> bool {
         match self {
             StoreError::Redis(e) => {
                 matches!(e.kind(), redis::ErrorKind::AuthenticationFailed | redis::ErrorKind::InvalidClientConfig)
-                    || e.code() == Some("NOPERM")
-                    || e.code() == Some("WRONGPASS")
+                    || server_codes(e).iter().any(|c| matches!(c.as_str(), "NOPERM" | "WRONGPASS" | "NOAUTH"))
             }
             StoreError::TooOld(_) => true,
             StoreError::Reply(_) | StoreError::Rejected(_) => false,
         }
+    }
+}
+
+/// The server's error codes in `e`: its own, or those of each failed
+/// command of a pipeline (where `RedisError::code` sees none).
+fn server_codes(e: &redis::RedisError) -> Vec<String> {
+    match e.clone().into_server_errors() {
+        Some(errors) => errors.iter().map(|(_, err)| err.code().to_owned()).collect(),
+        None => e.code().map(str::to_owned).into_iter().collect(),
+    }
+}
+
+/// What the operator should check when Redis refuses our credentials or
+/// permissions (empty for every other error).
+fn credentials_hint(e: &redis::RedisError) -> &'static str {
+    let codes = server_codes(e);
+    let has = |code: &str| codes.iter().any(|c| c == code);
+    if e.kind() == redis::ErrorKind::AuthenticationFailed || has("WRONGPASS") {
+        " (wrong user name or password: check redis.url, redis.password_file or REDIS_PASSWORD)"
+    } else if has("NOAUTH") {
+        " (Redis requires a password: give it in redis.url, redis.password_file or REDIS_PASSWORD)"
+    } else if has("NOPERM") {
+        " (the Redis ACL user lacks a permission tidemark needs: see the README, section Security)"
+    } else {
+        ""
     }
 }
 

@@ -124,7 +124,9 @@ impl Scripts {
                 inv.arg(a.as_slice());
             }
         }
+        let started = std::time::Instant::now();
         let r: Vec<i64> = inv.invoke_async(conn).await?;
+        crate::metrics::record_script(crate::metrics::Script::Apply, started.elapsed());
         if r.len() != 9 {
             return Err(StoreError::Reply(format!("apply.lua returned {r:?}")));
         }
@@ -150,6 +152,7 @@ impl Scripts {
         keys: &Keys,
         chunk: usize,
     ) -> Result<(u64, bool), StoreError> {
+        let started = std::time::Instant::now();
         let (released, more): (u64, i64) = self
             .release
             .key(&keys.wm)
@@ -159,6 +162,7 @@ impl Scripts {
             .arg(chunk)
             .invoke_async(conn)
             .await?;
+        crate::metrics::record_script(crate::metrics::Script::Release, started.elapsed());
         Ok((released, more == 1))
     }
 
@@ -188,6 +192,7 @@ impl Scripts {
         keys: &Keys,
         chunk: usize,
     ) -> Result<ClockTick, StoreError> {
+        let started = std::time::Instant::now();
         let r: Vec<i64> = self
             .clock
             .key(&keys.wm)
@@ -198,6 +203,7 @@ impl Scripts {
             .arg(chunk)
             .invoke_async(conn)
             .await?;
+        crate::metrics::record_script(crate::metrics::Script::Clock, started.elapsed());
         let [released, more, has_next, next, now] = r[..] else {
             return Err(StoreError::Reply(format!("clock.lua returned {r:?}")));
         };

@@ -379,6 +379,7 @@ impl Daemon {
         let log_err = log.try_clone().expect("clone daemon log handle");
 
         let mut cmd = Command::new(bin_path());
+        http_off_unless_asked(&mut cmd, args, envs);
         // Run in the private dir so the repository's config/tidemark.toml is
         // not picked up, and clear the environment layers a developer's
         // shell may set: each test says exactly what it configures.
@@ -491,13 +492,27 @@ impl Drop for Daemon {
 
 /// Runs `tidemark <args>` to completion and returns its output. Panics (after
 /// killing it) if it runs longer than 60 s.
-/// Removes `REDIS_URL`, `POD_NAME` and every `TIDEMARK__…` variable.
+/// Removes `REDIS_URL`, `REDIS_PASSWORD`, `POD_NAME`, `TIDEMARK_CONFIG` and
+/// every `TIDEMARK__…` variable.
 fn scrub_env(cmd: &mut Command) {
     for (key, _) in std::env::vars_os() {
         let k = key.to_string_lossy();
-        if k == "REDIS_URL" || k == "POD_NAME" || k.starts_with("TIDEMARK__") {
+        if matches!(&*k, "REDIS_URL" | "REDIS_PASSWORD" | "POD_NAME" | "TIDEMARK_CONFIG") || k.starts_with("TIDEMARK__")
+        {
             cmd.env_remove(&key);
         }
+    }
+}
+
+/// Parallel tests would all want the default 127.0.0.1:9464, so HTTP is off
+/// (`--http off`, which also beats a config file) unless the test gives
+/// `--http` (before any `--`) or `TIDEMARK__HTTP__ADDR`.
+fn http_off_unless_asked(cmd: &mut Command, args: &[&str], envs: &[(&str, &str)]) {
+    let mut own = args.iter().take_while(|a| **a != "--");
+    let asked = own.any(|a| *a == "--http" || a.starts_with("--http="))
+        || envs.iter().any(|(k, _)| *k == "TIDEMARK__HTTP__ADDR");
+    if !asked {
+        cmd.args(["--http", "off"]);
     }
 }
 
@@ -508,6 +523,7 @@ pub fn run_cli(args: &[&str], envs: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(bin_path());
     cmd.current_dir(std::env::temp_dir());
     scrub_env(&mut cmd);
+    http_off_unless_asked(&mut cmd, args, envs);
     let mut child = cmd
         .args(args)
         .envs(envs.iter().copied())

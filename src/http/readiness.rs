@@ -1,0 +1,92 @@
+//! Whether the process can do its work right now: the state behind
+//! `/readyz`, set by the daemon and the consumer runtime.
+
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+
+/// The readiness of a daemon or consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Ready {
+    /// Not connected yet.
+    Starting,
+    /// Connected: Redis answered, the scripts are loaded and the groups
+    /// exist.
+    Ready,
+    /// The connection was lost or could not be made; the reason is a short
+    /// error text (never holding the password).
+    Disconnected(String),
+    /// Shutdown has begun: no new work is taken.
+    ShuttingDown,
+}
+
+impl fmt::Display for Ready {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Ready::Starting => f.write_str("starting: not connected to Redis yet"),
+            Ready::Ready => f.write_str("ready"),
+            Ready::Disconnected(reason) => write!(f, "disconnected from Redis: {reason}"),
+            Ready::ShuttingDown => f.write_str("shutting down"),
+        }
+    }
+}
+
+/// A shared, cheaply cloned readiness cell. Starts as [`Ready::Starting`];
+/// once [`Ready::ShuttingDown`] it stays so.
+#[derive(Debug, Clone)]
+pub struct Readiness(Arc<Mutex<Ready>>);
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Readiness(Arc::new(Mutex::new(Ready::Starting)))
+    }
+}
+
+impl Readiness {
+    /// The current state.
+    pub fn get(&self) -> Ready {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    fn set(&self, next: Ready) {
+        let mut state = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if *state != Ready::ShuttingDown {
+            *state = next;
+        }
+    }
+
+    /// Connected and set up.
+    pub fn set_ready(&self) {
+        self.set(Ready::Ready);
+    }
+
+    /// Lost (or never got) the connection, because of `reason`.
+    pub fn set_disconnected(&self, reason: impl fmt::Display) {
+        self.set(Ready::Disconnected(reason.to_string()));
+    }
+
+    /// Shutdown has begun (final).
+    pub fn set_shutting_down(&self) {
+        self.set(Ready::ShuttingDown);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transitions_and_final_shutdown() {
+        let r = Readiness::default();
+        assert_eq!(r.get(), Ready::Starting);
+        let shared = r.clone();
+        shared.set_ready();
+        assert_eq!(r.get(), Ready::Ready);
+        shared.set_disconnected("connection refused");
+        assert_eq!(r.get().to_string(), "disconnected from Redis: connection refused");
+        r.set_shutting_down();
+        r.set_ready();
+        r.set_disconnected("late");
+        assert_eq!(shared.get(), Ready::ShuttingDown);
+    }
+}
