@@ -36,8 +36,8 @@ fmt: ## Format the code (cargo fmt --all)
 demo: ensure-redis build ## Narrated end-to-end scenario against a private Redis
 	scripts/demo.sh
 
-bench: ## Benchmarks (placeholder)
-	@echo "bench: not implemented yet (issue 4)"
+bench: ensure-redis ## Benchmark against a private Redis: JSON on stdout, table on stderr (ARGS="--runs 1 --n 50000")
+	$(CARGO) bench --bench tidemark -- $(ARGS)
 
 clean: ## Remove build output (cargo clean)
 	$(CARGO) clean
