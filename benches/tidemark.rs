@@ -74,11 +74,14 @@ usage: cargo bench --bench tidemark -- [OPTIONS] [SCENARIO]...
 Scenarios (default: all): ingest release e2e single clock
 
 Options:
-  --runs N     runs per scenario; the median is reported (default 3)
+  --runs N     runs per scenario; the median is reported (default 3); with more
+               than one, an ingest run first warms Redis up and is not counted
   --n N        elements for ingest, release and e2e (default 100000)
-  --quick      N = 10000, 1 run, 200 single-element rounds, 2000 clock elements
+  --quick      N = 10000, 1 run (no warm-up), 200 single-element rounds, 2000 clock elements
   --profile    print Redis's INFO commandstats of each timed phase
   -h, --help   this text
+
+Environment: TIDEMARK_BENCH_BIN=path runs another build of the daemon (A/B).
 
 One JSON object goes to stdout; progress and a readable table to stderr.";
 
@@ -209,6 +212,11 @@ async fn run(opts: Options) -> Result<()> {
     if opts.smoke {
         eprintln!("bench: smoke run (started without --bench); use `make bench` for the figures");
     }
+    if !opts.smoke && opts.runs > 1 {
+        // A fresh Redis grows its memory during the first run (page faults,
+        // allocator warm-up); later runs reuse it, as a long-running one does.
+        bench.repeat("warm-up (not counted)", 1, |b| Box::pin(b.ingest(opts.n))).await?;
+    }
     let mut results = Results::default();
     if opts.wants("ingest") {
         results.ingest = Some(bench.repeat("ingest", opts.runs, |b| Box::pin(b.ingest(opts.n))).await?);
@@ -221,7 +229,11 @@ async fn run(opts: Options) -> Result<()> {
         }
     }
     if opts.wants("e2e") {
-        results.e2e = Some(bench.repeat("end to end", opts.runs, |b| Box::pin(b.end_to_end(opts.n))).await?);
+        for payload in [Payload::None, Payload::TwoFields] {
+            let name = format!("end to end, {}", payload.label());
+            let r = bench.repeat(&name, opts.runs, |b| Box::pin(b.end_to_end(opts.n, payload))).await?;
+            results.e2e.push((payload, r));
+        }
     }
     if opts.wants("single") {
         let rounds = opts.single_rounds;
@@ -230,6 +242,12 @@ async fn run(opts: Options) -> Result<()> {
     if opts.wants("clock") {
         let (n, span) = (opts.clock_n, opts.clock_span);
         results.clock = Some(bench.repeat("clock mode", opts.runs, |b| Box::pin(b.clock(n, span))).await?);
+    }
+    if opts.smoke {
+        // `cargo test --all-targets`: the harness works; figures from a debug
+        // build with N = 2000 mean nothing.
+        eprintln!("bench: smoke run passed (every scenario completed)");
+        return Ok(());
     }
     let machine = Machine { load_after: load_average(), redis_version, ..machine };
     let report = results.json(&opts, &machine, bench.peak_rss_kib);
@@ -415,8 +433,8 @@ impl Bench {
         let pipes = add_pipelines(&self.keys, n, |k| TS_BASE + k as i64, Payload::TwoFields);
         let meter = self.meter(&daemon).await?;
         let start = Instant::now();
-        let writer = tokio::spawn(write_all(self.conn.clone(), pipes));
-        let written = writer_progress_slot();
+        let written = Arc::new(AtomicUsize::new(0));
+        let writer = tokio::spawn(write_all(self.conn.clone(), pipes, Arc::clone(&written)));
         let last = {
             // Poll progress while the writer runs.
             let mut handle = writer;
@@ -451,7 +469,7 @@ impl Bench {
         let mut daemon = self.fresh_daemon(false).await?;
         let before = self.used_memory().await?;
         let pipes = add_pipelines(&self.keys, n, |k| TS_BASE + k as i64, payload);
-        let last = write_all(self.conn.clone(), pipes).await?;
+        let last = write_all(self.conn.clone(), pipes, Arc::default()).await?;
         self.wait_applied(&mut daemon, n, last).await?;
         // Acknowledged input is garbage for this figure; drop it now rather
         // than wait for housekeeping.
@@ -488,15 +506,15 @@ impl Bench {
         Ok(figures)
     }
 
-    /// End to end: `n` elements (2-field payload) due at once, read by the
-    /// library's consumer runtime (no-op handler, concurrency 50); from the
-    /// watermark's `XADD` until every element is acknowledged. Latency is
-    /// per element, from the watermark until its handler finished (the
-    /// runtime acknowledges finished handlers within its 5 ms ack interval).
-    async fn end_to_end(&mut self, n: usize) -> Result<Figures> {
+    /// End to end: `n` elements due at once, read by the library's consumer
+    /// runtime (no-op handler, concurrency 50); from the watermark's `XADD`
+    /// until every element is acknowledged. Latency is per element, from the
+    /// watermark until its handler finished (the runtime acknowledges
+    /// finished handlers within its 5 ms ack interval).
+    async fn end_to_end(&mut self, n: usize, payload: Payload) -> Result<Figures> {
         let mut daemon = self.fresh_daemon(false).await?;
-        let pipes = add_pipelines(&self.keys, n, |k| TS_BASE + k as i64, Payload::TwoFields);
-        let last = write_all(self.conn.clone(), pipes).await?;
+        let pipes = add_pipelines(&self.keys, n, |k| TS_BASE + k as i64, payload);
+        let last = write_all(self.conn.clone(), pipes, Arc::default()).await?;
         self.wait_applied(&mut daemon, n, last).await?;
 
         let recorder = Arc::new(Recorder::new(n));
@@ -670,7 +688,7 @@ impl Bench {
         let span_ms = span.as_millis() as i64;
         let ts = move |k: usize| first_due + (k as i64 * span_ms) / n as i64;
         let pipes = add_pipelines(&self.keys, n, ts, Payload::None);
-        write_all(self.conn.clone(), pipes).await?;
+        write_all(self.conn.clone(), pipes, Arc::default()).await?;
         self.wait("every element to be released", &mut daemon, move |b| {
             Box::pin(async move {
                 let out: usize = redis::cmd("XLEN").arg(&b.keys.out).query_async(&mut b.conn).await?;
@@ -817,12 +835,6 @@ impl Recorder {
     }
 }
 
-/// Entries written so far by [`write_all`] (for progress).
-fn writer_progress_slot() -> &'static Arc<AtomicUsize> {
-    static WRITTEN: OnceLock<Arc<AtomicUsize>> = OnceLock::new();
-    WRITTEN.get_or_init(|| Arc::new(AtomicUsize::new(0)))
-}
-
 /// Builds the `XADD`s of `n` adds, [`WRITE_BATCH`] per pipeline, so that
 /// encoding is done before the clock starts.
 fn add_pipelines(keys: &Keys, n: usize, ts: impl Fn(usize) -> i64, payload: Payload) -> Vec<(usize, redis::Pipeline)> {
@@ -847,10 +859,13 @@ fn add_pipelines(keys: &Keys, n: usize, ts: impl Fn(usize) -> i64, payload: Payl
         .collect()
 }
 
-/// Sends the pipelines one after the other; returns the last entry id.
-async fn write_all(mut conn: MultiplexedConnection, pipes: Vec<(usize, redis::Pipeline)>) -> Result<EntryId> {
-    let written = writer_progress_slot();
-    written.store(0, Ordering::Relaxed);
+/// Sends the pipelines one after the other, counting the entries written
+/// in `written`; returns the last entry id.
+async fn write_all(
+    mut conn: MultiplexedConnection,
+    pipes: Vec<(usize, redis::Pipeline)>,
+    written: Arc<AtomicUsize>,
+) -> Result<EntryId> {
     let mut last = EntryId::ZERO;
     for (count, pipe) in pipes {
         let ids: Vec<String> = pipe.query_async(&mut conn).await?;
@@ -1066,11 +1081,15 @@ impl Daemon {
         let dir = tempfile::Builder::new().prefix("tidemark-bench-daemon-").tempdir()?;
         let log = File::create(dir.path().join("daemon.log"))?;
         let mut cmd = Command::new(bin);
+        // The HTTP endpoint stays on, as in production, on a port of its own
+        // (a daemon already serving the default port must not stop the bench).
         cmd.args([
             "--redis-url",
             url,
             "--namespace",
             NAMESPACE,
+            "--http",
+            "127.0.0.1:0",
             "run",
             "--consumer",
             DAEMON_CONSUMER,
@@ -1197,7 +1216,7 @@ fn load_average() -> Option<[f64; 3]> {
 struct Results {
     ingest: Option<Vec<Figures>>,
     release: Vec<(Payload, Vec<Figures>)>,
-    e2e: Option<Vec<Figures>>,
+    e2e: Vec<(Payload, Vec<Figures>)>,
     single: Option<Vec<Figures>>,
     clock: Option<Vec<Figures>>,
 }
@@ -1264,8 +1283,10 @@ impl Results {
                 .collect();
             o.insert("redis_bytes_per_scheduled_element".into(), Json::Object(mem));
         }
-        if let Some(r) = &self.e2e {
-            o.insert("end_to_end".into(), medians(r));
+        if !self.e2e.is_empty() {
+            let e2e: serde_json::Map<String, Json> =
+                self.e2e.iter().map(|(p, r)| (p.key().to_owned(), medians(r))).collect();
+            o.insert("end_to_end".into(), Json::Object(e2e));
         }
         if let Some(r) = &self.single {
             o.insert("single_element".into(), medians(r));
@@ -1274,9 +1295,16 @@ impl Results {
             o.insert("clock_mode_lateness".into(), medians(r));
         }
         o.insert("daemon_peak_rss_mib".into(), round(kib_to_mib(peak_rss_kib)));
-        let met: serde_json::Map<String, Json> =
-            self.rows(peak_rss_kib).into_iter().filter_map(|r| Some((r.key.to_owned(), json!(r.met?)))).collect();
-        o.insert("targets_met".into(), Json::Object(met));
+        let rows = self.rows(peak_rss_kib);
+        let verdicts = |required: bool| -> serde_json::Map<String, Json> {
+            rows.iter()
+                .filter(|r| r.required() == required)
+                .filter_map(|r| Some((r.key.to_owned(), json!(r.met?))))
+                .collect()
+        };
+        o.insert("targets_met".into(), Json::Object(verdicts(true)));
+        // The 2-field payload variants, compared with the same targets.
+        o.insert("payload_variants_vs_targets".into(), Json::Object(verdicts(false)));
         Json::Object(o)
     }
 
@@ -1294,21 +1322,25 @@ impl Results {
         }
         for (p, r) in &self.release {
             let v = median(r, "elements_per_s");
-            // The target applies to the bare release; the payload variant is
-            // reported against it for comparison.
-            let met = (*p == Payload::None).then_some(v >= target::RELEASE_PER_S);
+            // The issue's targets name no payload; the 2-field variants are
+            // compared with the same targets, shown in parentheses.
+            let met = Some(v >= target::RELEASE_PER_S);
             let key = if *p == Payload::None { "release" } else { "release_payload" };
             let want = if *p == Payload::None { "≥ 500k/s" } else { "(≥ 500k/s)" };
             rows.push(Row::new(key, &format!("release, {}", p.label()), want, rate(v), met));
         }
-        if let Some(r) = &self.e2e {
+        for (p, r) in &self.e2e {
             let v = median(r, "elements_per_s");
-            rows.push(Row::new("e2e", "end to end (c = 50)", "≥ 100k/s", rate(v), Some(v >= target::E2E_PER_S)));
+            let bare = *p == Payload::None;
+            let (key, key_p99) = if bare { ("e2e", "e2e_p99") } else { ("e2e_payload", "e2e_payload_p99") };
+            let want = |t: &str| if bare { t.to_owned() } else { format!("({t})") };
+            let label = format!("end to end, {} (c = 50)", p.label());
+            rows.push(Row::new(key, &label, &want("≥ 100k/s"), rate(v), Some(v >= target::E2E_PER_S)));
             let (p50, p99) = (median(r, "p50_ms"), median(r, "p99_ms"));
             rows.push(Row::new(
-                "e2e_p99",
+                key_p99,
                 "  watermark → handled, p50 / p99",
-                "p99 ≤ 1 s",
+                &want("p99 ≤ 1 s"),
                 format!("{} / {}", ms(p50), ms(p99)),
                 Some(p99 <= target::E2E_P99_MS),
             ));
@@ -1367,15 +1399,20 @@ impl Results {
             opts.runs
         );
         let rows = self.rows(peak_rss_kib);
-        s.push_str(&format!("{:<36} {:<12} {:<24} {}\n", "scenario", "target", "measured", ""));
+        s.push_str(&format!("{:<44} {:<13} {:<28} {}\n", "scenario", "target", "measured", ""));
         for r in rows {
-            let verdict = match r.met {
-                Some(true) => "ok",
-                Some(false) => "MISSED",
-                None => "",
+            let verdict = match (r.met, r.required()) {
+                (Some(true), true) => "ok",
+                (Some(false), true) => "MISSED",
+                (Some(true), false) => "(ok)",
+                (Some(false), false) => "(missed)",
+                (None, _) => "",
             };
-            s.push_str(&format!("{:<36} {:<12} {:<24} {}\n", r.label, r.target, r.measured, verdict));
+            s.push_str(&format!("{:<44} {:<13} {:<28} {}\n", r.label, r.target, r.measured, verdict));
         }
+        s.push_str(
+            "\nTargets in parentheses: the issue names no payload; the 2-field variants are compared with them.\n",
+        );
         s
     }
 }
@@ -1390,6 +1427,11 @@ struct Row {
 }
 
 impl Row {
+    /// A target of the issue (not a comparison, shown in parentheses).
+    fn required(&self) -> bool {
+        !self.target.starts_with('(')
+    }
+
     fn new(key: &'static str, label: &str, target: &str, measured: String, met: Option<bool>) -> Row {
         Row { key, label: label.to_owned(), target: target.to_owned(), measured, met }
     }

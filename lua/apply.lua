@@ -16,12 +16,23 @@
 --   marker and is announced on the channel ARGV[5] to wake the clock
 --   leader; '0' leaves KEYS[7] and ARGV[5] unused
 -- ARGV[5]: clock mode's wake-up channel
--- ARGV[6..]: the entries, sorted by entry id, each one of
+-- ARGV[6]: one byte per entry: '1' where another entry id could lie
+--   between the previous entry's id and this one's, '0' where the two ids
+--   are adjacent (same ms, next seq). The first byte is not used.
+-- ARGV[7]: the entries, sorted by entry id, as one MessagePack array of
+--   `str` objects (src/core/codec.rs), one run of items per entry, each one of
 --   <entry id> 'A' <element id> <ts> <payload blob, '' if none>   (add)
 --   <entry id> 'C' <element id>                                   (cancel)
 --   <entry id> 'W' <ts>                                           (watermark)
 --   <entry id> 'D' <reason> <detail> <blob: original fields>      (dead letter)
 --   <entry id> 'X'                                                (entry deleted from the stream)
+-- ARGV[8..13]: the same batch in bulk form when it holds only adds, each
+--   element id once: ARGV[8] the smallest ts ('' when there is no bulk
+--   form, and ARGV[9..13] are then ''), and as sequences of MessagePack
+--   `str` objects: ARGV[9] the ZADD arguments (ts, id, …), ARGV[10] the
+--   HSET arguments (id, payload blob, …, for adds with a payload), ARGV[11]
+--   the ids of adds without payload, ARGV[12] the entry ids, ARGV[13] the
+--   pairs of neighbouring entry ids that ARGV[6] marks with '1'
 -- Returns: {processed, released, more_due, blocked, adds, cancels,
 --           watermarks, dead, late}
 --   processed: how many leading entries are done (applied now, or found
@@ -32,6 +43,20 @@
 --
 -- Invariant kept between ops: nothing in the schedule is due. An op after a
 -- watermark advance that left due elements is not applied in this call.
+--
+-- Exactly once and in order rest on the group's pending list: an entry is
+-- applied only while it is pending and no older entry is pending outside
+-- the batch, and acknowledging it is part of applying it. So an entry
+-- leaves the pending list only when applied, and once applied it never
+-- returns there; and while an entry is pending, nothing newer can be
+-- applied. Hence the fast path: if the oldest pending entry of the whole
+-- group is our first entry, every entry of the batch is pending and none
+-- was applied (each was delivered after the first, which has been pending
+-- ever since), and an entry may be applied unless some other entry is
+-- pending between it and the previous one, which can only be where ARGV[6]
+-- says an id could lie. Otherwise (a redelivery, a lost reply, another
+-- daemon's older entries) the batch is walked against the oldest pending
+-- entries one by one.
 
 local input, wmkey, sched, body, out, dead = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local group = ARGV[1]
@@ -55,27 +80,92 @@ local wmn = wm and tonumber(wm)
 -- not delete one.
 local bodies = call('HLEN', body) > 0
 
--- The oldest pending entries of the whole group, in id order. Walking our
--- batch against them tells, per entry, whether it is still pending (apply
--- it), already acknowledged (a redelivery: skip it), or preceded by an
--- older entry pending elsewhere (stop: order first).
-local pending = call('XPENDING', input, group, '-', '+', count)
-local k = 1
+-- Clock mode: wakes the clock leader (channel `channel`) when it sleeps
+-- past `earliest` (number and text), the earliest ts scheduled by this
+-- call, lowering its marker `marker_key`.
+local function wake_clock(marker_key, channel, earliest, earliest_ts)
+  local marker = call('GET', marker_key)
+  if not marker or earliest < tonumber(marker) then
+    call('SET', marker_key, earliest_ts)
+    call('PUBLISH', channel, earliest_ts)
+  end
+end
+
+local gaps = ARGV[6]
+-- The per-entry arguments, unpacked only for the loop below: a bulk batch
+-- usually needs just its first entry id, the first of ARGV[12].
+local args, first
+if ARGV[8] ~= '' then
+  local _
+  _, first = cmsgpack.unpack_one(ARGV[12])
+else
+  args = msgunpack(ARGV[7])
+  first = args[1]
+end
+local oldest = call('XPENDING', input, group, '-', '+', 1)[1]
+local fast = oldest ~= nil and oldest[1] == first
+-- Fast path: the next entry whose gap to its predecessor must be checked.
+local next_gap = fast and string.find(gaps, '1', 2, true)
+-- Bulk: on the fast path, a batch of adds none of which is due, with no
+-- other entry pending between its entries, is applied by a few calls on
+-- the ready-made argument lists; otherwise it goes through the loop below.
+if fast and ARGV[8] ~= '' and not (wmn and tonumber(ARGV[8]) <= wmn) then
+  local apart = {msgunpack(ARGV[13])}
+  local clear = true
+  for j = 1, #apart, 2 do
+    if #call('XPENDING', input, group, '(' .. apart[j], '(' .. apart[j + 1], 1) > 0 then
+      clear = false
+      break
+    end
+  end
+  if clear then
+    call('ZADD', sched, msgunpack(ARGV[9]))
+    if ARGV[10] ~= '' then
+      call('HSET', body, msgunpack(ARGV[10]))
+    end
+    if bodies and ARGV[11] ~= '' then
+      call('HDEL', body, msgunpack(ARGV[11]))
+    end
+    call('XACK', input, group, msgunpack(ARGV[12]))
+    if clock then
+      wake_clock(KEYS[7], ARGV[5], tonumber(ARGV[8]), ARGV[8])
+    end
+    return {count, released, 0, 0, count, 0, 0, 0, 0}
+  end
+end
+
+args = args or msgunpack(ARGV[7])
+
+-- Slow path: the oldest pending entries of the whole group, in id order.
+-- Walking our batch against them tells, per entry, whether it is still
+-- pending (apply it), already acknowledged (a redelivery: skip it), or
+-- preceded by an older entry pending elsewhere (stop: order first).
+local pending, k
+if not fast then
+  if oldest and cmp_id(first, oldest[1]) > 0 then
+    pending = {oldest}
+  else
+    pending = call('XPENDING', input, group, '-', '+', count)
+  end
+  k = 1
+end
 
 -- Scheduling adds are buffered so a run of them costs one ZADD, one HSET
 -- and one HDEL. An id seen twice in a run flushes first, so the later add
--- wins in every key.
+-- wins in every key. Explicit lengths: `#t` costs a search on each use.
 local zadd, hset, hdel, buffered = {}, {}, {}, {}
+local nz, nh, nd = 0, 0, 0
 local function flush()
-  if #zadd > 0 then
-    call('ZADD', sched, unpack(zadd))
-    if #hset > 0 then
-      call('HSET', body, unpack(hset))
+  if nz > 0 then
+    call('ZADD', sched, unpack(zadd, 1, nz))
+    if nh > 0 then
+      call('HSET', body, unpack(hset, 1, nh))
     end
-    if #hdel > 0 then
-      call('HDEL', body, unpack(hdel))
+    if nd > 0 then
+      call('HDEL', body, unpack(hdel, 1, nd))
     end
     zadd, hset, hdel, buffered = {}, {}, {}, {}
+    nz, nh, nd = 0, 0, 0
   end
 end
 
@@ -87,24 +177,42 @@ local function emit(id, ts, blob)
   end
 end
 
-local acks = {}
+local acks, nacks = {}, 0
 local processed, blocked = 0, 0
 local adds, cancels, watermarks, deadn, late = 0, 0, 0, 0, 0
 -- Clock mode: the earliest ts scheduled by this call (number and text).
 local earliest, earliest_ts
-local i = 6
-for _ = 1, count do
-  local sid, code = ARGV[i], ARGV[i + 1]
+local i = 1
+local prev
+for n = 1, count do
+  local sid, code = args[i], args[i + 1]
   local width = 3
   if code == 'A' or code == 'D' then
     width = 5
   elseif code == 'X' then
     width = 2
   end
-  local p = pending[k]
+  -- c: 0 apply, < 0 already applied (skip), > 0 wait for an older entry.
   local c = -1
-  if p then
-    c = cmp_id(sid, p[1])
+  if fast then
+    c = 0
+    if n == next_gap then
+      next_gap = string.find(gaps, '1', n + 1, true)
+      if #call('XPENDING', input, group, '(' .. prev, '(' .. sid, 1) > 0 then
+        c = 1
+      end
+    end
+    prev = sid
+  else
+    local p = pending[k]
+    if p then
+      local pid = p[1]
+      if pid == sid then
+        c = 0
+      else
+        c = cmp_id(sid, pid)
+      end
+    end
   end
   if c > 0 then
     blocked = 1
@@ -112,10 +220,13 @@ for _ = 1, count do
   end
   local stop = false
   if c == 0 then
-    k = k + 1
-    acks[#acks + 1] = sid
+    if not fast then
+      k = k + 1
+    end
+    nacks = nacks + 1
+    acks[nacks] = sid
     if code == 'A' then
-      local id, ts, blob = ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+      local id, ts, blob = args[i + 2], args[i + 3], args[i + 4]
       adds = adds + 1
       if wmn and tonumber(ts) <= wmn then
         -- Late: released at once, replacing any scheduled version.
@@ -133,24 +244,27 @@ for _ = 1, count do
         if clock and (not earliest or tonumber(ts) < earliest) then
           earliest, earliest_ts = tonumber(ts), ts
         end
-        zadd[#zadd + 1] = ts
-        zadd[#zadd + 1] = id
+        zadd[nz + 1] = ts
+        zadd[nz + 2] = id
+        nz = nz + 2
         if blob ~= '' then
-          hset[#hset + 1] = id
-          hset[#hset + 1] = blob
+          hset[nh + 1] = id
+          hset[nh + 2] = blob
+          nh = nh + 2
           bodies = true
         elseif bodies then
-          hdel[#hdel + 1] = id
+          nd = nd + 1
+          hdel[nd] = id
         end
       end
     elseif code == 'C' then
       flush()
-      if call('ZREM', sched, ARGV[i + 2]) == 1 and bodies then
-        call('HDEL', body, ARGV[i + 2])
+      if call('ZREM', sched, args[i + 2]) == 1 and bodies then
+        call('HDEL', body, args[i + 2])
       end
       cancels = cancels + 1
     elseif code == 'W' then
-      local ts = ARGV[i + 2]
+      local ts = args[i + 2]
       watermarks = watermarks + 1
       if not wmn or tonumber(ts) > wmn then
         flush()
@@ -163,8 +277,8 @@ for _ = 1, count do
         stop = m
       end
     elseif code == 'D' then
-      call('XADD', dead, '*', 'reason', ARGV[i + 2], 'detail', ARGV[i + 3],
-        'origin', 'in', 'origin_id', sid, msgunpack(ARGV[i + 4]))
+      call('XADD', dead, '*', 'reason', args[i + 2], 'detail', args[i + 3],
+        'origin', 'in', 'origin_id', sid, msgunpack(args[i + 4]))
       deadn = deadn + 1
     end
     -- 'X': the entry was deleted from the stream; acknowledging is all.
@@ -177,15 +291,10 @@ for _ = 1, count do
 end
 
 flush()
-if #acks > 0 then
-  call('XACK', input, group, unpack(acks))
+if nacks > 0 then
+  call('XACK', input, group, unpack(acks, 1, nacks))
 end
 if earliest then
-  -- Wake the clock leader only when it sleeps past this element.
-  local marker = call('GET', KEYS[7])
-  if not marker or earliest < tonumber(marker) then
-    call('SET', KEYS[7], earliest_ts)
-    call('PUBLISH', ARGV[5], earliest_ts)
-  end
+  wake_clock(KEYS[7], ARGV[5], earliest, earliest_ts)
 end
 return {processed, released, more and 1 or 0, blocked, adds, cancels, watermarks, deadn, late}

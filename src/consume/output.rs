@@ -10,7 +10,7 @@ use redis::{Script, Value};
 
 use crate::core::op::{Field, Reason};
 use crate::core::EntryId;
-use crate::store::{self, entries, Keys, StoreError, StreamEntry};
+use crate::store::{entries, Keys, StoreError};
 
 const PRELUDE: &str = include_str!("../../lua/prelude.lua");
 const CLAIM: &str = include_str!("../../lua/claim_out.lua");
@@ -218,19 +218,6 @@ fn decode_fields(v: Value) -> Result<Vec<Field>, StoreError> {
         pairs.push((bytes(k)?, bytes(v)?));
     }
     Ok(pairs)
-}
-
-/// `XREADGROUP` of new output entries (`>`) for `me` in `group`, at most
-/// `count`, blocking up to `block`.
-pub async fn read_new(
-    conn: &mut MultiplexedConnection,
-    keys: &Keys,
-    group: &str,
-    me: &str,
-    count: usize,
-    block: Duration,
-) -> Result<Vec<StreamEntry>, StoreError> {
-    store::read_group(conn, &keys.out, group, me, count, block).await
 }
 
 /// Acknowledges `ids` in `group`, in as few calls as possible.

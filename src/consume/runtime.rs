@@ -21,6 +21,7 @@ use super::{ConsumeError, Consumer, Handler, FINISH_MARGIN};
 use crate::core::op::{Field, Reason};
 use crate::core::EntryId;
 use crate::metrics::ConsumerMetrics;
+use crate::store::reader::StreamReader;
 use crate::store::{self, lease, StoreError, StreamEntry};
 
 /// Longest `detail` written to `:dead` (a handler's error can be huge).
@@ -29,7 +30,11 @@ const MAX_DETAIL: usize = 2000;
 /// hold the loop for long.
 const CLAIM_PAGES_PER_TICK: usize = 10;
 
-type ReadFuture = Pin<Box<dyn Future<Output = Result<Vec<StreamEntry>, StoreError>> + Send>>;
+/// Scheduler rounds given to just-started handlers before the next read.
+const QUICK_ROUNDS: usize = 4;
+
+/// A read in flight; it hands the reader connection back with its result.
+type ReadFuture = Pin<Box<dyn Future<Output = (StreamReader, Result<Vec<StreamEntry>, StoreError>)> + Send>>;
 type TaskResult = Result<(), String>;
 
 /// A handler task's element.
@@ -191,7 +196,8 @@ impl<H: Handler> Runtime<H> {
         self.scripts.load(&mut conn).await?;
         // The reader's blocking XREADGROUP would hold up every other command
         // queued behind it on a shared connection.
-        let reader = store::connect(&c.client, &c.connect, c.connect.response_timeout + o.block).await?;
+        let mut reader =
+            Some(StreamReader::connect(&c.client, &c.connect, c.connect.response_timeout + o.block).await?);
         if self.lease.is_none() {
             self.start_lease(&mut conn).await?;
         }
@@ -226,9 +232,28 @@ impl<H: Handler> Runtime<H> {
                 break;
             }
             if read.is_none() && self.stopping.is_none() && self.queue.is_empty() {
+                // Let the handlers just started run first: quick ones finish,
+                // and the read asks for all the slots they free at once
+                // instead of a few at a time. A few scheduler rounds at most,
+                // and only while handlers keep finishing.
+                for _ in 0..QUICK_ROUNDS {
+                    if self.running.is_empty() {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                    let before = self.running.len();
+                    while let Some(joined) = self.tasks.try_join_next_with_id() {
+                        self.settle(joined);
+                    }
+                    if self.running.len() == before {
+                        break;
+                    }
+                }
                 let free = self.c.opts.concurrency.saturating_sub(self.running.len());
                 if free > 0 {
-                    read = Some(self.read(&reader, free.min(self.c.opts.batch_size)));
+                    if let Some(conn) = reader.take() {
+                        read = Some(self.read(conn, free.min(self.c.opts.batch_size)));
+                    }
                 }
             }
             let deadline = self.stopping;
@@ -244,13 +269,24 @@ impl<H: Handler> Runtime<H> {
                 _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     self.abort_running().await;
                 }
-                Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => self.settle(joined),
+                // Polled before the arms below run, so a new read is on its
+                // way to Redis while they (an acknowledgement, a claim) wait
+                // for their own replies.
+                (back, entries) = async { read.as_mut().expect("guarded").await }, if read.is_some() => {
+                    read = None;
+                    reader = Some(back);
+                    self.accept_new(entries?);
+                }
+                Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
+                    self.settle(joined);
+                    // Every other handler that has finished too, so the next
+                    // read asks for all the slots they freed at once.
+                    while let Some(joined) = self.tasks.try_join_next_with_id() {
+                        self.settle(joined);
+                    }
+                }
                 _ = sleep_until(flush_at.unwrap_or_else(Instant::now)), if flush_at.is_some() => {
                     self.flush(&mut conn).await?;
-                }
-                entries = async { read.as_mut().expect("guarded").await }, if read.is_some() => {
-                    read = None;
-                    self.accept_new(entries?);
                 }
                 _ = touch_tick.tick() => self.touch(&mut conn).await?,
                 _ = claim_tick.tick(), if deadline.is_none() => self.claim_idle(&mut conn).await?,
@@ -261,13 +297,15 @@ impl<H: Handler> Runtime<H> {
         Ok(())
     }
 
-    fn read(&self, reader: &MultiplexedConnection, count: usize) -> ReadFuture {
-        let mut conn = reader.clone();
-        let keys = self.c.keys.clone();
+    fn read(&self, mut reader: StreamReader, count: usize) -> ReadFuture {
+        let stream = self.c.keys.out.clone();
         let group = self.c.group.clone();
         let me = self.c.opts.consumer.clone();
         let block = self.c.opts.block;
-        Box::pin(async move { output::read_new(&mut conn, &keys, &group, &me, count, block).await })
+        Box::pin(async move {
+            let result = reader.read_group(&stream, &group, &me, count, block).await;
+            (reader, result)
+        })
     }
 
     /// Sets our lease (warning if another process holds the same name) and

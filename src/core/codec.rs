@@ -25,6 +25,21 @@ pub fn push_str(out: &mut Vec<u8>, value: &[u8]) {
     out.extend_from_slice(value);
 }
 
+/// Appends the header of a MessagePack array of `len` objects (which the
+/// caller appends next).
+pub fn push_array_len(out: &mut Vec<u8>, len: usize) {
+    if len < 16 {
+        out.push(0x90 | len as u8);
+    } else if len <= u16::MAX as usize {
+        out.push(0xdc);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        let len = u32::try_from(len).expect("script arguments are limited far below 2^32");
+        out.push(0xdd);
+        out.extend_from_slice(&len.to_be_bytes());
+    }
+}
+
 /// Encodes a sequence of byte strings.
 pub fn encode<'a>(values: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
     let mut out = Vec::new();

@@ -15,6 +15,15 @@ pub struct EntryId {
 impl EntryId {
     /// The smallest id, `0-0`.
     pub const ZERO: EntryId = EntryId { ms: 0, seq: 0 };
+
+    /// The smallest id greater than this one (`None` after the largest):
+    /// no entry can lie between an id and its successor.
+    pub fn successor(self) -> Option<EntryId> {
+        match self.seq.checked_add(1) {
+            Some(seq) => Some(EntryId { ms: self.ms, seq }),
+            None => self.ms.checked_add(1).map(|ms| EntryId { ms, seq: 0 }),
+        }
+    }
 }
 
 impl fmt::Display for EntryId {
@@ -52,5 +61,14 @@ mod tests {
         assert!("1-".parse::<EntryId>().is_err());
         assert!("abc".parse::<EntryId>().is_err());
         assert!("-1-2".parse::<EntryId>().is_err());
+    }
+
+    #[test]
+    fn successor_is_the_next_possible_id() {
+        let id = |ms, seq| EntryId { ms, seq };
+        assert_eq!(id(5, 7).successor(), Some(id(5, 8)));
+        assert_eq!(id(5, u64::MAX).successor(), Some(id(6, 0)));
+        assert_eq!(id(u64::MAX, u64::MAX).successor(), None);
+        assert!(id(5, 7) < id(5, 8) && id(5, u64::MAX) < id(6, 0));
     }
 }

@@ -20,6 +20,7 @@ pub use stats::Stats;
 
 use crate::config::Settings;
 use crate::core::EntryId;
+use crate::store::reader::StreamReader;
 use crate::store::{self, prepare, Prepared, Scripts, StoreError, StreamEntry, INPUT_GROUP};
 
 /// How long to wait before retrying a batch that an older entry, pending at
@@ -143,7 +144,7 @@ async fn session(
     worker.claim().await?;
 
     let reader_conn =
-        store::connect(&settings.client, &settings.connect, settings.connect.response_timeout + d.block).await?;
+        StreamReader::connect(&settings.client, &settings.connect, settings.connect.response_timeout + d.block).await?;
     let (tx, rx) = mpsc::channel(1);
     let stop_reader = shutdown.child_token();
     let reader = tokio::spawn(read_loop(reader_conn, settings.clone(), tx, stop_reader.clone()));
@@ -153,25 +154,26 @@ async fn session(
     result
 }
 
-/// Reads new input in batches and hands them over; reads the next batch
-/// only once the previous one has been taken (backpressure), so Redis can
-/// serve the next read while the applier's script runs.
+/// Reads new input in batches and hands them over parsed; reads the next
+/// batch only once the previous one has been taken (backpressure), so Redis
+/// can serve the next read while the applier's script runs, and parsing
+/// here overlaps it too.
 async fn read_loop(
-    mut conn: MultiplexedConnection,
+    mut reader: StreamReader,
     settings: Settings,
-    tx: mpsc::Sender<Result<Vec<StreamEntry>, StoreError>>,
+    tx: mpsc::Sender<Result<Vec<Prepared>, StoreError>>,
     stop: CancellationToken,
 ) {
     let d = &settings.daemon;
     loop {
         let Ok(permit) = tx.reserve().await else { return };
         let read = tokio::select! {
-            r = store::read_new(&mut conn, &settings.keys, &d.consumer, d.batch_size, d.block) => r,
+            r = reader.read_group(&settings.keys.input, INPUT_GROUP, &d.consumer, d.batch_size, d.block) => r,
             _ = stop.cancelled() => return,
         };
         match read {
             Ok(entries) if entries.is_empty() => {}
-            Ok(entries) => permit.send(Ok(entries)),
+            Ok(entries) => permit.send(Ok(entries.iter().map(|e| prepare(e, &d.limits)).collect())),
             Err(e) => {
                 permit.send(Err(e));
                 return;
@@ -207,6 +209,13 @@ impl Worker<'_> {
         let limits = &self.settings.daemon.limits;
         for e in entries {
             self.backlog.entry(e.id).or_insert_with(|| prepare(&e, limits));
+        }
+    }
+
+    /// Like [`Worker::take`], for entries the reader already prepared.
+    fn take_prepared(&mut self, prepared: Vec<Prepared>) {
+        for p in prepared {
+            self.backlog.entry(p.id).or_insert(p);
         }
     }
 
@@ -342,7 +351,7 @@ impl Worker<'_> {
 
     async fn run(
         mut self,
-        mut rx: mpsc::Receiver<Result<Vec<StreamEntry>, StoreError>>,
+        mut rx: mpsc::Receiver<Result<Vec<Prepared>, StoreError>>,
         shutdown: &CancellationToken,
     ) -> Result<(), StoreError> {
         let d = &self.settings.daemon;
@@ -378,7 +387,7 @@ impl Worker<'_> {
                 biased;
                 _ = shutdown.cancelled() => return self.finish().await,
                 msg = rx.recv(), if room => match msg {
-                    Some(Ok(entries)) => self.take(entries),
+                    Some(Ok(prepared)) => self.take_prepared(prepared),
                     Some(Err(e)) => return Err(e),
                     None => return Err(StoreError::Reply("the input reader stopped".into())),
                 },

@@ -5,6 +5,7 @@ pub mod batch;
 pub mod entries;
 pub mod keys;
 pub mod lease;
+pub mod reader;
 pub mod retention;
 pub mod scripts;
 pub mod status;

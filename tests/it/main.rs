@@ -7,6 +7,7 @@ mod crash;
 mod dashboard;
 mod dead;
 mod deploy;
+mod fast_paths;
 mod harness;
 mod harness_selftest;
 mod housekeeping;
