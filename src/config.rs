@@ -136,7 +136,10 @@ pub struct RawConsume {
     pub consumer: String,
     /// Most elements handled at once.
     pub concurrency: usize,
-    /// Most entries per `XREADGROUP` (never more than free handler slots).
+    /// Elements read ahead of free handler slots.
+    pub prefetch: usize,
+    /// Most entries per `XREADGROUP` (never more than free handler slots
+    /// plus `prefetch`).
     pub batch_size: usize,
     /// How long one `XREADGROUP` blocks.
     #[serde(with = "humantime_serde")]
@@ -159,6 +162,7 @@ impl Default for RawConsume {
         RawConsume {
             consumer: String::new(),
             concurrency: 16,
+            prefetch: 0,
             batch_size: 100,
             block: Duration::from_secs(2),
             claim_idle: Duration::from_secs(30),
@@ -482,6 +486,8 @@ pub struct ConsumeSettings {
     pub consumer: String,
     /// Most elements handled at once.
     pub concurrency: usize,
+    /// Elements read ahead of free handler slots.
+    pub prefetch: usize,
     /// Most entries per read.
     pub batch_size: usize,
     /// `XREADGROUP` block time.
@@ -784,6 +790,7 @@ impl Settings {
         let consume = ConsumeSettings {
             consumer: consumer_name(&c.consumer, env),
             concurrency: range("consume.concurrency", c.concurrency, 1, 10_000)?,
+            prefetch: range("consume.prefetch", c.prefetch, 0, 10_000)?,
             batch_size: range("consume.batch_size", c.batch_size, 1, MAX_BATCH_SIZE)?,
             block: positive("consume.block", c.block)?,
             claim_idle: positive("consume.claim_idle", c.claim_idle)?,
@@ -919,6 +926,7 @@ mod tests {
     fn bad_values_name_their_key() {
         let cases = [
             ("TIDEMARK__DAEMON__BATCH_SIZE", "0", "daemon.batch_size"),
+            ("TIDEMARK__CONSUME__PREFETCH", "10001", "consume.prefetch"),
             ("TIDEMARK__DAEMON__BATCH_SIZE", "100000", "daemon.batch_size"),
             ("TIDEMARK__DAEMON__RELEASE_CHUNK", "0", "daemon.release_chunk"),
             ("TIDEMARK__LOG__FORMAT", "xml", "log.format"),

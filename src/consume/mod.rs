@@ -133,6 +133,7 @@ where
 struct Options {
     consumer: String,
     concurrency: usize,
+    prefetch: usize,
     batch_size: usize,
     block: Duration,
     claim_idle: Duration,
@@ -177,6 +178,7 @@ impl ConsumerBuilder {
             opts: Options {
                 consumer: consumer_name("", &ProcessEnv),
                 concurrency: raw.consume.concurrency,
+                prefetch: raw.consume.prefetch,
                 batch_size: raw.consume.batch_size,
                 block: raw.consume.block,
                 claim_idle: raw.consume.claim_idle,
@@ -206,6 +208,7 @@ impl ConsumerBuilder {
             opts: Options {
                 consumer: c.consumer.clone(),
                 concurrency: c.concurrency,
+                prefetch: c.prefetch,
                 batch_size: c.batch_size,
                 block: c.block,
                 claim_idle: c.claim_idle,
@@ -239,6 +242,17 @@ impl ConsumerBuilder {
     /// read than there are free slots.
     pub fn concurrency(mut self, n: usize) -> Self {
         self.opts.concurrency = n;
+        self
+    }
+
+    /// Elements read ahead of free handler slots (default 0): a read may
+    /// bring up to `concurrency + prefetch` elements in all, so handlers
+    /// that finish find the next element here instead of waiting for a
+    /// round trip to Redis. Read-ahead elements are held (kept fresh, never
+    /// claimed by peers) like running ones; at shutdown the unstarted ones
+    /// are left pending for the group's other consumers.
+    pub fn prefetch(mut self, n: usize) -> Self {
+        self.opts.prefetch = n;
         self
     }
 
@@ -325,6 +339,9 @@ impl ConsumerBuilder {
         }
         if !(1..=10_000).contains(&o.concurrency) {
             return Err(invalid("concurrency", "must be between 1 and 10000"));
+        }
+        if o.prefetch > 10_000 {
+            return Err(invalid("prefetch", "must be between 0 and 10000"));
         }
         if !(1..=MAX_BATCH_SIZE).contains(&o.batch_size) {
             return Err(invalid("batch_size", &format!("must be between 1 and {MAX_BATCH_SIZE}")));

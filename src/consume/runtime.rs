@@ -223,15 +223,15 @@ impl<H: Handler> Runtime<H> {
         let mut touch_tick = ticker(o.claim_idle / 3);
         let mut peer_tick = ticker(o.lease_ttl / 2);
         // At most one read in flight; it asks for no more than the free
-        // slots at the time (claims meanwhile may overfill the queue by at
-        // most one batch).
+        // slots at the time plus the read-ahead allowance (claims meanwhile
+        // may overfill the queue by at most one batch).
         let mut read: Option<ReadFuture> = None;
         loop {
             self.start_queued();
             if self.stopping.is_some() && self.tasks.is_empty() {
                 break;
             }
-            if read.is_none() && self.stopping.is_none() && self.queue.is_empty() {
+            if read.is_none() && self.stopping.is_none() && self.queue.len() <= self.c.opts.prefetch / 2 {
                 // Let the handlers just started run first: quick ones finish,
                 // and the read asks for all the slots they free at once
                 // instead of a few at a time. A few scheduler rounds at most,
@@ -249,7 +249,8 @@ impl<H: Handler> Runtime<H> {
                         break;
                     }
                 }
-                let free = self.c.opts.concurrency.saturating_sub(self.running.len());
+                let free = (self.c.opts.concurrency + self.c.opts.prefetch)
+                    .saturating_sub(self.running.len() + self.queue.len());
                 if free > 0 {
                     if let Some(conn) = reader.take() {
                         read = Some(self.read(conn, free.min(self.c.opts.batch_size)));

@@ -6,10 +6,12 @@ pub mod clock;
 pub mod housekeeping;
 mod stats;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+use std::ops::Bound::{Excluded, Unbounded};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::stream::{FuturesOrdered, StreamExt};
 use redis::aio::MultiplexedConnection;
 use tokio::sync::mpsc;
 use tokio::time::{interval, Instant, MissedTickBehavior};
@@ -26,6 +28,12 @@ use crate::store::{self, prepare, Prepared, Scripts, StoreError, StreamEntry, IN
 /// How long to wait before retrying a batch that an older entry, pending at
 /// another daemon, holds back. Doubles from the first to the last value.
 const BLOCKED_RETRY: (Duration, Duration) = (Duration::from_millis(2), Duration::from_millis(100));
+
+/// Most apply calls in flight at once (see [`Worker::drain`]).
+const APPLY_WINDOW: usize = 2;
+
+/// Most batches [`Worker::drain`] takes from the reader in one call.
+const DRAIN_INTAKE: usize = 16;
 
 /// Runs the daemon until `shutdown` is cancelled. Returns an error only for
 /// failures that retrying cannot fix (wrong password, Redis too old).
@@ -140,7 +148,7 @@ async fn session(
     // its work at once. Then what a crashed release left due.
     worker.load_own_pending().await?;
     worker.release_all().await?;
-    worker.drain().await?;
+    worker.drain(None).await?;
     worker.claim().await?;
 
     let reader_conn =
@@ -182,6 +190,27 @@ async fn read_loop(
     }
 }
 
+/// Adds entries the reader prepared to the backlog (keeping the first of
+/// any duplicate).
+fn take_prepared(backlog: &mut BTreeMap<EntryId, Prepared>, prepared: Vec<Prepared>) {
+    for p in prepared {
+        backlog.entry(p.id).or_insert(p);
+    }
+}
+
+/// The next batch from the reader; a reader that stopped is an error.
+async fn recv(
+    input: &mut Option<&mut mpsc::Receiver<Result<Vec<Prepared>, StoreError>>>,
+) -> Result<Vec<Prepared>, StoreError> {
+    match input.as_mut() {
+        Some(rx) => match rx.recv().await {
+            Some(msg) => msg,
+            None => Err(StoreError::Reply("the input reader stopped".into())),
+        },
+        None => std::future::pending().await,
+    }
+}
+
 /// The applier's state within one session.
 struct Worker<'a> {
     /// Validated settings.
@@ -209,13 +238,6 @@ impl Worker<'_> {
         let limits = &self.settings.daemon.limits;
         for e in entries {
             self.backlog.entry(e.id).or_insert_with(|| prepare(&e, limits));
-        }
-    }
-
-    /// Like [`Worker::take`], for entries the reader already prepared.
-    fn take_prepared(&mut self, prepared: Vec<Prepared>) {
-        for p in prepared {
-            self.backlog.entry(p.id).or_insert(p);
         }
     }
 
@@ -316,37 +338,98 @@ impl Worker<'_> {
 
     /// Applies the backlog in id order, a batch per call, until it is empty
     /// (`Ok(false)`) or held back by an older entry elsewhere (`Ok(true)`).
-    async fn drain(&mut self) -> Result<bool, StoreError> {
+    ///
+    /// Up to [`APPLY_WINDOW`] calls are in flight: the next batch is sent
+    /// before the reply to the previous one arrives, so Redis goes from one
+    /// to the next without waiting for us. With `input`, batches the reader
+    /// hands over meanwhile join the window (at most [`DRAIN_INTAKE`] per
+    /// call, so the caller's timers still run under endless input).
+    ///
+    /// A batch sent before the previous one's outcome is known is safe: the
+    /// script applies nothing while an older entry is pending, so should
+    /// the previous call stop early (an older entry elsewhere, due elements
+    /// to release first), the next one finds its leftovers pending and
+    /// applies nothing either; its entries are simply sent again.
+    async fn drain(
+        &mut self,
+        mut input: Option<&mut mpsc::Receiver<Result<Vec<Prepared>, StoreError>>>,
+    ) -> Result<bool, StoreError> {
         let d = &self.settings.daemon;
-        while !self.backlog.is_empty() {
-            let batch: Vec<&Prepared> = self.backlog.values().take(d.batch_size).collect();
-            let size = batch.len();
-            let outcome = self.scripts.apply(&mut self.conn, &self.settings.keys, &batch, d.release_chunk).await?;
-            crate::metrics::record_input_dead_letters(&batch[..outcome.processed.min(size)], outcome.dead);
-            let done: Vec<EntryId> = batch[..outcome.processed.min(size)].iter().map(|p| p.id).collect();
-            for id in &done {
-                self.backlog.remove(id);
+        let mut intake = 0;
+        loop {
+            if self.backlog.is_empty() {
+                return Ok(false);
             }
-            self.stats.record_apply(&outcome);
-            if outcome.dead > 0 {
-                warn!(entries = outcome.dead, "malformed input entries moved to the dead-letter stream");
+            let mut window = FuturesOrdered::new();
+            // Each call's entry ids, in the order sent.
+            let mut sent: VecDeque<Vec<EntryId>> = VecDeque::new();
+            // The last entry id sent in this round.
+            let mut last_sent: Option<EntryId> = None;
+            // Whether the first call that stopped early was held back by an
+            // older entry elsewhere; after such a call nothing more is sent.
+            let mut stopped: Option<bool> = None;
+            let mut more_due = false;
+            loop {
+                while stopped.is_none() && !more_due && window.len() < APPLY_WINDOW {
+                    let after = last_sent.map_or(Unbounded, Excluded);
+                    let batch: Vec<&Prepared> =
+                        self.backlog.range((after, Unbounded)).map(|(_, p)| p).take(d.batch_size).collect();
+                    let Some(last) = batch.last() else { break };
+                    last_sent = Some(last.id);
+                    sent.push_back(batch.iter().map(|p| p.id).collect::<Vec<_>>());
+                    let call = self.scripts.apply_call(&self.settings.keys, &batch, d.release_chunk);
+                    let mut conn = self.conn.clone();
+                    window.push_back(async move { call.invoke(&mut conn).await });
+                }
+                let room = self.backlog.len() < self.capacity() && intake < DRAIN_INTAKE;
+                // Only while a call is in flight: with nothing left to send,
+                // the round ends and the caller waits for input.
+                let take_input =
+                    stopped.is_none() && !more_due && !window.is_empty() && window.len() < APPLY_WINDOW && room;
+                let outcome = tokio::select! {
+                    biased;
+                    outcome = window.next(), if !window.is_empty() => match outcome {
+                        Some(outcome) => outcome?,
+                        None => unreachable!("polled only while calls are in flight"),
+                    },
+                    msg = recv(&mut input), if take_input && input.is_some() => {
+                        intake += 1;
+                        take_prepared(&mut self.backlog, msg?);
+                        continue;
+                    }
+                    else => break,
+                };
+                let ids = sent.pop_front().expect("one id list per call");
+                let done = &ids[..outcome.processed.min(ids.len())];
+                if outcome.dead > 0 {
+                    let processed: Vec<&Prepared> = done.iter().filter_map(|id| self.backlog.get(id)).collect();
+                    crate::metrics::record_input_dead_letters(&processed, outcome.dead);
+                    warn!(entries = outcome.dead, "malformed input entries moved to the dead-letter stream");
+                }
+                for id in done {
+                    self.backlog.remove(id);
+                }
+                self.stats.record_apply(&outcome);
+                debug!(
+                    processed = outcome.processed,
+                    adds = outcome.adds,
+                    cancels = outcome.cancels,
+                    watermarks = outcome.watermarks,
+                    released = outcome.released + outcome.late,
+                    "applied input batch"
+                );
+                more_due |= outcome.more_due;
+                if outcome.processed < ids.len() && stopped.is_none() {
+                    stopped = Some((outcome.blocked || outcome.processed == 0) && !outcome.more_due);
+                }
             }
-            debug!(
-                processed = outcome.processed,
-                adds = outcome.adds,
-                cancels = outcome.cancels,
-                watermarks = outcome.watermarks,
-                released = outcome.released + outcome.late,
-                "applied input batch"
-            );
-            if outcome.more_due {
+            drop(window);
+            if more_due {
                 self.release_all().await?;
-            }
-            if outcome.processed < size && (outcome.blocked || outcome.processed == 0) && !outcome.more_due {
+            } else if stopped == Some(true) {
                 return Ok(true);
             }
         }
-        Ok(false)
     }
 
     async fn run(
@@ -365,7 +448,7 @@ impl Worker<'_> {
         let mut blocked_since: Option<Instant> = None;
         loop {
             let before = self.backlog.len();
-            let blocked = self.drain().await?;
+            let blocked = self.drain(Some(&mut rx)).await?;
             if !blocked || self.backlog.len() < before {
                 // Progress: when daemons take turns on interleaved batches,
                 // each is briefly blocked by the other; retry quickly again.
@@ -387,7 +470,7 @@ impl Worker<'_> {
                 biased;
                 _ = shutdown.cancelled() => return self.finish().await,
                 msg = rx.recv(), if room => match msg {
-                    Some(Ok(prepared)) => self.take_prepared(prepared),
+                    Some(Ok(prepared)) => take_prepared(&mut self.backlog, prepared),
                     Some(Err(e)) => return Err(e),
                     None => return Err(StoreError::Reply("the input reader stopped".into())),
                 },
@@ -406,7 +489,7 @@ impl Worker<'_> {
     /// the same name, or claimed by another daemon after `claim_idle`.
     async fn finish(mut self) -> Result<(), StoreError> {
         if !self.backlog.is_empty() {
-            self.drain().await?;
+            self.drain(None).await?;
         }
         if !self.backlog.is_empty() {
             info!(entries = self.backlog.len(), "leaving input entries pending for a restart or another daemon");

@@ -142,6 +142,36 @@ impl Bulk {
     }
 }
 
+/// An `apply.lua` call ready to be sent (see [`Scripts::apply_call`]).
+pub struct ApplyCall<'a> {
+    inv: redis::ScriptInvocation<'a>,
+}
+
+impl ApplyCall<'_> {
+    /// Sends the call (the request is queued on the connection at the first
+    /// poll) and decodes its outcome.
+    pub async fn invoke(self, conn: &mut MultiplexedConnection) -> Result<ApplyOutcome, StoreError> {
+        let started = std::time::Instant::now();
+        let r: Vec<i64> = self.inv.invoke_async(conn).await?;
+        crate::metrics::record_script(crate::metrics::Script::Apply, started.elapsed());
+        if r.len() != 9 {
+            return Err(StoreError::Reply(format!("apply.lua returned {r:?}")));
+        }
+        let n = |i: usize| r[i].max(0) as u64;
+        Ok(ApplyOutcome {
+            processed: n(0) as usize,
+            released: n(1),
+            more_due: r[2] == 1,
+            blocked: r[3] == 1,
+            adds: n(4),
+            cancels: n(5),
+            watermarks: n(6),
+            dead: n(7),
+            late: n(8),
+        })
+    }
+}
+
 /// What one `clock.lua` tick did and found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClockTick {
@@ -209,6 +239,12 @@ impl Scripts {
         batch: &[&Prepared],
         chunk: usize,
     ) -> Result<ApplyOutcome, StoreError> {
+        self.apply_call(keys, batch, chunk).invoke(conn).await
+    }
+
+    /// [`Scripts::apply`] in two steps: the call, with every argument
+    /// encoded (it no longer borrows `batch`), to be invoked later.
+    pub fn apply_call(&self, keys: &Keys, batch: &[&Prepared], chunk: usize) -> ApplyCall<'_> {
         let mut inv = self.apply.prepare_invoke();
         inv.key(&keys.input)
             .key(&keys.wm)
@@ -226,24 +262,7 @@ impl Scripts {
             .arg(pack(batch));
         let bulk = Bulk::of(batch);
         inv.arg(bulk.min_ts).arg(bulk.zadd).arg(bulk.hset).arg(bulk.bare).arg(bulk.acks).arg(bulk.gaps);
-        let started = std::time::Instant::now();
-        let r: Vec<i64> = inv.invoke_async(conn).await?;
-        crate::metrics::record_script(crate::metrics::Script::Apply, started.elapsed());
-        if r.len() != 9 {
-            return Err(StoreError::Reply(format!("apply.lua returned {r:?}")));
-        }
-        let n = |i: usize| r[i].max(0) as u64;
-        Ok(ApplyOutcome {
-            processed: n(0) as usize,
-            released: n(1),
-            more_due: r[2] == 1,
-            blocked: r[3] == 1,
-            adds: n(4),
-            cancels: n(5),
-            watermarks: n(6),
-            dead: n(7),
-            late: n(8),
-        })
+        ApplyCall { inv }
     }
 
     /// Releases up to `chunk` due elements. Returns how many, and whether

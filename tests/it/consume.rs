@@ -532,6 +532,75 @@ async fn slow_consumer_keeps_its_entries() {
     b.stop().await;
 }
 
+/// Read-ahead is bounded: with one handler slot, a consumer without
+/// prefetch holds exactly the element it is handling; with prefetch 3 it
+/// holds 1 + 3 while one handler runs, and the waiting ones are kept fresh
+/// (claim_idle 300 ms) so nobody claims them. Every element is then handled
+/// once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetch_reads_ahead_of_free_slots_and_no_further() {
+    let redis = RedisServer::start();
+    let mut conn = redis.conn().await;
+    create_group(&mut conn, "g0").await;
+    create_group(&mut conn, "g3").await;
+    for i in 0..8 {
+        release(&mut conn, format!("p{i}").as_bytes(), i, &[]).await;
+    }
+    for (prefetch, held) in [(0, 1), (3, 4)] {
+        let group = format!("g{prefetch}");
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let seen: Seen = Arc::default();
+        let handler = {
+            let (seen, gate) = (seen.clone(), gate.clone());
+            move |el: Element| {
+                let (seen, gate) = (seen.clone(), gate.clone());
+                async move {
+                    gate.acquire().await.expect("gate open").forget();
+                    seen.lock().unwrap().push((el.id_lossy().into_owned(), el.delivery));
+                    Ok::<(), String>(())
+                }
+            }
+        };
+        let consumer = builder(&redis, &group, "c").concurrency(1).prefetch(prefetch).build(handler);
+        let running = Running::start(consumer.unwrap());
+        let g = group.clone();
+        wait_until_async(&format!("prefetch {prefetch}: the consumer holds {held}"), WAIT, || {
+            let mut c = conn.clone();
+            let g = g.clone();
+            async move { pending(&mut c, &g, Some("c")).await == held }
+        })
+        .await;
+        // No more than that, after several read, touch and claim rounds.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert_eq!(pending(&mut conn, &group, None).await, held, "prefetch {prefetch}");
+        let delivered: usize = {
+            let v: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+                .arg(keys().out)
+                .arg(&group)
+                .arg("-")
+                .arg("+")
+                .arg(100)
+                .query_async(&mut conn)
+                .await
+                .expect("XPENDING");
+            v.iter().map(|(_, _, _, deliveries)| *deliveries as usize).sum()
+        };
+        assert_eq!(delivered, held, "prefetch {prefetch}: each held element delivered once (none claimed)");
+
+        gate.add_permits(8);
+        wait_until_async(&format!("prefetch {prefetch}: all handled"), WAIT, || {
+            let mut c = conn.clone();
+            let (g, n) = (group.clone(), seen.lock().unwrap().len());
+            async move { n == 8 && pending(&mut c, &g, None).await == 0 }
+        })
+        .await;
+        running.stop().await;
+        let got: Vec<(String, u64)> = seen.lock().unwrap().clone();
+        let want: Vec<(String, u64)> = (0..8).map(|i| (format!("p{i}"), 1)).collect();
+        assert_eq!(got, want, "prefetch {prefetch}");
+    }
+}
+
 /// Dead peers (no lease) are cleaned up: one with pending entries is taken
 /// over at once, and once nothing is pending and it has been idle past the
 /// grace period it is removed from the group. A leased peer stays.

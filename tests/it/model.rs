@@ -698,3 +698,68 @@ async fn watermark_after_an_exhausted_release_budget_matches_the_model() {
     assert_output_matches("budget exhausted by the first watermark", &out, &model);
     assert_eq!(schedule(&mut conn, &keys.sched).await, vec![]);
 }
+
+/// One daemon with a backlog of many small batches, two apply calls in
+/// flight: watermarks that leave more due than one release chunk stop a
+/// call early while the next batch is already on its way, and the ops
+/// right behind them touch the same elements (upserts, cancels, late adds).
+/// The speculative call must apply nothing, and the output must match the
+/// model exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_sent_ahead_of_an_early_stop_match_the_model() {
+    let redis = RedisServer::start();
+    let keys = harness::keys("default");
+    let mut conn = redis.conn().await;
+    let mut ops: Vec<Vec<(String, String)>> = Vec::new();
+    let op = |pairs: &[(&str, String)]| pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect::<Vec<_>>();
+    for r in 0..30i64 {
+        for k in 0..8i64 {
+            ops.push(op(&[("op", "add".into()), ("id", format!("e{r}-{k}")), ("ts", (r * 10 + k).to_string())]));
+        }
+        // Releases all 8 of this round: more than a chunk of 3.
+        ops.push(op(&[("op", "watermark".into()), ("ts", (r * 10 + 7).to_string())]));
+        // Re-adds a released element for later, cancels the one re-added in
+        // the previous round, adds a late one, cancels a released one.
+        ops.push(op(&[("op", "add".into()), ("id", format!("e{r}-0")), ("ts", (r * 10 + 500).to_string())]));
+        if r > 0 {
+            ops.push(op(&[("op", "cancel".into()), ("id", format!("e{}-0", r - 1))]));
+        }
+        ops.push(op(&[("op", "add".into()), ("id", format!("late{r}")), ("ts", (r * 10).to_string())]));
+        ops.push(op(&[("op", "cancel".into()), ("id", format!("e{r}-5"))]));
+    }
+    ops.push(op(&[("op", "watermark".into()), ("ts", "100000".into())]));
+    for fields in &ops {
+        let pairs: Vec<(&[u8], &[u8])> = fields.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())).collect();
+        harness::xadd_fields_async(&mut conn, &keys.input, &pairs).await;
+    }
+    let input = harness::read_stream_async(&mut conn, &keys.input).await;
+    let model = Model::run(&input);
+
+    let d = spawn_daemon(
+        &redis.url(),
+        "d1",
+        &[
+            ("TIDEMARK__DAEMON__BATCH_SIZE", "5"),
+            ("TIDEMARK__DAEMON__RELEASE_CHUNK", "3"),
+            ("RUST_LOG", "info,tidemark=debug"),
+        ],
+    );
+    let input_key = keys.input.clone();
+    harness::wait_until_async("the input group is drained", Duration::from_secs(60), || {
+        let mut c = conn.clone();
+        let k = input_key.clone();
+        async move { input_drained(&mut c, &k).await }
+    })
+    .await;
+    let out = harness::read_stream_async(&mut conn, &keys.out).await;
+    assert_output_matches("calls in flight", &out, &model);
+    assert_eq!(schedule(&mut conn, &keys.sched).await, vec![]);
+    assert_eq!(hlen(&mut conn, &keys.body).await, 0);
+
+    // With one daemon, a call applies nothing only when it was sent before
+    // the previous one stopped early: the case under test happened.
+    let log = d.log();
+    let speculative = log.lines().filter(|l| l.contains("applied input batch") && l.contains("processed=0 ")).count();
+    assert!(speculative > 0, "no call was sent ahead of an early stop; log:\n{log}");
+    assert_eq!(applied_entries(&d), input.len(), "every entry applied once");
+}
