@@ -13,6 +13,9 @@ CHROMIUM=${TIDEMARK_CHROMIUM:-/usr/bin/chromium}
 
 log() { printf 'ensure-chromium: %s\n' "$*" >&2; }
 
+# shellcheck source=scripts/lib-apt.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib-apt.sh"
+
 have_chromium() {
   [[ -x "$CHROMIUM" ]]
 }
@@ -47,33 +50,17 @@ if [[ -n "${TIDEMARK_CHROMIUM:-}" ]]; then
   exit 1
 fi
 
-if [[ ! -f /etc/debian_version ]] && ! command -v apt-get >/dev/null 2>&1; then
+if ! have_apt; then
   print_manual_instructions
   exit 1
 fi
 
-# Debian/Ubuntu: install with apt-get.
-SUDO=()
-if [[ "$(id -u)" -ne 0 ]]; then
-  if ! command -v sudo >/dev/null 2>&1; then
-    log "not root and sudo is not available; as root run:"
-    log "  apt-get update && apt-get install -y chromium"
-    exit 1
-  fi
-  # Prompt for a password only when someone can answer.
-  if [[ -t 0 ]]; then SUDO=(sudo); else SUDO=(sudo -n); fi
-fi
-
 log "installing chromium with apt-get ($CHROMIUM not found)"
-apt_get() {
-  ${SUDO[@]+"${SUDO[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get "$@" </dev/null
-}
-apt_get update -q >&2
 # Debian ships a real `chromium` package. Ubuntu only has `chromium-browser`,
 # a wrapper that installs a snap (no good in containers): there this fails
 # and the instructions below say how to point at another browser binary.
-if ! apt_get install -y -q --no-install-recommends chromium >&2; then
-  log "apt-get install chromium failed"
+if ! apt_install chromium; then
+  log "installing chromium failed"
   print_manual_instructions
   exit 1
 fi

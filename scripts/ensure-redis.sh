@@ -13,6 +13,9 @@ MIN_MINOR=2
 
 log() { printf 'ensure-redis: %s\n' "$*" >&2; }
 
+# shellcheck source=scripts/lib-apt.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib-apt.sh"
+
 # Prints the redis-server version (e.g. 7.0.15), or nothing.
 server_version() {
   redis-server --version 2>/dev/null | sed -n 's/.*v=\([0-9][0-9.]*\).*/\1/p' | head -n 1
@@ -66,36 +69,20 @@ if have_redis; then
   check_version_and_exit
 fi
 
-if [[ ! -f /etc/debian_version ]] && ! command -v apt-get >/dev/null 2>&1; then
+if ! have_apt; then
   print_manual_instructions
   exit 1
 fi
 
-# Debian/Ubuntu: install with apt-get.
-SUDO=()
-if [[ "$(id -u)" -ne 0 ]]; then
-  if ! command -v sudo >/dev/null 2>&1; then
-    log "not root and sudo is not available; as root run:"
-    log "  apt-get update && apt-get install -y redis-server"
-    exit 1
-  fi
-  # Prompt for a password only when someone can answer.
-  if [[ -t 0 ]]; then SUDO=(sudo); else SUDO=(sudo -n); fi
-fi
-
 log "installing redis-server with apt-get (Redis not found on PATH)"
-apt_get() {
-  ${SUDO[@]+"${SUDO[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get "$@" </dev/null
-}
-apt_get update -q >&2
-if ! apt_get install -y -q --no-install-recommends redis-server >&2; then
+if ! apt_install redis-server; then
   # In containers without an init system the package's post-install step may
   # fail to start the (unused) system Redis; that is fine as long as the
   # binaries were installed.
   if have_redis; then
     log "apt-get reported an error (probably starting the system redis service); the binaries are installed, continuing"
   else
-    log "apt-get install redis-server failed"
+    log "installing redis-server failed"
     exit 1
   fi
 fi
