@@ -8,19 +8,13 @@ use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use tidemark::core::op::Limits;
-use tidemark::store::{ensure_group, prepare, read_new, ApplyOutcome, Keys, Prepared, Scripts, INPUT_GROUP};
+use tidemark::store::{prepare, read_new, ApplyOutcome, Keys, Prepared, Scripts, INPUT_GROUP};
 
 use crate::harness::RedisServer;
 use crate::model::{hlen, schedule};
+use crate::order::setup;
 
 const CHUNK: usize = 100;
-
-async fn setup(redis: &RedisServer) -> (MultiplexedConnection, Keys) {
-    let mut conn = redis.conn().await;
-    let keys = Keys::new("tidemark", "default");
-    ensure_group(&mut conn, &keys.input, INPUT_GROUP).await.expect("create input group");
-    (conn, keys)
-}
 
 /// `XADD` with an explicit entry id.
 async fn xadd(conn: &mut MultiplexedConnection, keys: &Keys, id: &str, fields: &[(&str, &str)]) {

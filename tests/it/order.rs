@@ -13,7 +13,9 @@ use crate::model::{claim_lines, get_wm, hlen, input_drained, schedule, spawn_dae
 
 const CHUNK: usize = 100;
 
-async fn setup(redis: &RedisServer) -> (MultiplexedConnection, Keys) {
+/// A connection to `redis` and the default namespace's keys, with the
+/// input group created.
+pub async fn setup(redis: &RedisServer) -> (MultiplexedConnection, Keys) {
     let mut conn = redis.conn().await;
     let keys = Keys::new("tidemark", "default");
     ensure_group(&mut conn, &keys.input, INPUT_GROUP).await.expect("create input group");
