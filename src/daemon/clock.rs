@@ -24,13 +24,15 @@ use crate::config::Settings;
 use crate::store::{self, Scripts, StoreError};
 
 /// Lifetime of the clock leader's lock: a dead leader is replaced within
-/// about this long (plus one [`FOLLOWER_POLL`]).
-const LOCK_TTL: Duration = Duration::from_secs(2);
+/// about this long (plus one [`FOLLOWER_POLL`]). Short, because losing the
+/// lock to a stall costs nothing (ticks are idempotent) while a dead
+/// leader's lock delays releases that no input triggers.
+const LOCK_TTL: Duration = Duration::from_secs(1);
 /// How often the leader extends its lock: four times per lifetime, so a
 /// slow reply or two do not cost the lock.
-const LOCK_REFRESH: Duration = Duration::from_millis(500);
+const LOCK_REFRESH: Duration = Duration::from_millis(250);
 /// How often a standby daemon tries to take the lock.
-const FOLLOWER_POLL: Duration = Duration::from_millis(250);
+const FOLLOWER_POLL: Duration = Duration::from_millis(100);
 
 /// Runs the clock until `shutdown` is cancelled: stands by, leads while it
 /// holds the lock, and reconnects with backoff after Redis failures.

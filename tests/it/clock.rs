@@ -215,9 +215,11 @@ fn clock_continues_when_the_leader_is_killed() {
     assert_eq!(*ts, due);
     let late = at - due;
     assert!(late >= 0, "released {}ms early", -late);
-    // The lock lapses within 2 s of the last refresh and d2 polls every
-    // 250 ms: released at most ~1.25 s after it was due; allow double.
-    assert!(late < 2500, "released {late}ms after it was due");
+    // The lock lapses within 1 s of the last refresh before the kill and d2
+    // polls every 100 ms, so d2 leads ~1.1 s after the kill at the latest:
+    // about when the element falls due. Allow a loaded machine 1 s more.
+    assert!(late < 1000, "released {late}ms after it was due");
+    assert!(takeover < Duration::from_millis(2500), "d2 took over only after {takeover:?}");
     let (_, ts0, at0) = &got[0];
     assert!(at0 >= ts0, "due-soon released early");
     eprintln!(
