@@ -110,6 +110,8 @@ Options:
   --n N        elements for ingest, release and e2e (default 100000)
   --quick      N = 10000, 1 run (no warm-up), 200 single-element rounds, 2000 clock elements
   --profile    print Redis's INFO commandstats of each timed phase
+  --aof POLICY Redis with the append-only file on and appendfsync POLICY
+               (everysec or always; default: no persistence)
   -h, --help   this text
 
 Environment: TIDEMARK_BENCH_BIN=path runs another build of the daemon (A/B).
@@ -135,6 +137,8 @@ struct Options {
     smoke: bool,
     /// Print Redis's `INFO commandstats` of each timed phase to stderr.
     profile: bool,
+    /// Redis's `appendfsync` policy with the AOF on; `None`: no persistence.
+    aof: Option<String>,
 }
 
 const SCENARIOS: [&str; 6] = ["ingest", "release", "e2e", "single", "clock", "ceiling"];
@@ -150,6 +154,7 @@ impl Options {
             only: Vec::new(),
             smoke: true,
             profile: false,
+            aof: None,
         };
         let mut args = args.into_iter();
         let number = |flag: &str, v: Option<String>| -> Result<usize> {
@@ -170,6 +175,10 @@ impl Options {
                 "--n" => n = Some(number("--n", args.next())?),
                 "--quick" => quick = true,
                 "--profile" => o.profile = true,
+                "--aof" => match args.next().as_deref() {
+                    Some(p @ ("everysec" | "always")) => o.aof = Some(p.to_owned()),
+                    other => bail!("--aof {other:?}: expected everysec or always"),
+                },
                 "-h" | "--help" => {
                     println!("{USAGE}");
                     return Ok(None);
@@ -234,7 +243,7 @@ fn main() -> ExitCode {
 async fn run(opts: Options) -> Result<()> {
     let progress = Progress::new();
     let machine = Machine::probe();
-    let redis = RedisServer::start()?;
+    let redis = RedisServer::start(opts.aof.as_deref())?;
     // TIDEMARK_BENCH_BIN compares another build of the daemon (A/B runs).
     let bin = std::env::var_os("TIDEMARK_BENCH_BIN")
         .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_tidemark")), PathBuf::from);
@@ -1144,12 +1153,17 @@ struct RedisServer {
 }
 
 impl RedisServer {
-    fn start() -> Result<RedisServer> {
+    /// With `aof`, the append-only file is on with that `appendfsync`.
+    fn start(aof: Option<&str>) -> Result<RedisServer> {
         let dir = tempfile::Builder::new().prefix("tidemark-bench-redis-").tempdir()?;
         for _attempt in 0..5 {
             let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
             let mut child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+                .args(match aof {
+                    None => vec!["--appendonly", "no"],
+                    Some(policy) => vec!["--appendonly", "yes", "--appendfsync", policy],
+                })
                 .arg("--dir")
                 .arg(dir.path())
                 .args(["--logfile", "redis.log", "--daemonize", "no"])
@@ -1417,7 +1431,8 @@ impl Results {
             "config".into(),
             json!({"n": opts.n, "runs": opts.runs, "single_rounds": opts.single_rounds, "clock_n": opts.clock_n,
                    "clock_span_s": opts.clock_span.as_secs_f64(), "e2e_concurrency": E2E_CONCURRENCY,
-                   "smoke": opts.smoke, "statistic": "median of runs"}),
+                   "smoke": opts.smoke, "statistic": "median of runs",
+                   "redis_appendfsync": opts.aof.as_deref().unwrap_or("off (no persistence)")}),
         );
         let by_payload = |v: &[(Payload, Vec<Figures>)]| -> Json {
             Json::Object(v.iter().map(|(p, r)| (p.key().to_owned(), medians(r))).collect())
@@ -1573,10 +1588,11 @@ impl Results {
     fn table(&self, opts: &Options, m: &Machine, peak_rss_kib: u64) -> String {
         let load = |l: Option<[f64; 3]>| l.map_or("?".into(), |l| format!("{:.2}", l[0]));
         let mut s = format!(
-            "tidemark bench: {} × {}, Redis {}, load {} → {}, N = {}, median of {} run(s)\n\n",
+            "tidemark bench: {} × {}, Redis {} ({}), load {} → {}, N = {}, median of {} run(s)\n\n",
             m.cpus,
             m.cpu_model,
             m.redis_version,
+            opts.aof.as_ref().map_or_else(|| "no persistence".to_owned(), |p| format!("AOF, appendfsync {p}")),
             load(m.load_before),
             load(m.load_after),
             opts.n,
