@@ -177,8 +177,8 @@ impl Options {
                 "--profile" => o.profile = true,
                 "--aof" => match args.next().as_deref() {
                     Some(p @ ("everysec" | "always")) => o.aof = Some(p.to_owned()),
-                    Some(other) => bail!("--aof {other:?}: expected everysec or always"),
-                    None => bail!("--aof needs a value: everysec or always"),
+                    Some(other) if !other.starts_with("--") => bail!("--aof {other:?}: expected everysec or always"),
+                    _ => bail!("--aof needs a value: everysec or always"),
                 },
                 "-h" | "--help" => {
                     println!("{USAGE}");
