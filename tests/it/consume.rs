@@ -601,6 +601,44 @@ async fn prefetch_reads_ahead_of_free_slots_and_no_further() {
     }
 }
 
+/// A database number in the URL reaches every connection, the blocking
+/// readers' included (they speak RESP themselves and must `SELECT`): a
+/// daemon and a library consumer on db 3 move an element through, and db 0
+/// stays empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_number_in_the_url_reaches_every_connection() {
+    let redis = RedisServer::start();
+    let url = format!("{}/3", redis.url());
+    let d = Daemon::spawn(
+        &["run", "--redis-url", &url, "--consumer", "d1", "--group", "g"],
+        &[("TIDEMARK__DAEMON__BLOCK", "200ms")],
+    );
+    d.wait_log("connected to Redis", WAIT);
+    let client = redis::Client::open(url.as_str()).expect("URL with a database");
+    let seen: Seen = Arc::default();
+    let consumer = ConsumerBuilder::new(client.clone(), keys(), "g")
+        .consumer("c")
+        .block(Duration::from_millis(300))
+        .build(recording(&seen, |_| None))
+        .expect("consumer");
+    let running = Running::start(consumer);
+
+    let mut db3 = client.get_multiplexed_async_connection().await.expect("connect to db 3");
+    harness::xadd_fields_async(&mut db3, &keys().input, &[(b"op", b"add"), (b"id", b"e1"), (b"ts", b"5")]).await;
+    harness::xadd_fields_async(&mut db3, &keys().input, &[(b"op", b"watermark"), (b"ts", b"10")]).await;
+    wait_until_async("e1 handled and acknowledged on db 3", WAIT, || {
+        let mut c = db3.clone();
+        let n = seen.lock().unwrap().len();
+        async move { n == 1 && pending(&mut c, "g", None).await == 0 }
+    })
+    .await;
+    running.stop().await;
+    assert_eq!(seen.lock().unwrap().clone(), [("e1".to_string(), 1)]);
+    let mut db0 = redis.conn().await;
+    let keys_in_db0: i64 = redis::cmd("DBSIZE").query_async(&mut db0).await.expect("DBSIZE");
+    assert_eq!(keys_in_db0, 0, "nothing was written to db 0");
+}
+
 /// Dead peers (no lease) are cleaned up: one with pending entries is taken
 /// over at once, and once nothing is pending and it has been idle past the
 /// grace period it is removed from the group. A leased peer stays.
