@@ -339,7 +339,8 @@ fn acl_user_without_a_needed_permission_exits_69_with_a_hint() {
     assert_no_leak("the log", &log, "reader-pw");
 }
 
-/// A `unix://` URL carries its password as `?pass=`: masked too.
+/// A `unix://` URL carries its password as `?pass=`: masked too. The
+/// daemon works over the socket, its blocking reader included.
 #[test]
 fn unix_socket_password_is_masked() {
     const SECRET: &str = "Unix-S3cret";
@@ -361,6 +362,30 @@ fn unix_socket_password_is_masked() {
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     let d = Daemon::spawn(&["--redis-url", &url, "--http", "off", "run", "--consumer", "d1"], &[("RUST_LOG", "trace")]);
     d.wait_log("connected to Redis", WAIT);
+    let mut conn =
+        redis::Client::open(url.as_str()).expect("unix URL").get_connection().expect("connect over the socket");
+    let k = keys("default");
+    let _: String = redis::cmd("XADD")
+        .arg(&k.input)
+        .arg("*")
+        .arg("op")
+        .arg("add")
+        .arg("id")
+        .arg("u1")
+        .arg("ts")
+        .arg(5)
+        .query(&mut conn)
+        .expect("XADD add");
+    let _: String = redis::cmd("XADD")
+        .arg(&k.input)
+        .arg("*")
+        .arg("op")
+        .arg("watermark")
+        .arg("ts")
+        .arg(5)
+        .query(&mut conn)
+        .expect("XADD");
+    wait_until("u1 released over the unix socket", WAIT, || read_stream(&mut conn, &k.out).len() == 1);
     let log = stop(d, "daemon");
     assert!(log.contains("pass=***"), "{log}");
     assert_no_leak("the daemon log", &log, SECRET);
