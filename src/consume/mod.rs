@@ -239,7 +239,7 @@ impl ConsumerBuilder {
     }
 
     /// Most handlers running at once (default 16). Never more entries are
-    /// read than there are free slots.
+    /// read than there are free slots plus [`ConsumerBuilder::prefetch`].
     pub fn concurrency(mut self, n: usize) -> Self {
         self.opts.concurrency = n;
         self

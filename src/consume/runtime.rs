@@ -64,8 +64,9 @@ struct Runtime<H> {
     tasks: JoinSet<TaskResult>,
     /// What each running task handles.
     running: HashMap<tokio::task::Id, Running>,
-    /// Elements delivered to us and not started yet (a read or claim may
-    /// bring more than the free slots of the moment; bounded by one batch).
+    /// Elements delivered to us and not started yet: read ahead (up to
+    /// `prefetch`), or brought by a claim beyond the free slots of the
+    /// moment (by at most one batch).
     queue: VecDeque<Element>,
     /// Every entry this consumer is responsible for right now: queued,
     /// running, or finished but not yet acknowledged. They are touched so
