@@ -1,9 +1,9 @@
 //! The read-only dashboard: one self-contained page at `/` that polls
 //! `/api/dashboard`, a JSON snapshot of the namespace read from Redis.
 //!
-//! The snapshot is taken at most every [`FRESH_FOR`] whatever the number of
+//! The snapshot is taken at most every `FRESH_FOR` whatever the number of
 //! viewers (requests in between get the cached one), under a
-//! [`REDIS_DEADLINE`]: a slow or absent Redis turns into a 503 with a
+//! `REDIS_DEADLINE`: a slow or absent Redis turns into a 503 with a
 //! reason, which the page shows as a banner, instead of a hanging request.
 
 use std::collections::VecDeque;
