@@ -98,6 +98,8 @@ pub const CONSUMER_CLAIMED: &str = "tidemark_consumer_claimed_total";
 pub const CONSUMER_TAKEOVERS: &str = "tidemark_consumer_takeovers_total";
 /// Gauge, label `group`: handlers running now.
 pub const CONSUMER_IN_FLIGHT: &str = "tidemark_consumer_in_flight";
+/// Gauge, label `group`: elements delivered here and waiting for a slot.
+pub const CONSUMER_QUEUED: &str = "tidemark_consumer_queued";
 
 /// Bucket bounds of [`SCRIPT_DURATION`], in seconds: a release chunk of
 /// 1000 takes about 2.5 ms, so the interesting range is 100 µs to 1 s.
@@ -143,6 +145,10 @@ fn describe_recorded() {
         "Dead consumers (lease expired) whose pending entries this consumer took over."
     );
     describe_gauge!(CONSUMER_IN_FLIGHT, "Handlers running now.");
+    describe_gauge!(
+        CONSUMER_QUEUED,
+        "Elements delivered to this consumer and waiting for a free handler slot (read ahead, or claimed)."
+    );
     describe_counter!(REDIS_RECONNECTS, "Times the connection to Redis was re-established after a failure.");
 }
 
@@ -210,6 +216,8 @@ pub struct ConsumerMetrics {
     pub takeovers: Counter,
     /// [`CONSUMER_IN_FLIGHT`]
     pub in_flight: Gauge,
+    /// [`CONSUMER_QUEUED`]
+    pub queued: Gauge,
     /// [`REDIS_RECONNECTS`]
     pub reconnects: Counter,
 }
@@ -223,7 +231,8 @@ impl ConsumerMetrics {
             failed: counter!(CONSUMER_FAILED, "group" => g.clone()),
             claimed: counter!(CONSUMER_CLAIMED, "group" => g.clone()),
             takeovers: counter!(CONSUMER_TAKEOVERS, "group" => g.clone()),
-            in_flight: gauge!(CONSUMER_IN_FLIGHT, "group" => g),
+            in_flight: gauge!(CONSUMER_IN_FLIGHT, "group" => g.clone()),
+            queued: gauge!(CONSUMER_QUEUED, "group" => g),
             reconnects: counter!(REDIS_RECONNECTS),
         }
     }

@@ -229,6 +229,7 @@ impl<H: Handler> Runtime<H> {
         let mut read: Option<ReadFuture> = None;
         loop {
             self.start_queued();
+            self.metrics.queued.set(self.queue.len() as f64);
             if self.stopping.is_some() && self.tasks.is_empty() {
                 break;
             }

@@ -329,6 +329,7 @@ fn consume_serves_endpoints_and_is_unready_while_draining() {
         (r#"tidemark_consumer_failed_total{group="g"}"#, 0.0),
         (r#"tidemark_consumer_claimed_total{group="g"}"#, 0.0),
         (r#"tidemark_consumer_takeovers_total{group="g"}"#, 0.0),
+        (r#"tidemark_consumer_queued{group="g"}"#, 0.0),
         (r#"tidemark_group_pending{group="g"}"#, 1.0),
         (r#"tidemark_group_consumers{group="g"}"#, 1.0),
         (r#"tidemark_group_live_consumers{group="g"}"#, 1.0),
@@ -349,6 +350,61 @@ fn consume_serves_endpoints_and_is_unready_while_draining() {
     std::fs::write(&finish, b"").unwrap();
     assert_eq!(c.wait_exit(WAIT).and_then(|s| s.code()), Some(0), "{}", c.log());
     assert!(get(addr, "/readyz").is_none(), "nothing listens once consume is gone");
+}
+
+/// `consume.prefetch` from the environment, seen through `/metrics`: with
+/// one handler slot and prefetch 2, one command runs while two elements
+/// wait (`tidemark_consumer_queued`), a fourth stays unread, and all four
+/// are handled once the command may finish.
+#[test]
+fn consume_prefetch_reads_ahead_and_shows_in_the_queued_gauge() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let _daemon = Daemon::spawn(&["run", "--redis-url", &url, "--consumer", "d1", "--group", "g"], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let finish = dir.path().join("finish");
+    let script = r#"while [ ! -e "$FINISH" ]; do sleep 0.05; done"#;
+    let mut c = Daemon::spawn(
+        &[
+            "consume",
+            "--redis-url",
+            &url,
+            "--group",
+            "g",
+            "--consumer",
+            "c1",
+            "--concurrency",
+            "1",
+            "--http",
+            "127.0.0.1:0",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+        &[("FINISH", finish.to_str().unwrap()), ("TIDEMARK__CONSUME__PREFETCH", "2")],
+    );
+    let addr = http_addr(&c);
+    wait_until("/readyz answers 200", WAIT, || must_get(addr, "/readyz").status == 200);
+    let mut conn = redis.sync_conn();
+    for id in ["a", "b", "c", "d"] {
+        add(&mut conn, id, 1);
+    }
+    watermark(&mut conn, 1);
+    let gauge = |name: &str| sample(&must_get(addr, "/metrics").body, &format!(r#"{name}{{group="g"}}"#));
+    wait_until("one command runs and two elements wait", WAIT, || {
+        gauge("tidemark_consumer_in_flight") == Some(1.0) && gauge("tidemark_consumer_queued") == Some(2.0)
+    });
+    let pending: Vec<redis::Value> =
+        redis::cmd("XPENDING").arg(&keys("default").out).arg("g").arg("-").arg("+").arg(10).query(&mut conn).unwrap();
+    assert_eq!(pending.len(), 3, "the fourth element is not read ahead");
+
+    std::fs::write(&finish, b"").unwrap();
+    wait_until("all four handled, none waiting", WAIT, || {
+        gauge("tidemark_consumer_handled_total") == Some(4.0) && gauge("tidemark_consumer_queued") == Some(0.0)
+    });
+    c.sigterm();
+    assert_eq!(c.wait_exit(WAIT).and_then(|s| s.code()), Some(0), "{}", c.log());
 }
 
 /// `--http off` binds nothing; the same daemon with an address binds one
