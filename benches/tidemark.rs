@@ -29,7 +29,7 @@ use serde_json::{json, Value as Json};
 use tempfile::TempDir;
 use tidemark::consume::{ConsumerBuilder, Element};
 use tidemark::core::EntryId;
-use tidemark::store::Keys;
+use tidemark::store::{Keys, Scripts};
 use tokio_util::sync::CancellationToken;
 
 /// The allocator of the `tidemark` binary, so the consumer runtime measured
@@ -67,42 +67,13 @@ mod target {
     pub const RSS_MIB: f64 = 30.0;
 }
 
-/// Redis alone, release work: releases up to ARGV[2] elements of the
-/// schedule KEYS[1] due at ARGV[1] into the stream KEYS[3], with their
-/// payload blobs from KEYS[2] — lua/prelude.lua's `release_due` without
-/// its checks. Returns how many it released.
-const CEILING_RELEASE: &str = r"
-local due = redis.call('ZRANGE', KEYS[1], '-inf', ARGV[1], 'BYSCORE', 'LIMIT', 0, ARGV[2], 'WITHSCORES')
-local n = #due / 2
-if n == 0 then
-  return 0
-end
-if redis.call('HLEN', KEYS[2]) == 0 then
-  for i = 1, #due, 2 do
-    redis.call('XADD', KEYS[3], '*', 'id', due[i], 'ts', due[i + 1])
-  end
-else
-  local ids = {}
-  for i = 1, n do
-    ids[i] = due[2 * i - 1]
-  end
-  local blobs = redis.call('HMGET', KEYS[2], unpack(ids))
-  for i = 1, n do
-    redis.call('XADD', KEYS[3], '*', 'id', ids[i], 'ts', due[2 * i], cmsgpack.unpack(blobs[i]))
-  end
-  redis.call('HDEL', KEYS[2], unpack(ids))
-end
-redis.call('ZREMRANGEBYRANK', KEYS[1], 0, n - 1)
-return n
-";
-
 const USAGE: &str = "\
 usage: cargo bench --bench tidemark -- [OPTIONS] [SCENARIO]...
        make bench ARGS=\"[OPTIONS] [SCENARIO]...\"
 
 Scenarios (default: all): ingest release e2e single clock ceiling
-  ceiling: the release scenario's work done by a minimal script on Redis alone
-  (no daemon): how fast this machine's Redis is right now, to compare with
+  ceiling: the release scenario's work done by tidemark's release script called
+  in a loop from here (no daemon): how fast this machine's Redis is right now
 
 Options:
   --runs N     runs per scenario; the median is reported (default 3); with more
@@ -552,16 +523,17 @@ impl Bench {
     }
 
     /// Redis alone, release work: `n` scheduled elements released by
-    /// [`CEILING_RELEASE`], the daemon's release loop without the daemon
-    /// ([`WRITE_BATCH`] per call, one call at a time).
+    /// tidemark's release script called in a loop from here, one call of
+    /// [`WRITE_BATCH`] at a time: the daemon's release work without the
+    /// daemon.
     async fn ceiling_release(&mut self, n: usize, payload: Payload) -> Result<Figures> {
         redis::cmd("FLUSHALL").query_async::<()>(&mut self.conn).await?;
-        let (sched, body, out) = ("ceiling:sched", "ceiling:body", "ceiling:out");
+        let keys = self.keys.clone();
         for from in (0..n).step_by(WRITE_BATCH) {
             let mut pipe = redis::pipe();
             for k in from..(from + WRITE_BATCH).min(n) {
                 let id = format!("e{k}");
-                pipe.cmd("ZADD").arg(sched).arg(TS_BASE + k as i64).arg(&id).ignore();
+                pipe.cmd("ZADD").arg(&keys.sched).arg(TS_BASE + k as i64).arg(&id).ignore();
                 if payload == Payload::TwoFields {
                     let (customer, amount) = payload_fields(k);
                     let blob = tidemark::core::codec::encode([
@@ -570,34 +542,28 @@ impl Bench {
                         b"amount",
                         amount.as_bytes(),
                     ]);
-                    pipe.cmd("HSET").arg(body).arg(&id).arg(blob).ignore();
+                    pipe.cmd("HSET").arg(&keys.body).arg(&id).arg(blob).ignore();
                 }
             }
             pipe.query_async::<()>(&mut self.conn).await?;
         }
-        let script = redis::Script::new(CEILING_RELEASE);
-        script.prepare_invoke().load_async(&mut self.conn).await?;
+        redis::cmd("SET").arg(&keys.wm).arg(TS_BASE + n as i64).query_async::<()>(&mut self.conn).await?;
+        let scripts = Scripts::new();
+        scripts.load(&mut self.conn).await?;
         let start = Instant::now();
         let mut released = 0;
-        while released < n {
-            let got: usize = script
-                .key(sched)
-                .key(body)
-                .key(out)
-                .arg(TS_BASE + n as i64)
-                .arg(WRITE_BATCH)
-                .invoke_async(&mut self.conn)
-                .await?;
-            if got == 0 {
-                bail!("the release ceiling script released {released} of {n} elements");
-            }
-            released += got;
+        loop {
+            let (got, more) = scripts.release(&mut self.conn, &keys, WRITE_BATCH).await?;
+            released += got as usize;
             self.progress.count("released", released, n);
+            if !more {
+                break;
+            }
         }
         let elapsed = start.elapsed().as_secs_f64();
-        let out_len: usize = redis::cmd("XLEN").arg(out).query_async(&mut self.conn).await?;
-        if out_len != n {
-            bail!("the release ceiling script wrote {out_len} of {n} elements");
+        let out_len: usize = redis::cmd("XLEN").arg(&keys.out).query_async(&mut self.conn).await?;
+        if released != n || out_len != n {
+            bail!("the release script released {released} and :out holds {out_len} (expected {n} each)");
         }
         Ok(BTreeMap::from([("elements_per_s", n as f64 / elapsed), ("seconds", elapsed)]))
     }

@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use tidemark::core::op::Limits;
-use tidemark::store::{prepare, read_new, ApplyOutcome, Keys, Prepared, Scripts, INPUT_GROUP};
+use tidemark::store::{prepare, read_new, ApplyOutcome, Keys, Prepared, Scripts};
 
 use crate::harness::RedisServer;
 use crate::model::{hlen, schedule};
-use crate::order::setup;
+use crate::order::{pending, setup};
 
 const CHUNK: usize = 100;
 
@@ -36,17 +36,9 @@ async fn apply(conn: &mut MultiplexedConnection, keys: &Keys, batch: &[&Prepared
     Scripts::new().apply(conn, keys, batch, CHUNK).await.expect("apply.lua")
 }
 
+/// The input group's pending entry ids, oldest first.
 async fn pending_ids(conn: &mut MultiplexedConnection, keys: &Keys) -> Vec<String> {
-    let raw: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
-        .arg(&keys.input)
-        .arg(INPUT_GROUP)
-        .arg("-")
-        .arg("+")
-        .arg(100)
-        .query_async(conn)
-        .await
-        .expect("XPENDING");
-    raw.into_iter().map(|(id, ..)| id).collect()
+    pending(conn, keys).await.into_iter().map(|(id, _)| id).collect()
 }
 
 fn sched(pairs: &[(&str, i64)]) -> Vec<(Vec<u8>, i64)> {

@@ -37,7 +37,7 @@ fn ids(batch: &[Prepared]) -> Vec<String> {
 }
 
 /// The input group's pending list as (entry id, consumer), oldest first.
-async fn pending(conn: &mut MultiplexedConnection, keys: &Keys) -> Vec<(String, String)> {
+pub async fn pending(conn: &mut MultiplexedConnection, keys: &Keys) -> Vec<(String, String)> {
     let raw: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
         .arg(&keys.input)
         .arg(INPUT_GROUP)
