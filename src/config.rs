@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::core::backoff::Backoff;
 use crate::core::op::{Limits, HARD_MAX_PAYLOAD_FIELDS};
+use crate::core::RetryPolicy;
 use crate::store::{ConnectOptions, Keys};
 
 /// The configuration file read when `--config` is not given, if it exists.
@@ -468,8 +469,8 @@ pub struct DaemonSettings {
     pub sweep_interval: Duration,
     /// Drain deadline on shutdown.
     pub shutdown_grace: Duration,
-    /// Reconnect policy.
-    pub backoff: Backoff,
+    /// Retry pace after Redis failures, by fault class.
+    pub retry: RetryPolicy,
     /// Input size limits.
     pub limits: Limits,
     /// Clock mode.
@@ -777,7 +778,7 @@ impl Settings {
             claim_idle: positive("daemon.claim_idle", d.claim_idle)?,
             sweep_interval: positive("daemon.sweep_interval", d.sweep_interval)?,
             shutdown_grace: positive("daemon.shutdown_grace", d.shutdown_grace)?,
-            backoff,
+            retry: RetryPolicy::new(backoff),
             limits: Limits::new(
                 range("limits.max_id_bytes", l.max_id_bytes, 1, 1 << 20)?,
                 range("limits.max_payload_bytes", l.max_payload_bytes, 0, 512 << 20)?,

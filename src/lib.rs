@@ -8,6 +8,7 @@ pub mod consume;
 pub mod core;
 pub mod daemon;
 pub mod dead;
+pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod store;

@@ -201,7 +201,7 @@ async fn run_daemon(settings: Settings) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let stats = Arc::new(tidemark::daemon::Stats::default());
+    let stats = Arc::new(tidemark::health::Stats::default());
     let endpoints =
         Endpoints::new(settings.clone(), stats.readiness.clone(), shutdown.clone()).stats(Arc::clone(&stats));
     let http = match start_http(&settings, endpoints).await {

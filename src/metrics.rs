@@ -1,6 +1,7 @@
-//! Prometheus metrics: every name with its help text, the recorder for what
-//! is counted where it happens, and the scrape-time rendering of the Redis
-//! snapshot and the daemon's counters.
+//! Prometheus metrics: every name with its help text, and the recorder for
+//! what is counted where it happens. A leaf: the scrape-time part (the
+//! Redis snapshot and the daemon's counters) is rendered by
+//! [`crate::http::scrape`].
 //!
 //! Two sources, never overlapping in names:
 //! - **Recorded at the source** through the [`metrics`](https://docs.rs/metrics) facade:
@@ -8,10 +9,8 @@
 //!   counters. Without an installed recorder (a library user who wants
 //!   none) these cost nothing; the binary installs the Prometheus recorder
 //!   with [`install`].
-//! - **Read at scrape time** by [`render_scrape`]: the Redis state (one
-//!   [`snapshot`](crate::store::status::snapshot)) and the daemon's
-//!   [`Stats`] atomics, into a fresh recorder per scrape, so an output group
-//!   that was deleted, or a snapshot that failed, leaves no stale values.
+//! - **Read at scrape time** by [`crate::http::scrape::render`]: the Redis
+//!   state and the daemon's counters.
 
 use std::time::Duration;
 
@@ -21,10 +20,7 @@ use ::metrics::{
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::core::op::Reason;
-use crate::daemon::Stats;
-use crate::store::batch::Kind;
-use crate::store::status::Status;
-use crate::store::Prepared;
+use crate::core::Fault;
 
 // --- Read at scrape time: the Redis snapshot ------------------------------
 
@@ -100,6 +96,9 @@ pub const CONSUMER_TAKEOVERS: &str = "tidemark_consumer_takeovers_total";
 pub const CONSUMER_IN_FLIGHT: &str = "tidemark_consumer_in_flight";
 /// Gauge, label `group`: elements delivered here and waiting for a slot.
 pub const CONSUMER_QUEUED: &str = "tidemark_consumer_queued";
+/// Counter, label `class`: failed Redis calls by fault class (see
+/// [`Fault::label`]).
+pub const REDIS_ERRORS: &str = "tidemark_redis_errors_total";
 
 /// Bucket bounds of [`SCRIPT_DURATION`], in seconds: a release chunk of
 /// 1000 takes about 2.5 ms, so the interesting range is 100 µs to 1 s.
@@ -150,6 +149,16 @@ fn describe_recorded() {
         "Elements delivered to this consumer and waiting for a free handler slot (read ahead, or claimed)."
     );
     describe_counter!(REDIS_RECONNECTS, "Times the connection to Redis was re-established after a failure.");
+    describe_counter!(
+        REDIS_ERRORS,
+        "Failed Redis calls by class: disconnected, unresponsive, oom, readonly, loading, busy, noscript, \
+         clusterdown, auth, noperm, other."
+    );
+}
+
+/// Records a failed Redis call of class `fault`.
+pub fn record_redis_error(fault: Fault) {
+    counter!(REDIS_ERRORS, "class" => fault.label()).increment(1);
 }
 
 /// The scripts whose latency is measured.
@@ -182,23 +191,6 @@ pub fn record_script(script: Script, elapsed: Duration) {
 pub fn record_dead_letters(code: &'static str, n: u64) {
     if n > 0 {
         counter!(DEAD_LETTERS, "reason" => code).increment(n);
-    }
-}
-
-/// Records the dead letters of one apply call: `dead` of the malformed
-/// entries among `processed` (the batch's done prefix) went to `:dead`.
-/// They are fewer only when some were found already applied (a redelivery
-/// another daemon dead-lettered), in which case the first ones are counted.
-pub fn record_input_dead_letters(processed: &[&Prepared], dead: u64) {
-    let mut left = dead;
-    for p in processed {
-        if left == 0 {
-            return;
-        }
-        if let Kind::Dead(reason) = p.kind {
-            record_dead_letters(reason.code(), 1);
-            left -= 1;
-        }
     }
 }
 
@@ -238,199 +230,12 @@ impl ConsumerMetrics {
     }
 }
 
-/// Renders, in the Prometheus text format, what is read at scrape time:
-/// the Redis snapshot (`None`: it failed, and only [`REDIS_UP`] 0 says so)
-/// and the daemon's counters (`None` for `tidemark consume`).
-pub fn render_scrape(status: Option<&Status>, stats: Option<&Stats>) -> String {
-    let recorder = PrometheusBuilder::new().build_recorder();
-    ::metrics::with_local_recorder(&recorder, || {
-        describe_scraped();
-        gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-        gauge!(REDIS_UP).set(if status.is_some() { 1.0 } else { 0.0 });
-        if let Some(s) = status {
-            record_status(s);
-        }
-        if let Some(s) = stats {
-            record_stats(s);
-        }
-    });
-    recorder.handle().render()
-}
-
-fn describe_scraped() {
-    describe_gauge!(BUILD_INFO, "Always 1; the label says which tidemark version runs.");
-    describe_gauge!(REDIS_UP, "1 if this scrape could read the namespace's state from Redis, else 0.");
-    describe_gauge!(WATERMARK, "The watermark (absent until the first one arrives).");
-    describe_gauge!(
-        EVENT_TIME_LAG,
-        "Watermark minus the oldest scheduled ts still waiting (due but not yet released); 0 when none waits."
-    );
-    describe_gauge!(SCHEDULED, "Elements waiting in the schedule.");
-    describe_gauge!(NEXT_DUE_TS, "The smallest scheduled ts (absent when nothing is scheduled).");
-    describe_gauge!(INPUT_LENGTH, "Entries in the input stream (acknowledged ones stay until trimmed).");
-    describe_gauge!(INPUT_PENDING, "Input entries read by a daemon and not yet applied.");
-    describe_gauge!(INPUT_LAG, "Input entries no daemon has read yet (absent where Redis cannot tell).");
-    describe_gauge!(INPUT_DAEMONS, "Daemons known to the input group.");
-    describe_gauge!(OUTPUT_LENGTH, "Entries in the output stream.");
-    describe_gauge!(DEAD_STREAM_LENGTH, "Entries in the dead-letter stream.");
-    describe_gauge!(GROUP_PENDING, "Output entries delivered to a consumer of the group and not yet acknowledged.");
-    describe_gauge!(GROUP_LAG, "Output entries not yet delivered to the group (absent where Redis cannot tell).");
-    describe_gauge!(
-        GROUP_OLDEST_PENDING_IDLE,
-        Unit::Seconds,
-        "Seconds since the group's oldest pending entry was delivered; 0 when none is pending."
-    );
-    describe_gauge!(GROUP_CONSUMERS, "Consumers known to the group.");
-    describe_gauge!(GROUP_LIVE_CONSUMERS, "Consumers of the group holding a liveness lease.");
-    describe_counter!(INGESTED, "Input entries applied by this daemon, by op (dead: malformed, dead-lettered).");
-    describe_counter!(LATE, "Adds that were already due when applied and were released at once.");
-    describe_counter!(RELEASED, "Elements this daemon released into the output stream (late adds included).");
-    describe_counter!(INPUT_CLAIMED, "Input entries this daemon claimed from other daemons.");
-    describe_counter!(INPUT_FAILOVERS, "Daemons whose pending input this daemon took over after their lease expired.");
-    describe_counter!(REDIS_RECONNECTS, "Times the connection to Redis was re-established after a failure.");
-    describe_gauge!(HOUSEKEEPING_LEADER, "1 while this daemon holds the housekeeping lock, else 0.");
-}
-
-fn record_status(s: &Status) {
-    if let Some(wm) = s.watermark {
-        gauge!(WATERMARK).set(wm as f64);
-        let waiting = s.next_due_ts.filter(|ts| *ts <= wm);
-        gauge!(EVENT_TIME_LAG).set(waiting.map_or(0.0, |ts| wm.saturating_sub(ts) as f64));
-    }
-    gauge!(SCHEDULED).set(s.scheduled as f64);
-    if let Some(ts) = s.next_due_ts {
-        gauge!(NEXT_DUE_TS).set(ts as f64);
-    }
-    gauge!(INPUT_LENGTH).set(s.input.length as f64);
-    gauge!(INPUT_PENDING).set(s.input.pending as f64);
-    if let Some(lag) = s.input.lag {
-        gauge!(INPUT_LAG).set(lag as f64);
-    }
-    gauge!(INPUT_DAEMONS).set(s.input.daemons as f64);
-    gauge!(OUTPUT_LENGTH).set(s.output.length as f64);
-    gauge!(DEAD_STREAM_LENGTH).set(s.dead_letters as f64);
-    for g in &s.output.groups {
-        let group = g.name.clone();
-        gauge!(GROUP_PENDING, "group" => group.clone()).set(g.pending as f64);
-        if let Some(lag) = g.lag {
-            gauge!(GROUP_LAG, "group" => group.clone()).set(lag as f64);
-        }
-        let idle = g.oldest_pending.as_ref().map_or(0.0, |o| o.idle_ms as f64 / 1000.0);
-        gauge!(GROUP_OLDEST_PENDING_IDLE, "group" => group.clone()).set(idle);
-        gauge!(GROUP_CONSUMERS, "group" => group.clone()).set(g.consumers.len() as f64);
-        let live = g.consumers.iter().filter(|c| c.leased).count();
-        gauge!(GROUP_LIVE_CONSUMERS, "group" => group).set(live as f64);
-    }
-}
-
-fn record_stats(s: &Stats) {
-    use std::sync::atomic::Ordering::Relaxed;
-    for (op, n) in [("add", &s.adds), ("cancel", &s.cancels), ("watermark", &s.watermarks), ("dead", &s.dead)] {
-        counter!(INGESTED, "op" => op).absolute(n.load(Relaxed));
-    }
-    counter!(LATE).absolute(s.late.load(Relaxed));
-    counter!(RELEASED).absolute(s.released.load(Relaxed));
-    counter!(INPUT_CLAIMED).absolute(s.claimed.load(Relaxed));
-    counter!(INPUT_FAILOVERS).absolute(s.failovers.load(Relaxed));
-    counter!(REDIS_RECONNECTS).absolute(s.reconnects.load(Relaxed));
-    gauge!(HOUSEKEEPING_LEADER).set(if s.housekeeping_leader.load(Relaxed) { 1.0 } else { 0.0 });
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::status::{ConsumerStatus, InputInfo, OldestPending, OutputGroup, OutputInfo};
-    use std::sync::atomic::Ordering::Relaxed;
 
-    fn status() -> Status {
-        Status {
-            namespace: "default".into(),
-            watermark: Some(100),
-            scheduled: 3,
-            next_due_ts: Some(90),
-            input: InputInfo { length: 7, pending: 2, lag: Some(1), daemons: 2 },
-            output: OutputInfo {
-                length: 5,
-                groups: vec![OutputGroup {
-                    name: "bill\"ing".into(),
-                    pending: 4,
-                    lag: None,
-                    last_delivered_id: "1-0".into(),
-                    oldest_pending: Some(OldestPending {
-                        id: "1-0".into(),
-                        consumer: "a".into(),
-                        idle_ms: 1500,
-                        deliveries: 1,
-                    }),
-                    consumers: vec![
-                        ConsumerStatus { name: "a".into(), pending: 4, idle_ms: 1500, leased: true },
-                        ConsumerStatus { name: "b".into(), pending: 0, idle_ms: 9, leased: false },
-                    ],
-                }],
-            },
-            dead_letters: 6,
-        }
-    }
-
-    /// The sample lines (no comments) of a rendering.
     fn samples(text: &str) -> Vec<&str> {
         text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()).collect()
-    }
-
-    #[test]
-    fn snapshot_and_counters_render_exactly() {
-        let stats = Stats::default();
-        stats.adds.store(3, Relaxed);
-        stats.watermarks.store(1, Relaxed);
-        stats.released.store(2, Relaxed);
-        stats.failovers.store(1, Relaxed);
-        stats.housekeeping_leader.store(true, Relaxed);
-        let text = render_scrape(Some(&status()), Some(&stats));
-        let lines = samples(&text);
-        for expected in [
-            "tidemark_redis_up 1",
-            "tidemark_watermark 100",
-            "tidemark_event_time_lag 10",
-            "tidemark_scheduled 3",
-            "tidemark_next_due_ts 90",
-            "tidemark_input_pending 2",
-            "tidemark_input_lag 1",
-            "tidemark_input_daemons 2",
-            "tidemark_output_length 5",
-            "tidemark_dead_stream_length 6",
-            r#"tidemark_group_pending{group="bill\"ing"} 4"#,
-            r#"tidemark_group_oldest_pending_idle_seconds{group="bill\"ing"} 1.5"#,
-            r#"tidemark_group_consumers{group="bill\"ing"} 2"#,
-            r#"tidemark_group_live_consumers{group="bill\"ing"} 1"#,
-            r#"tidemark_ingested_total{op="add"} 3"#,
-            r#"tidemark_ingested_total{op="cancel"} 0"#,
-            r#"tidemark_ingested_total{op="watermark"} 1"#,
-            r#"tidemark_ingested_total{op="dead"} 0"#,
-            "tidemark_released_total 2",
-            "tidemark_input_failovers_total 1",
-            "tidemark_housekeeping_leader 1",
-        ] {
-            assert!(lines.contains(&expected), "missing {expected:?} in:\n{text}");
-        }
-        // Unknown lag is absent, not 0.
-        assert!(!text.contains("tidemark_group_lag"), "{text}");
-        assert!(text.contains("# HELP tidemark_watermark The watermark"), "{text}");
-        assert!(text.contains("# TYPE tidemark_ingested_total counter"), "{text}");
-    }
-
-    #[test]
-    fn nothing_due_waiting_is_zero_lag_and_failed_snapshot_is_redis_down() {
-        let mut s = status();
-        s.next_due_ts = Some(150);
-        let text = render_scrape(Some(&s), None);
-        assert!(samples(&text).contains(&"tidemark_event_time_lag 0"), "{text}");
-        assert!(!text.contains("tidemark_ingested_total"), "no daemon counters for a consumer: {text}");
-
-        let text = render_scrape(None, None);
-        let mut lines = samples(&text);
-        lines.sort_unstable();
-        let build = format!("tidemark_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
-        assert_eq!(lines, [build.as_str(), "tidemark_redis_up 0"]);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use tracing::{error, info, warn};
 
 use super::{ConsumeError, ConsumerBuilder, Element, Handler};
 use crate::config::Settings;
-use crate::http::Readiness;
+use crate::health::Readiness;
 
 /// Longest stdout/stderr line logged as one; longer lines are split.
 const MAX_LINE: u64 = 16 * 1024;

@@ -66,7 +66,8 @@ pub use json::encode as element_json;
 
 use crate::config::{consumer_name, ProcessEnv, Settings, MAX_BATCH_SIZE};
 use crate::core::backoff::Backoff;
-use crate::http::Readiness;
+use crate::core::RetryPolicy;
+use crate::health::Readiness;
 use crate::store::{ConnectOptions, Keys, StoreError};
 
 /// Time the binary allows after `shutdown_grace` for the last
@@ -143,7 +144,7 @@ struct Options {
     shutdown_grace: Duration,
     handler_timeout: Option<Duration>,
     ack_interval: Duration,
-    backoff: Backoff,
+    retry: RetryPolicy,
     readiness: Readiness,
 }
 
@@ -188,8 +189,10 @@ impl ConsumerBuilder {
                 shutdown_grace: raw.consume.shutdown_grace,
                 handler_timeout: None,
                 ack_interval: Duration::from_millis(5),
-                backoff: Backoff::try_new(raw.daemon.reconnect_min, raw.daemon.reconnect_max)
-                    .expect("the built-in reconnect bounds are valid"),
+                retry: RetryPolicy::new(
+                    Backoff::try_new(raw.daemon.reconnect_min, raw.daemon.reconnect_max)
+                        .expect("the built-in reconnect bounds are valid"),
+                ),
                 readiness: Readiness::default(),
             },
         }
@@ -218,7 +221,7 @@ impl ConsumerBuilder {
                 shutdown_grace: c.shutdown_grace,
                 handler_timeout: None,
                 ack_interval: Duration::from_millis(5),
-                backoff: settings.daemon.backoff,
+                retry: settings.daemon.retry,
                 readiness: Readiness::default(),
             },
         }
@@ -313,9 +316,11 @@ impl ConsumerBuilder {
         self
     }
 
-    /// The reconnect policy after Redis failures.
+    /// The reconnect backoff after lost connections (other Redis failures,
+    /// such as a full or loading Redis, are retried no faster than their
+    /// class allows: see [`RetryPolicy`]).
     pub fn backoff(mut self, backoff: Backoff) -> Self {
-        self.opts.backoff = backoff;
+        self.opts.retry = RetryPolicy::new(backoff);
         self
     }
 

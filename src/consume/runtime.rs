@@ -22,7 +22,7 @@ use crate::core::op::{Field, Reason};
 use crate::core::EntryId;
 use crate::metrics::ConsumerMetrics;
 use crate::store::reader::StreamReader;
-use crate::store::{self, lease, StoreError, StreamEntry};
+use crate::store::{self, lease, Reconnect, StoreError, StreamEntry};
 
 /// Longest `detail` written to `:dead` (a handler's error can be huge).
 const MAX_DETAIL: usize = 2000;
@@ -133,42 +133,22 @@ impl<H: Handler> Runtime<H> {
             lease_ttl = ?o.lease_ttl,
             "consumer starting"
         );
-        // Failed attempts since the last good connection: drives the backoff
-        // and logs each outage once.
-        let mut failures: u32 = 0;
-        let mut ever_connected = false;
+        let mut reconnect = Reconnect::new("consumer", o.retry).readiness(o.readiness.clone());
         loop {
-            let mut connected = false;
-            let result = self.session(shutdown, &mut connected, ever_connected).await;
-            if connected {
-                ever_connected = true;
-                failures = 0;
-            }
-            if let Err(e) = &result {
-                self.c.opts.readiness.set_disconnected(e);
-            }
-            match result {
+            match self.session(shutdown, &mut reconnect).await {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_fatal() => {
+                    self.c.opts.readiness.set_unavailable(e.fault(), &e);
                     self.tasks.abort_all();
                     return Err(e.into());
                 }
                 Err(e) => {
-                    if connected && e.is_connection() {
-                        warn!(error = %e, "lost the connection to Redis; reconnecting (running handlers go on)");
-                    } else if connected {
-                        warn!(error = %e, "a Redis command failed; starting over after a pause");
-                    } else if failures == 0 {
-                        warn!(error = %e, redis = %self.c.redis_display, "cannot reach Redis; retrying with backoff");
-                    } else {
-                        debug!(error = %e, failures, "still cannot reach Redis");
-                    }
+                    // Running handlers go on while Redis is unavailable.
+                    let delay = reconnect.down(&e);
                     if self.stopping.is_some() && self.tasks.is_empty() {
                         self.final_flush().await;
                         return Ok(());
                     }
-                    let delay = self.c.opts.backoff.delay(failures, rand::random::<f64>());
-                    failures = failures.saturating_add(1);
                     self.wait_offline(delay, shutdown).await;
                     if self.stopping.is_some() && self.tasks.is_empty() {
                         self.final_flush().await;
@@ -180,13 +160,8 @@ impl<H: Handler> Runtime<H> {
     }
 
     /// One connected period: until the drain is over (`Ok`) or Redis fails.
-    /// A `reconnect` (an earlier session was connected) is counted once set up.
-    async fn session(
-        &mut self,
-        shutdown: &CancellationToken,
-        connected: &mut bool,
-        reconnect: bool,
-    ) -> Result<(), StoreError> {
+    /// A reconnect (an earlier session was set up) is counted once set up.
+    async fn session(&mut self, shutdown: &CancellationToken, reconnect: &mut Reconnect) -> Result<(), StoreError> {
         let c = &self.c;
         let o = &c.opts;
         let mut conn = store::connect(&c.client, &c.connect, c.connect.response_timeout).await?;
@@ -202,9 +177,7 @@ impl<H: Handler> Runtime<H> {
         if self.lease.is_none() {
             self.start_lease(&mut conn).await?;
         }
-        *connected = true;
-        self.c.opts.readiness.set_ready();
-        if reconnect {
+        if reconnect.up() {
             self.metrics.reconnects.increment(1);
         }
         info!(
@@ -329,7 +302,8 @@ impl<H: Handler> Runtime<H> {
         }
         lease::refresh(conn, &key, &holder, c.opts.lease_ttl).await?;
         let stop = CancellationToken::new();
-        let handle = lease::keep(c.client.clone(), c.connect.clone(), key, holder, c.opts.lease_ttl, stop.clone());
+        let handle =
+            lease::keep(c.client.clone(), c.connect.clone(), c.opts.retry, key, holder, c.opts.lease_ttl, stop.clone());
         self.lease = Some((handle, stop));
         Ok(())
     }

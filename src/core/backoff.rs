@@ -40,6 +40,16 @@ impl Backoff {
         Ok(Backoff { min, max })
     }
 
+    /// The first delay.
+    pub fn min(&self) -> Duration {
+        self.min
+    }
+
+    /// The cap.
+    pub fn max(&self) -> Duration {
+        self.max
+    }
+
     /// The un-jittered delay before retry number `attempt` (0-based).
     pub fn base(&self, attempt: u32) -> Duration {
         let factor = 1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX);

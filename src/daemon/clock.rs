@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 
 use super::Stats;
 use crate::config::Settings;
-use crate::store::{self, Scripts, StoreError};
+use crate::store::{self, Reconnect, Scripts, StoreError};
 
 /// Lifetime of the clock leader's lock: a dead leader is replaced within
 /// about this long (plus one [`FOLLOWER_POLL`]). Short, because losing the
@@ -46,28 +46,13 @@ pub async fn run(settings: Settings, stats: Arc<Stats>, shutdown: CancellationTo
         settings: &settings,
         stats: &stats,
     };
-    // Failed attempts since the last successful connection: drives the
-    // backoff and makes each outage log once.
-    let mut failures: u32 = 0;
+    let mut reconnect = Reconnect::new("clock", settings.daemon.retry);
     loop {
-        let mut connected = false;
-        let result = clock.session(&shutdown, &mut connected).await;
-        if connected {
-            failures = 0;
-        }
-        match result {
+        match clock.session(&shutdown, &mut reconnect).await {
             Ok(()) => return,
             Err(e) => {
-                if failures == 0 {
-                    warn!(error = %e, redis = %settings.redis_display, "clock: lost Redis; reconnecting with backoff");
-                } else {
-                    debug!(error = %e, failures, "clock: still cannot reach Redis");
-                }
-                let delay = settings.daemon.backoff.delay(failures, rand::random::<f64>());
-                failures = failures.saturating_add(1);
-                tokio::select! {
-                    _ = sleep(delay) => {}
-                    _ = shutdown.cancelled() => return,
+                if !reconnect.wait(&e, &shutdown).await {
+                    return;
                 }
             }
         }
@@ -100,12 +85,12 @@ impl Clock<'_> {
     /// One connected period: stands by until the lock is free, leads while
     /// it holds it. `Ok` on shutdown, `Err` on a Redis failure (the lock
     /// then lapses on its own within [`LOCK_TTL`]).
-    async fn session(&self, shutdown: &CancellationToken, connected: &mut bool) -> Result<(), StoreError> {
+    async fn session(&self, shutdown: &CancellationToken, reconnect: &mut Reconnect) -> Result<(), StoreError> {
         let s = self.settings;
         // Replies slower than the lock's lifetime mean we could not lead
         // anyway; failing fast also bounds how long shutdown can wait.
         let mut conn = store::connect(&s.client, &s.connect, s.connect.response_timeout.min(LOCK_TTL)).await?;
-        *connected = true;
+        reconnect.up();
         let mut standing_by = false;
         loop {
             if self.scripts.clock_lock(&mut conn, &self.lock, &self.token, Some(LOCK_TTL)).await? {
@@ -226,15 +211,11 @@ fn until_next_tick(next_due: Option<i64>, now_ms: i64, max_sleep: Duration) -> D
 }
 
 fn subscription_closed() -> StoreError {
-    io_error(std::io::ErrorKind::ConnectionReset, "the wake-up subscription was closed")
+    StoreError::io(std::io::ErrorKind::ConnectionReset, "the wake-up subscription was closed")
 }
 
 fn timed_out(what: &'static str) -> StoreError {
-    io_error(std::io::ErrorKind::TimedOut, what)
-}
-
-fn io_error(kind: std::io::ErrorKind, what: &'static str) -> StoreError {
-    StoreError::Redis(redis::RedisError::from(std::io::Error::new(kind, what)))
+    StoreError::io(std::io::ErrorKind::TimedOut, what)
 }
 
 #[cfg(test)]

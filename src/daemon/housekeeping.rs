@@ -21,7 +21,7 @@ use super::Stats;
 use crate::config::Settings;
 use crate::core::EntryId;
 use crate::store::retention::{self, GroupCursor};
-use crate::store::{self, lease, StoreError, INPUT_GROUP};
+use crate::store::{self, lease, Reconnect, StoreError, INPUT_GROUP};
 
 /// Competes for the housekeeping lock and does the periodic work while
 /// holding it, until `shutdown`; then releases the lock. Whether this daemon
@@ -32,32 +32,22 @@ pub async fn run(settings: Settings, stats: Arc<Stats>, shutdown: CancellationTo
     // work every `interval` (and never spin on absurdly small settings).
     let wake = h.interval.min(h.lock_ttl / 3).max(Duration::from_millis(10));
     let mut keeper = Housekeeper::new(&settings, &stats.housekeeping_leader);
-    // Failed passes since the last good one: drives the backoff and makes
-    // an outage log once.
-    let mut failures: u32 = 0;
+    let mut reconnect = Reconnect::new("housekeeping", settings.daemon.retry);
     loop {
         let pause = match keeper.step().await {
             Ok(passed) => {
-                if passed && failures > 0 {
-                    info!(failures, "housekeeping works again");
-                    failures = 0;
+                if passed {
+                    reconnect.up();
                 }
                 wake
             }
             Err(e) => {
-                if e.is_connection() {
+                if e.fault().needs_new_connection() {
                     keeper.reconnect();
                 }
-                if failures == 0 {
-                    warn!(error = %e, redis = %settings.redis_display, "housekeeping failed; retrying with backoff");
-                } else {
-                    debug!(error = %e, failures, "housekeeping still failing");
-                }
-                let delay = settings.daemon.backoff.delay(failures, rand::random::<f64>());
-                failures = failures.saturating_add(1);
                 // Never longer than a wake period: a leader must extend its
                 // lock in time even while its passes fail.
-                delay.min(wake)
+                reconnect.down(&e).min(wake)
             }
         };
         tokio::select! {

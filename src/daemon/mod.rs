@@ -4,7 +4,6 @@
 
 pub mod clock;
 pub mod housekeeping;
-mod stats;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Bound::{Excluded, Unbounded};
@@ -18,12 +17,13 @@ use tokio::time::{interval, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-pub use stats::Stats;
+pub use crate::health::Stats;
 
 use crate::config::Settings;
 use crate::core::EntryId;
+use crate::store::batch::Kind;
 use crate::store::reader::StreamReader;
-use crate::store::{self, prepare, Prepared, Scripts, StoreError, StreamEntry, INPUT_GROUP};
+use crate::store::{self, prepare, ApplyOutcome, Prepared, Reconnect, Scripts, StoreError, StreamEntry, INPUT_GROUP};
 
 /// How long to wait before retrying a batch that an older entry, pending at
 /// another daemon, holds back. Doubles from the first to the last value.
@@ -46,6 +46,7 @@ pub async fn run(settings: Settings, stats: Arc<Stats>, shutdown: CancellationTo
         store::lease::keep(
             settings.client.clone(),
             settings.connect.clone(),
+            settings.daemon.retry,
             settings.keys.lease("in", INPUT_GROUP, &settings.daemon.consumer),
             settings.daemon.consumer.clone(),
             settings.lease.ttl,
@@ -68,10 +69,7 @@ pub async fn run(settings: Settings, stats: Arc<Stats>, shutdown: CancellationTo
 /// The ingest/release loop with reconnects.
 async fn ingest(settings: &Settings, stats: &Arc<Stats>, shutdown: &CancellationToken) -> Result<(), StoreError> {
     let scripts = Scripts::new().clock_mode(settings.daemon.clock);
-    // Failed attempts since the last successful connection: drives the
-    // backoff and makes each state change (up → down) log once.
-    let mut failures: u32 = 0;
-    let mut ever_connected = false;
+    let mut reconnect = Reconnect::new("daemon", settings.daemon.retry).readiness(stats.readiness.clone());
     info!(
         redis = %settings.redis_display,
         namespace = %settings.keys.namespace,
@@ -79,35 +77,16 @@ async fn ingest(settings: &Settings, stats: &Arc<Stats>, shutdown: &Cancellation
         "tidemark daemon starting"
     );
     loop {
-        let mut connected = false;
-        let result = session(settings, &scripts, stats, shutdown, &mut connected, ever_connected).await;
-        if connected {
-            ever_connected = true;
-            failures = 0;
-        }
-        match result {
+        match session(settings, &scripts, stats, shutdown, &mut reconnect).await {
             Ok(()) => {
                 info!("tidemark daemon stopped");
                 return Ok(());
             }
             Err(e) if e.is_fatal() => return Err(e),
             Err(e) => {
-                stats.readiness.set_disconnected(&e);
-                if connected {
-                    warn!(error = %e, "lost the connection to Redis; reconnecting");
-                } else if failures == 0 {
-                    warn!(error = %e, redis = %settings.redis_display, "cannot reach Redis; retrying with backoff");
-                } else {
-                    debug!(error = %e, failures, "still cannot reach Redis");
-                }
-                let delay = settings.daemon.backoff.delay(failures, rand::random::<f64>());
-                failures = failures.saturating_add(1);
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.cancelled() => {
-                        info!("tidemark daemon stopped while disconnected");
-                        return Ok(());
-                    }
+                if !reconnect.wait(&e, shutdown).await {
+                    info!("tidemark daemon stopped while Redis was unavailable");
+                    return Ok(());
                 }
             }
         }
@@ -115,15 +94,14 @@ async fn ingest(settings: &Settings, stats: &Arc<Stats>, shutdown: &Cancellation
 }
 
 /// One connected period: set up, recover, then read and apply until
-/// shutdown (`Ok`) or a Redis failure (`Err`). A `reconnect` (an earlier
-/// session was connected) is counted as soon as it is set up.
+/// shutdown (`Ok`) or a Redis failure (`Err`). A reconnect (an earlier
+/// session was set up) is counted as soon as it is set up.
 async fn session(
     settings: &Settings,
     scripts: &Scripts,
     stats: &Arc<Stats>,
     shutdown: &CancellationToken,
-    connected: &mut bool,
-    reconnect: bool,
+    reconnect: &mut Reconnect,
 ) -> Result<(), StoreError> {
     let d = &settings.daemon;
     let keys = &settings.keys;
@@ -136,9 +114,7 @@ async fn session(
         }
     }
     scripts.load(&mut conn).await?;
-    *connected = true;
-    stats.readiness.set_ready();
-    if reconnect {
+    if reconnect.up() {
         stats.reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     info!(redis_version = %version, redis = %settings.redis_display, consumer = %d.consumer, "connected to Redis");
@@ -403,13 +379,13 @@ impl Worker<'_> {
                 let done = &ids[..outcome.processed.min(ids.len())];
                 if outcome.dead > 0 {
                     let processed: Vec<&Prepared> = done.iter().filter_map(|id| self.backlog.get(id)).collect();
-                    crate::metrics::record_input_dead_letters(&processed, outcome.dead);
+                    record_input_dead_letters(&processed, outcome.dead);
                     warn!(entries = outcome.dead, "malformed input entries moved to the dead-letter stream");
                 }
                 for id in done {
                     self.backlog.remove(id);
                 }
-                self.stats.record_apply(&outcome);
+                record_apply(self.stats, &outcome);
                 debug!(
                     processed = outcome.processed,
                     adds = outcome.adds,
@@ -495,5 +471,32 @@ impl Worker<'_> {
             info!(entries = self.backlog.len(), "leaving input entries pending for a restart or another daemon");
         }
         Ok(())
+    }
+}
+
+/// Adds one apply call's outcome to the counters.
+fn record_apply(stats: &Stats, o: &ApplyOutcome) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let applied = o.adds + o.cancels + o.watermarks + o.dead;
+    stats.ingested.fetch_add(applied, Relaxed);
+    stats.adds.fetch_add(o.adds, Relaxed);
+    stats.cancels.fetch_add(o.cancels, Relaxed);
+    stats.watermarks.fetch_add(o.watermarks, Relaxed);
+    stats.dead.fetch_add(o.dead, Relaxed);
+    stats.late.fetch_add(o.late, Relaxed);
+    stats.released.fetch_add(o.released + o.late, Relaxed);
+}
+
+/// Counts the dead letters of one apply call by reason: `dead` of the
+/// malformed entries among `processed` (the batch's done prefix) went to
+/// `:dead`. They are fewer only when some were found already applied (a
+/// redelivery another daemon dead-lettered); then the first ones count.
+fn record_input_dead_letters(processed: &[&Prepared], dead: u64) {
+    let reasons = processed.iter().filter_map(|p| match p.kind {
+        Kind::Dead(reason) => Some(reason),
+        _ => None,
+    });
+    for reason in reasons.take(dead as usize) {
+        crate::metrics::record_dead_letters(reason.code(), 1);
     }
 }

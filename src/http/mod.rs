@@ -3,7 +3,7 @@
 //! routes, on one port.
 
 pub mod dashboard;
-mod readiness;
+pub mod scrape;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,10 +22,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-pub use readiness::{Readiness, Ready};
+pub use crate::health::{Readiness, Ready};
 
 use crate::config::Settings;
-use crate::daemon::Stats;
+use crate::health::Stats;
 use crate::store::{self, status, ConnectOptions, StoreError};
 
 /// Longest a scrape waits for the Redis snapshot; past it, `/metrics`
@@ -221,7 +221,7 @@ async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
             None
         }
     };
-    let mut body = crate::metrics::render_scrape(status.as_ref(), s.endpoints.stats.as_deref());
+    let mut body = scrape::render(status.as_ref(), s.endpoints.stats.as_deref());
     if let Some(handle) = &s.endpoints.prometheus {
         body.push_str(&handle.render());
     }

@@ -8,9 +8,9 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
 
-use super::{connect, ConnectOptions, StoreError};
+use super::{connect, ConnectOptions, Reconnect, StoreError};
+use crate::core::RetryPolicy;
 
 /// Sets `key` to `holder` for `ttl`.
 pub async fn refresh(
@@ -37,10 +37,11 @@ pub async fn alive(conn: &mut MultiplexedConnection, keys: &[String]) -> Result<
 
 /// Keeps `key` alive until `stop` is cancelled, then deletes it so peers see
 /// the holder gone at once. Survives Redis outages: it reconnects on its own
-/// and logs a failure only once per outage.
+/// and logs an outage once.
 pub fn keep(
     client: redis::Client,
     opts: ConnectOptions,
+    retry: RetryPolicy,
     key: String,
     holder: String,
     ttl: Duration,
@@ -49,7 +50,7 @@ pub fn keep(
     tokio::spawn(async move {
         let period = ttl / 3;
         let mut conn: Option<MultiplexedConnection> = None;
-        let mut failing = false;
+        let mut reconnect = Reconnect::new("lease", retry);
         loop {
             let result = async {
                 if conn.is_none() {
@@ -59,19 +60,13 @@ pub fn keep(
                 refresh(c, &key, &holder, ttl).await
             }
             .await;
-            match result {
-                Ok(()) if failing => {
-                    debug!(key = %key, "lease refreshed again");
-                    failing = false;
-                }
-                Ok(()) => {}
-                Err(e) => {
-                    if !failing {
-                        warn!(key = %key, error = %e, "cannot refresh the liveness lease; peers may take over our work");
-                    }
-                    failing = true;
-                    conn = None;
-                }
+            if let Err(e) = result {
+                // Peers may take over our work meanwhile; the pace is the
+                // lease's own, whatever the failure.
+                reconnect.down(&e);
+                conn = None;
+            } else if reconnect.outage().is_some() {
+                reconnect.up();
             }
             tokio::select! {
                 _ = tokio::time::sleep(period) => {}

@@ -3,9 +3,11 @@
 pub mod backlog;
 pub mod batch;
 pub mod entries;
+pub mod error;
 pub mod keys;
 pub mod lease;
 pub mod reader;
+pub mod reconnect;
 pub mod retention;
 pub mod scripts;
 pub mod status;
@@ -17,7 +19,9 @@ use redis::{AsyncConnectionConfig, Client, Value};
 
 pub use batch::{prepare, Prepared};
 pub use entries::StreamEntry;
+pub use error::StoreError;
 pub use keys::{Keys, INPUT_GROUP};
+pub use reconnect::Reconnect;
 pub use scripts::{ApplyOutcome, Scripts};
 
 use crate::core::EntryId;
@@ -25,80 +29,6 @@ use crate::core::EntryId;
 /// The oldest Redis that tidemark supports: `XAUTOCLAIM` and
 /// `ZRANGE … BYSCORE` arrived in 6.2.
 pub const MIN_REDIS: (u32, u32) = (6, 2);
-
-/// Errors from Redis I/O.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum StoreError {
-    /// A Redis command or connection failed. Credential and permission
-    /// errors carry a hint saying what to check.
-    #[error("redis: {0}{hint}", hint = credentials_hint(.0))]
-    Redis(#[from] redis::RedisError),
-    /// Redis answered something we could not decode.
-    #[error("unexpected reply from redis: {0}")]
-    Reply(String),
-    /// The server is older than [`MIN_REDIS`].
-    #[error("redis {0} is too old: tidemark needs Redis >= 6.2 (XAUTOCLAIM, ZRANGE BYSCORE)")]
-    TooOld(String),
-    /// A request Redis cannot satisfy as asked, e.g. an unknown dead-letter
-    /// id. The message is for the user.
-    #[error("{0}")]
-    Rejected(String),
-}
-
-impl StoreError {
-    /// The connection is gone or unusable: reconnect and retry.
-    pub fn is_connection(&self) -> bool {
-        match self {
-            StoreError::Redis(e) => {
-                e.is_io_error()
-                    || e.is_connection_dropped()
-                    || e.is_connection_refusal()
-                    || e.is_timeout()
-                    || matches!(e.kind(), redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading))
-            }
-            _ => false,
-        }
-    }
-
-    /// Retrying cannot help (wrong or missing password, an ACL user without
-    /// a permission we need, server too old, bad URL).
-    pub fn is_fatal(&self) -> bool {
-        match self {
-            StoreError::Redis(e) => {
-                matches!(e.kind(), redis::ErrorKind::AuthenticationFailed | redis::ErrorKind::InvalidClientConfig)
-                    || server_codes(e).iter().any(|c| matches!(c.as_str(), "NOPERM" | "WRONGPASS" | "NOAUTH"))
-            }
-            StoreError::TooOld(_) => true,
-            StoreError::Reply(_) | StoreError::Rejected(_) => false,
-        }
-    }
-}
-
-/// The server's error codes in `e`: its own, or those of each failed
-/// command of a pipeline (where `RedisError::code` sees none).
-fn server_codes(e: &redis::RedisError) -> Vec<String> {
-    match e.clone().into_server_errors() {
-        Some(errors) => errors.iter().map(|(_, err)| err.code().to_owned()).collect(),
-        None => e.code().map(str::to_owned).into_iter().collect(),
-    }
-}
-
-/// What the operator should check when Redis refuses our credentials or
-/// permissions (empty for every other error).
-fn credentials_hint(e: &redis::RedisError) -> &'static str {
-    let codes = server_codes(e);
-    let has = |code: &str| codes.iter().any(|c| c == code);
-    if e.kind() == redis::ErrorKind::AuthenticationFailed || has("WRONGPASS") {
-        " (wrong user name or password: check redis.url, redis.password_file or REDIS_PASSWORD)"
-    } else if has("NOAUTH") {
-        " (Redis requires a password: give it in redis.url, redis.password_file or REDIS_PASSWORD)"
-    } else if has("NOPERM") {
-        " (the Redis ACL user lacks a permission tidemark needs: see the README, section Security)"
-    } else {
-        ""
-    }
-}
 
 /// How to reach Redis.
 #[derive(Debug, Clone)]

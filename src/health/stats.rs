@@ -2,8 +2,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
-use crate::http::Readiness;
-use crate::store::ApplyOutcome;
+use super::Readiness;
 
 /// Monotonic counters since the daemon started.
 #[derive(Debug, Default)]
@@ -37,19 +36,7 @@ pub struct Stats {
 }
 
 impl Stats {
-    /// Adds one apply call's outcome.
-    pub fn record_apply(&self, o: &ApplyOutcome) {
-        let applied = o.adds + o.cancels + o.watermarks + o.dead;
-        self.ingested.fetch_add(applied, Relaxed);
-        self.adds.fetch_add(o.adds, Relaxed);
-        self.cancels.fetch_add(o.cancels, Relaxed);
-        self.watermarks.fetch_add(o.watermarks, Relaxed);
-        self.dead.fetch_add(o.dead, Relaxed);
-        self.late.fetch_add(o.late, Relaxed);
-        self.released.fetch_add(o.released + o.late, Relaxed);
-    }
-
-    /// Adds elements released by the release script.
+    /// Adds elements released by a release or clock call.
     pub fn record_release(&self, n: u64) {
         self.released.fetch_add(n, Relaxed);
     }

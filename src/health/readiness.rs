@@ -4,6 +4,8 @@
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use crate::core::Fault;
+
 /// The readiness of a daemon or consumer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -13,9 +15,9 @@ pub enum Ready {
     /// Connected: Redis answered, the scripts are loaded and the groups
     /// exist.
     Ready,
-    /// The connection was lost or could not be made; the reason is a short
-    /// error text (never holding the password).
-    Disconnected(String),
+    /// Redis cannot be used right now: the class of the failure, and a
+    /// short error text (never holding the password).
+    Unavailable(Fault, String),
     /// Shutdown has begun: no new work is taken.
     ShuttingDown,
 }
@@ -25,7 +27,8 @@ impl fmt::Display for Ready {
         match self {
             Ready::Starting => f.write_str("starting: not connected to Redis yet"),
             Ready::Ready => f.write_str("ready"),
-            Ready::Disconnected(reason) => write!(f, "disconnected from Redis: {reason}"),
+            Ready::Unavailable(Fault::Disconnected, reason) => write!(f, "disconnected from Redis: {reason}"),
+            Ready::Unavailable(fault, reason) => write!(f, "Redis unavailable ({}): {fault}: {reason}", fault.label()),
             Ready::ShuttingDown => f.write_str("shutting down"),
         }
     }
@@ -60,9 +63,9 @@ impl Readiness {
         self.set(Ready::Ready);
     }
 
-    /// Lost (or never got) the connection, because of `reason`.
-    pub fn set_disconnected(&self, reason: impl fmt::Display) {
-        self.set(Ready::Disconnected(reason.to_string()));
+    /// Redis cannot be used because of `fault`; `reason` says more.
+    pub fn set_unavailable(&self, fault: Fault, reason: impl fmt::Display) {
+        self.set(Ready::Unavailable(fault, reason.to_string()));
     }
 
     /// Shutdown has begun (final).
@@ -82,11 +85,13 @@ mod tests {
         let shared = r.clone();
         shared.set_ready();
         assert_eq!(r.get(), Ready::Ready);
-        shared.set_disconnected("connection refused");
+        shared.set_unavailable(Fault::Disconnected, "connection refused");
         assert_eq!(r.get().to_string(), "disconnected from Redis: connection refused");
+        shared.set_unavailable(Fault::OutOfMemory, "OOM command not allowed");
+        assert!(r.get().to_string().starts_with("Redis unavailable (oom): Redis is out of memory"), "{}", r.get());
         r.set_shutting_down();
         r.set_ready();
-        r.set_disconnected("late");
+        r.set_unavailable(Fault::Disconnected, "late");
         assert_eq!(shared.get(), Ready::ShuttingDown);
     }
 }
