@@ -46,7 +46,7 @@ pub async fn run(settings: Settings, stats: Arc<Stats>, shutdown: CancellationTo
         settings: &settings,
         stats: &stats,
     };
-    let mut reconnect = Reconnect::new("clock", settings.daemon.retry);
+    let mut reconnect = Reconnect::side_task("clock", settings.daemon.retry);
     loop {
         match clock.session(&shutdown, &mut reconnect).await {
             Ok(()) => return,

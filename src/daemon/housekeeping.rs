@@ -32,7 +32,7 @@ pub async fn run(settings: Settings, stats: Arc<Stats>, shutdown: CancellationTo
     // work every `interval` (and never spin on absurdly small settings).
     let wake = h.interval.min(h.lock_ttl / 3).max(Duration::from_millis(10));
     let mut keeper = Housekeeper::new(&settings, &stats.housekeeping_leader);
-    let mut reconnect = Reconnect::new("housekeeping", settings.daemon.retry);
+    let mut reconnect = Reconnect::side_task("housekeeping", settings.daemon.retry);
     loop {
         let pause = match keeper.step().await {
             Ok(passed) => {

@@ -50,7 +50,7 @@ pub fn keep(
     tokio::spawn(async move {
         let period = ttl / 3;
         let mut conn: Option<MultiplexedConnection> = None;
-        let mut reconnect = Reconnect::new("lease", retry);
+        let mut reconnect = Reconnect::side_task("lease", retry);
         loop {
             let result = async {
                 if conn.is_none() {

@@ -41,12 +41,21 @@ pub struct Reconnect {
     /// Whether a session was ever set up: the first failures are "cannot
     /// reach", later ones "lost".
     ever_up: bool,
+    /// A side task (lease, clock, housekeeping) of a process whose main
+    /// loop reports outages: its lines name it and never repeat the main
+    /// loop's "lost the connection" warning.
+    side: bool,
 }
 
 impl Reconnect {
     /// Reconnect bookkeeping for `what`, paced by `policy`.
     pub fn new(what: &'static str, policy: RetryPolicy) -> Self {
-        Reconnect { what, policy, readiness: None, attempts: 0, outage: None, ever_up: false }
+        Reconnect { what, policy, readiness: None, attempts: 0, outage: None, ever_up: false, side: false }
+    }
+
+    /// Reconnect bookkeeping for a side task `what` (see `side`): its log lines name it.
+    pub fn side_task(what: &'static str, policy: RetryPolicy) -> Self {
+        Reconnect { side: true, ..Reconnect::new(what, policy) }
     }
 
     /// Also keep `readiness` current.
@@ -65,7 +74,7 @@ impl Reconnect {
     /// set up before).
     pub fn up(&mut self) -> bool {
         if let Some(outage) = self.outage.take() {
-            if self.ever_up {
+            if self.ever_up || self.side {
                 info!(
                     what = self.what,
                     class = outage.fault.label(),
@@ -95,32 +104,35 @@ impl Reconnect {
             r.set_unavailable(fault, error);
         }
         let delay = self.policy.delay(fault, self.attempts, rand::random::<f64>());
+        let connection = fault.needs_new_connection();
+        let what = self.what;
         match self.outage {
             Some(o) if o.fault == fault => {
-                debug!(what = self.what, class = fault.label(), error = %error, attempts = self.attempts, "{}: still failing", self.what);
+                let attempts = self.attempts;
+                match (self.side, connection) {
+                    (false, true) => debug!(what, error = %error, attempts, "still cannot reach Redis"),
+                    (false, false) => debug!(what, error = %error, attempts, "Redis still refuses the work"),
+                    (true, _) => debug!(what, error = %error, attempts, "{what}: Redis still unavailable"),
+                }
             }
-            Some(ref mut o) => {
-                warn!(
-                    what = self.what,
-                    class = fault.label(),
-                    error = %error,
-                    retry_in = ?delay,
-                    "{}: {fault}",
-                    self.what
-                );
-                o.fault = fault;
-            }
-            None => {
-                let verb = if self.ever_up { "lost Redis" } else { "cannot use Redis" };
-                warn!(
-                    what = self.what,
-                    class = fault.label(),
-                    error = %error,
-                    retry_in = ?delay,
-                    "{}: {verb}: {fault}",
-                    self.what
-                );
-                self.outage = Some(Outage { fault, since: Instant::now() });
+            _ => {
+                let class = fault.label();
+                match (self.side, connection, self.ever_up) {
+                    (false, true, true) => {
+                        warn!(what, class, error = %error, retry_in = ?delay, "lost the connection to Redis ({fault}); reconnecting")
+                    }
+                    (false, true, false) => {
+                        warn!(what, class, error = %error, retry_in = ?delay, "cannot reach Redis ({fault}); retrying with backoff")
+                    }
+                    (false, false, _) => {
+                        warn!(what, class, error = %error, retry_in = ?delay, "Redis refuses the work: {fault}; retrying")
+                    }
+                    (true, _, _) => {
+                        warn!(what, class, error = %error, retry_in = ?delay, "{what}: Redis unavailable: {fault}")
+                    }
+                }
+                let since = self.outage.map_or_else(Instant::now, |o| o.since);
+                self.outage = Some(Outage { fault, since });
             }
         }
         self.attempts = self.attempts.saturating_add(1);
