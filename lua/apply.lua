@@ -19,22 +19,24 @@
 -- ARGV[6]: one byte per entry: '1' where another entry id could lie
 --   between the previous entry's id and this one's, '0' where the two ids
 --   are adjacent (same ms, next seq). The first byte is not used.
--- ARGV[7]: the entries, sorted by entry id, as one MessagePack array of
---   `str` objects (src/core/codec.rs), one run of items per entry, each one of
---   <entry id> 'A' <element id> <ts> <payload blob, '' if none>   (add)
---   <entry id> 'C' <element id>                                   (cancel)
---   <entry id> 'W' <ts>                                           (watermark)
---   <entry id> 'D' <reason> <detail> <blob: original fields>      (dead letter)
---   <entry id> 'X'                                                (entry deleted from the stream)
--- ARGV[8..13]: the same batch in bulk form when it holds only adds, each
---   element id once: ARGV[8] the smallest ts ('' when there is no bulk
---   form, and ARGV[9..13] are then ''), and as sequences of MessagePack
---   `str` objects: ARGV[9] the ZADD arguments (ts, id, …), ARGV[10] the
---   HSET arguments (id, payload blob, …, for adds with a payload), ARGV[11]
---   the ids of adds without payload, ARGV[12] the entry ids, ARGV[13] the
---   pairs of neighbouring entry ids that ARGV[6] marks with '1'
--- Returns: {processed, released, more_due, blocked, adds, cancels,
---           watermarks, dead, late}
+-- ARGV[7]: the form of the batch, which is sent once, in one form:
+--   'E' (entries): ARGV[8] holds the entries, sorted by entry id, as one
+--     MessagePack array of `str` objects (src/core/codec.rs), one run of
+--     items per entry, each one of
+--     <entry id> 'A' <element id> <ts> <payload blob, '' if none>   (add)
+--     <entry id> 'C' <element id>                                   (cancel)
+--     <entry id> 'W' <ts>                                           (watermark)
+--     <entry id> 'D' <reason> <detail> <blob: original fields>      (dead letter)
+--     <entry id> 'X'                                                (entry deleted from the stream)
+--   'B' (bulk): only adds, each element id once: ARGV[8] the smallest ts,
+--     and as sequences of MessagePack `str` objects: ARGV[9] the ZADD
+--     arguments (ts, id, …), ARGV[10] the HSET arguments (id, payload
+--     blob, …, for adds with a payload), ARGV[11] the ids of adds without
+--     payload, ARGV[12] the entry ids, ARGV[13] the pairs of neighbouring
+--     entry ids that ARGV[6] marks with '1'
+-- Returns: name/value pairs {'processed', n, 'released', n, 'more_due', 0|1,
+--   'blocked', 0|1, 'adds', n, 'cancels', n, 'watermarks', n, 'dead', n,
+--   'late', n}
 --   processed: how many leading entries are done (applied now, or found
 --     already applied); the caller keeps the rest for a later call.
 --   more_due: due elements remain; call release.lua before more input.
@@ -70,10 +72,15 @@ if clock then
 else
   wm = call('GET', wmkey)
 end
+local function outcome(processed, released, more_due, blocked, adds, cancels, watermarks, deadn, late)
+  return {'processed', processed, 'released', released, 'more_due', more_due, 'blocked', blocked,
+    'adds', adds, 'cancels', cancels, 'watermarks', watermarks, 'dead', deadn, 'late', late}
+end
+
 local released, more = release_due(sched, body, out, wm, budget)
 budget = budget - released
 if more then
-  return {0, released, 1, 0, 0, 0, 0, 0, 0}
+  return outcome(0, released, 1, 0, 0, 0, 0, 0, 0)
 end
 local wmn = wm and tonumber(wm)
 -- Whether any body may exist: if not, payload-less adds and cancels need
@@ -92,15 +99,35 @@ local function wake_clock(marker_key, channel, earliest, earliest_ts)
 end
 
 local gaps = ARGV[6]
+local bulk = ARGV[7] == 'B'
 -- The per-entry arguments, unpacked only for the loop below: a bulk batch
 -- usually needs just its first entry id, the first of ARGV[12].
 local args, first
-if ARGV[8] ~= '' then
+if bulk then
   local _
   _, first = cmsgpack.unpack_one(ARGV[12])
 else
-  args = msgunpack(ARGV[7])
+  args = msgunpack(ARGV[8])
   first = args[1]
+end
+
+-- The per-entry view of a bulk batch, for when it cannot be applied whole.
+local function entries_of_bulk()
+  local z, acks = {msgunpack(ARGV[9])}, {msgunpack(ARGV[12])}
+  local blobs = {}
+  if ARGV[10] ~= '' then
+    local h = {msgunpack(ARGV[10])}
+    for j = 1, #h, 2 do
+      blobs[h[j]] = h[j + 1]
+    end
+  end
+  local t, n = {}, 0
+  for j = 1, count do
+    local id = z[2 * j]
+    t[n + 1], t[n + 2], t[n + 3], t[n + 4], t[n + 5] = acks[j], 'A', id, z[2 * j - 1], blobs[id] or ''
+    n = n + 5
+  end
+  return t
 end
 local oldest = call('XPENDING', input, group, '-', '+', 1)[1]
 local fast = oldest ~= nil and oldest[1] == first
@@ -109,7 +136,7 @@ local next_gap = fast and string.find(gaps, '1', 2, true)
 -- Bulk: on the fast path, a batch of adds none of which is due, with no
 -- other entry pending between its entries, is applied by a few calls on
 -- the ready-made argument lists; otherwise it goes through the loop below.
-if fast and ARGV[8] ~= '' and not (wmn and tonumber(ARGV[8]) <= wmn) then
+if fast and bulk and not (wmn and tonumber(ARGV[8]) <= wmn) then
   local apart = {msgunpack(ARGV[13])}
   local clear = true
   for j = 1, #apart, 2 do
@@ -130,11 +157,11 @@ if fast and ARGV[8] ~= '' and not (wmn and tonumber(ARGV[8]) <= wmn) then
     if clock then
       wake_clock(KEYS[7], ARGV[5], tonumber(ARGV[8]), ARGV[8])
     end
-    return {count, released, 0, 0, count, 0, 0, 0, 0}
+    return outcome(count, released, 0, 0, count, 0, 0, 0, 0)
   end
 end
 
-args = args or msgunpack(ARGV[7])
+args = args or entries_of_bulk()
 
 -- Slow path: the oldest pending entries of the whole group, in id order.
 -- Walking our batch against them tells, per entry, whether it is still
@@ -297,4 +324,4 @@ end
 if earliest then
   wake_clock(KEYS[7], ARGV[5], earliest, earliest_ts)
 end
-return {processed, released, more and 1 or 0, blocked, adds, cancels, watermarks, deadn, late}
+return outcome(processed, released, more and 1 or 0, blocked, adds, cancels, watermarks, deadn, late)

@@ -4,8 +4,7 @@
 
 use std::fmt::Write as _;
 
-use redis::aio::MultiplexedConnection;
-use redis::{Script, Value};
+use redis::Value;
 use serde::ser::{SerializeStruct, Serializer};
 use serde::Serialize;
 use serde_json::Value as Json;
@@ -13,9 +12,8 @@ use serde_json::Value as Json;
 use crate::core::op::{Field, Reason};
 use crate::core::{json as bin_json, EntryId};
 use crate::store::entries::{decode_entries, StreamEntry};
-use crate::store::{Keys, StoreError};
-
-const REPLAY: &str = include_str!("../lua/replay.lua");
+use crate::store::scripts::{ReplayOutcome, ReplayPage};
+use crate::store::{Conn, Keys, Scripts, StoreError};
 
 /// Dead letters examined per replay script call: bounds how long Redis is
 /// held, however many letters there are.
@@ -94,11 +92,7 @@ fn letters(entries: Vec<StreamEntry>) -> Vec<DeadLetter> {
 }
 
 /// The newest `count` dead letters, newest first, and how many there are.
-pub async fn list(
-    conn: &mut MultiplexedConnection,
-    keys: &Keys,
-    count: usize,
-) -> Result<(Vec<DeadLetter>, u64), StoreError> {
+pub async fn list(conn: &mut Conn, keys: &Keys, count: usize) -> Result<(Vec<DeadLetter>, u64), StoreError> {
     let (total, newest): (u64, Value) = redis::pipe()
         .xlen(&keys.dead)
         .cmd("XREVRANGE")
@@ -182,12 +176,7 @@ pub fn render_table(letters: &[DeadLetter]) -> String {
 
 /// `tidemark dead list`: prints up to `count` dead letters, newest first,
 /// as a table or (`json`) as a JSON array.
-pub async fn cli_list(
-    conn: &mut MultiplexedConnection,
-    keys: &Keys,
-    count: usize,
-    json: bool,
-) -> Result<(), StoreError> {
+pub async fn cli_list(conn: &mut Conn, keys: &Keys, count: usize, json: bool) -> Result<(), StoreError> {
     let (found, total) = list(conn, keys, count).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&found).map_err(|e| StoreError::Reply(e.to_string()))?);
@@ -200,105 +189,6 @@ pub async fn cli_list(
     print!("{}", render_table(&found));
     println!("({} of {} dead letters, newest first)", found.len(), crate::store::status::thousands(total));
     Ok(())
-}
-
-/// What happened to one examined dead letter.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// Appended to `:in` with this new entry id.
-    ToInput(String),
-    /// Appended to `:out` as a fresh entry with this id.
-    ToOutput(String),
-    /// Left alone: its reason differs from the one asked for.
-    Skipped,
-    /// Left in `:dead`: it cannot be replayed (the text says why).
-    Invalid(String),
-}
-
-/// One examined dead letter.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Replayed {
-    /// Its entry id in `:dead`.
-    pub dead_id: String,
-    /// Its reason code (lossy UTF-8).
-    pub reason: String,
-    /// What happened to it.
-    pub outcome: Outcome,
-}
-
-/// One replay script call's result.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReplayPage {
-    /// Letters examined.
-    pub examined: usize,
-    /// The last examined id (the next page starts after it).
-    pub last: Option<String>,
-    /// One per examined letter, in id order.
-    pub letters: Vec<Replayed>,
-}
-
-fn text(v: &Value) -> Result<String, StoreError> {
-    match v {
-        Value::BulkString(b) => Ok(String::from_utf8_lossy(b).into_owned()),
-        Value::SimpleString(s) => Ok(s.clone()),
-        Value::Int(i) => Ok(i.to_string()),
-        other => Err(StoreError::Reply(format!("replay.lua: expected a string, got {other:?}"))),
-    }
-}
-
-/// Decodes `replay.lua`'s reply.
-fn decode_page(reply: Value) -> Result<ReplayPage, StoreError> {
-    let Value::Array(items) = reply else {
-        return Err(StoreError::Reply(format!("replay.lua returned {reply:?}")));
-    };
-    let (head, results) =
-        items.split_at_checked(2).ok_or_else(|| StoreError::Reply("replay.lua: short reply".into()))?;
-    let examined = match &head[0] {
-        Value::Int(n) => usize::try_from(*n).unwrap_or(0),
-        other => return Err(StoreError::Reply(format!("replay.lua: bad count {other:?}"))),
-    };
-    let last = Some(text(&head[1])?).filter(|l| !l.is_empty());
-    let letters = results
-        .chunks(4)
-        .map(|q| {
-            let [id, outcome, reason, detail] = q else {
-                return Err(StoreError::Reply("replay.lua: incomplete result".into()));
-            };
-            let detail = text(detail)?;
-            let outcome = match text(outcome)?.as_str() {
-                "in" => Outcome::ToInput(detail),
-                "out" => Outcome::ToOutput(detail),
-                "skipped" => Outcome::Skipped,
-                _ => Outcome::Invalid(detail),
-            };
-            Ok(Replayed { dead_id: text(id)?, reason: text(reason)?, outcome })
-        })
-        .collect::<Result<_, _>>()?;
-    Ok(ReplayPage { examined, last, letters })
-}
-
-/// Replays up to `count` dead letters with ids from `start` (XRANGE
-/// syntax) to `end` (inclusive) whose reason is `reason` (any if `None`),
-/// each atomically (append to its origin stream + delete from `:dead`).
-pub async fn replay_page(
-    conn: &mut MultiplexedConnection,
-    keys: &Keys,
-    start: &str,
-    end: &str,
-    count: usize,
-    reason: Option<&str>,
-) -> Result<ReplayPage, StoreError> {
-    let reply: Value = Script::new(REPLAY)
-        .key(&keys.dead)
-        .key(&keys.input)
-        .key(&keys.out)
-        .arg(start)
-        .arg(end)
-        .arg(count)
-        .arg(reason.unwrap_or(""))
-        .invoke_async(conn)
-        .await?;
-    decode_page(reply)
 }
 
 /// Tallies of one `dead replay` run.
@@ -317,16 +207,16 @@ impl Tally {
         self.examined += page.examined as u64;
         for l in &page.letters {
             match &l.outcome {
-                Outcome::ToInput(new_id) => {
+                ReplayOutcome::ToInput(new_id) => {
                     self.to_input += 1;
                     println!("{} ({}) -> {} {new_id}", l.dead_id, l.reason, keys.input);
                 }
-                Outcome::ToOutput(new_id) => {
+                ReplayOutcome::ToOutput(new_id) => {
                     self.to_output += 1;
                     println!("{} ({}) -> {} {new_id}", l.dead_id, l.reason, keys.out);
                 }
-                Outcome::Skipped => {}
-                Outcome::Invalid(why) => {
+                ReplayOutcome::Skipped => {}
+                ReplayOutcome::Invalid(why) => {
                     self.invalid += 1;
                     let reason = if l.reason.is_empty() { String::new() } else { format!(" ({})", l.reason) };
                     eprintln!("tidemark: dead letter {}{reason} cannot be replayed: {why}", l.dead_id);
@@ -357,7 +247,7 @@ impl Tally {
 /// `None` = every letter (of `reason`, if given) that exists when the
 /// command starts, in pages of [`REPLAY_PAGE`].
 pub async fn cli_replay(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     keys: &Keys,
     id: Option<&str>,
     reason: Option<&str>,
@@ -374,22 +264,22 @@ pub async fn cli_replay(
                 StoreError::Rejected(format!("--id {raw:?} is not a stream entry id (like 1700000000000-0)"))
             })?;
             let id = id.to_string();
-            let page = replay_page(conn, keys, &id, &id, 1, reason).await?;
+            let page = Scripts::new().replay_page(conn, keys, &id, &id, 1, reason).await?;
             let Some(letter) = page.letters.first() else {
                 return Err(StoreError::Rejected(format!("no dead letter with id {id} in {}", keys.dead)));
             };
             match &letter.outcome {
-                Outcome::Skipped => {
+                ReplayOutcome::Skipped => {
                     return Err(StoreError::Rejected(format!(
                         "dead letter {id} has reason {}, not {}: nothing replayed",
                         letter.reason,
                         reason.unwrap_or_default()
                     )))
                 }
-                Outcome::Invalid(why) => {
+                ReplayOutcome::Invalid(why) => {
                     return Err(StoreError::Rejected(format!("dead letter {id} cannot be replayed: {why}")))
                 }
-                Outcome::ToInput(_) | Outcome::ToOutput(_) => tally.record(keys, &page),
+                ReplayOutcome::ToInput(_) | ReplayOutcome::ToOutput(_) => tally.record(keys, &page),
             }
         }
         None => {
@@ -405,7 +295,7 @@ pub async fn cli_replay(
             let mut start = "-".to_owned();
             let mut next_progress = PROGRESS_EVERY;
             loop {
-                let page = replay_page(conn, keys, &start, &newest, REPLAY_PAGE, reason).await?;
+                let page = Scripts::new().replay_page(conn, keys, &start, &newest, REPLAY_PAGE, reason).await?;
                 tally.record(keys, &page);
                 if tally.examined >= next_progress {
                     eprintln!(
@@ -499,36 +389,5 @@ mod tests {
         assert_eq!(lines.len(), 2, "{table}");
         assert!(lines[0].starts_with("ENTRY ID  REASON  ORIGIN  ORIGIN ID  ELEMENT  DETAIL"), "{table}");
         assert!(lines[1].starts_with("7-1       bad_ts  in      5-0        order-1  `ts` is not"), "{table}");
-    }
-
-    #[test]
-    fn decodes_replay_replies() {
-        let s = |t: &str| Value::BulkString(t.as_bytes().to_vec());
-        let reply = Value::Array(vec![
-            Value::Int(3),
-            s("9-0"),
-            s("7-0"),
-            s("in"),
-            s("bad_ts"),
-            s("10-0"),
-            s("8-0"),
-            s("skipped"),
-            s("too_large"),
-            s(""),
-            s("9-0"),
-            s("invalid"),
-            s("x"),
-            s("unknown origin"),
-        ]);
-        let page = decode_page(reply).unwrap();
-        assert_eq!(page.examined, 3);
-        assert_eq!(page.last.as_deref(), Some("9-0"));
-        assert_eq!(
-            page.letters.iter().map(|l| l.outcome.clone()).collect::<Vec<_>>(),
-            [Outcome::ToInput("10-0".into()), Outcome::Skipped, Outcome::Invalid("unknown origin".into())]
-        );
-        assert!(decode_page(Value::Array(vec![Value::Int(0)])).is_err());
-        let empty = decode_page(Value::Array(vec![Value::Int(0), s("")])).unwrap();
-        assert_eq!((empty.examined, empty.last, empty.letters.len()), (0, None, 0));
     }
 }

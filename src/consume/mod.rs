@@ -52,7 +52,6 @@
 pub mod command;
 mod element;
 mod json;
-mod output;
 mod runtime;
 
 use std::future::Future;

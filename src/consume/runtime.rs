@@ -9,20 +9,19 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
 use tokio::task::{JoinError, JoinHandle, JoinSet};
 use tokio::time::{interval, sleep_until, Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::element::{self, Element};
-use super::output::{self, ClaimFrom, ClaimOutcome, DeadLetter, Scripts};
 use super::{ConsumeError, Consumer, Handler, FINISH_MARGIN};
 use crate::core::op::{Field, Reason};
 use crate::core::EntryId;
 use crate::metrics::ConsumerMetrics;
 use crate::store::reader::StreamReader;
-use crate::store::{self, lease, Reconnect, StoreError, StreamEntry};
+use crate::store::scripts::{ClaimFrom, ClaimOutcome, Condemned};
+use crate::store::{self, lease, Conn, Reconnect, Scripts, StoreError, StreamEntry};
 
 /// Longest `detail` written to `:dead` (a handler's error can be huge).
 const MAX_DETAIL: usize = 2000;
@@ -75,7 +74,7 @@ struct Runtime<H> {
     /// Finished entries to acknowledge at the next flush.
     acks: Vec<EntryId>,
     /// Entries to move to `:dead` at the next flush.
-    dead: Vec<DeadLetter>,
+    dead: Vec<Condemned>,
     /// When the buffered acknowledgements must go out.
     flush_at: Option<Instant>,
     /// Where the next idle claim scan goes on.
@@ -286,7 +285,7 @@ impl<H: Handler> Runtime<H> {
 
     /// Sets our lease (warning if another process holds the same name) and
     /// starts keeping it.
-    async fn start_lease(&mut self, conn: &mut MultiplexedConnection) -> Result<(), StoreError> {
+    async fn start_lease(&mut self, conn: &mut Conn) -> Result<(), StoreError> {
         let c = &self.c;
         let key = c.keys.lease("out", &c.group, &c.opts.consumer);
         let host = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
@@ -319,7 +318,7 @@ impl<H: Handler> Runtime<H> {
 
     /// Takes up our own pending entries left by an earlier run under this
     /// name (up to the free slots; the rest follow after `claim_idle`).
-    async fn resume_own(&mut self, conn: &mut MultiplexedConnection) -> Result<(), StoreError> {
+    async fn resume_own(&mut self, conn: &mut Conn) -> Result<(), StoreError> {
         let me = self.c.opts.consumer.clone();
         let mut total = 0;
         loop {
@@ -344,7 +343,7 @@ impl<H: Handler> Runtime<H> {
 
     /// Retries entries idle for `claim_idle` at any consumer (failures, and
     /// work of consumers that died without us noticing their lease).
-    async fn claim_idle(&mut self, conn: &mut MultiplexedConnection) -> Result<(), StoreError> {
+    async fn claim_idle(&mut self, conn: &mut Conn) -> Result<(), StoreError> {
         for _ in 0..CLAIM_PAGES_PER_TICK {
             let room = self.room();
             if room == 0 {
@@ -367,7 +366,7 @@ impl<H: Handler> Runtime<H> {
 
     /// Takes over the entries of peers whose lease expired, and removes
     /// long-dead peers with nothing pending from the group.
-    async fn scan_peers(&mut self, conn: &mut MultiplexedConnection) -> Result<(), StoreError> {
+    async fn scan_peers(&mut self, conn: &mut Conn) -> Result<(), StoreError> {
         let c = &self.c;
         let peers = lease::peers(conn, &c.keys, &c.keys.out, "out", &c.group).await?;
         let me = c.opts.consumer.clone();
@@ -404,7 +403,7 @@ impl<H: Handler> Runtime<H> {
 
     async fn claim(
         &mut self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Conn,
         from: ClaimFrom<'_>,
         min_idle: Duration,
         count: usize,
@@ -462,7 +461,7 @@ impl<H: Handler> Runtime<H> {
                     detail = %rejection.detail,
                     "output entry is not an element; moving it to the dead-letter stream"
                 );
-                self.dead.push(DeadLetter { id: entry, reason: rejection.reason, detail: rejection.detail });
+                self.dead.push(Condemned { id: entry, reason: rejection.reason, detail: rejection.detail });
                 self.schedule_flush();
             }
         }
@@ -537,7 +536,7 @@ impl<H: Handler> Runtime<H> {
                     "handler failed on the last allowed delivery; moving the element to the dead-letter stream"
                 );
                 let detail = truncate(format!("delivery {} of {max} failed: {error}", r.delivery));
-                self.dead.push(DeadLetter { id: r.entry, reason: Reason::MaxDeliveries, detail });
+                self.dead.push(Condemned { id: r.entry, reason: Reason::MaxDeliveries, detail });
                 self.schedule_flush();
             }
             Err(error) => {
@@ -569,11 +568,11 @@ impl<H: Handler> Runtime<H> {
 
     /// Sends the buffered acknowledgements and dead letters. On failure they
     /// stay buffered for the next session.
-    async fn flush(&mut self, conn: &mut MultiplexedConnection) -> Result<(), StoreError> {
+    async fn flush(&mut self, conn: &mut Conn) -> Result<(), StoreError> {
         self.flush_at = None;
         let c = &self.c;
         if !self.acks.is_empty() {
-            output::ack(conn, &c.keys, &c.group, &self.acks).await?;
+            store::ack_output(conn, &c.keys, &c.group, &self.acks).await?;
             for id in self.acks.drain(..) {
                 self.held.remove(&id);
             }
@@ -601,7 +600,7 @@ impl<H: Handler> Runtime<H> {
 
     /// Keeps every held entry fresh so that no peer claims it after
     /// `claim_idle`; warns about any a peer took over anyway.
-    async fn touch(&mut self, conn: &mut MultiplexedConnection) -> Result<(), StoreError> {
+    async fn touch(&mut self, conn: &mut Conn) -> Result<(), StoreError> {
         if self.held.is_empty() {
             return Ok(());
         }

@@ -14,14 +14,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
-use redis::aio::{MultiplexedConnection, PubSubStream};
+use redis::aio::PubSubStream;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::Stats;
 use crate::config::Settings;
-use crate::store::{self, Reconnect, Scripts, StoreError};
+use crate::store::{self, Conn, Reconnect, Scripts, StoreError};
 
 /// Lifetime of the clock leader's lock: a dead leader is replaced within
 /// about this long (plus one [`FOLLOWER_POLL`]). Short, because losing the
@@ -123,7 +123,7 @@ impl Clock<'_> {
     /// Leads the clock while the lock is ours: tick, then sleep until the
     /// next element is due, a wake-up arrives, or `clock_max_sleep` passes;
     /// extends the lock every [`LOCK_REFRESH`] meanwhile.
-    async fn lead(&self, conn: &mut MultiplexedConnection, shutdown: &CancellationToken) -> Result<Led, StoreError> {
+    async fn lead(&self, conn: &mut Conn, shutdown: &CancellationToken) -> Result<Led, StoreError> {
         let d = &self.settings.daemon;
         let keys = &self.settings.keys;
         // Subscribed before the first tick, so an add scheduled after that
@@ -180,7 +180,7 @@ impl Clock<'_> {
     }
 
     /// Extends the lock; `false` if another daemon holds it now.
-    async fn extend(&self, conn: &mut MultiplexedConnection) -> Result<bool, StoreError> {
+    async fn extend(&self, conn: &mut Conn) -> Result<bool, StoreError> {
         self.scripts.clock_lock(conn, &self.lock, &self.token, Some(LOCK_TTL)).await
     }
 

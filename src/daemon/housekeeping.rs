@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
 use rslock::{Lock, LockManager};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -21,7 +20,7 @@ use super::Stats;
 use crate::config::Settings;
 use crate::core::EntryId;
 use crate::store::retention::{self, GroupCursor};
-use crate::store::{self, lease, Reconnect, StoreError, INPUT_GROUP};
+use crate::store::{self, lease, Conn, Reconnect, StoreError, INPUT_GROUP};
 
 /// Competes for the housekeeping lock and does the periodic work while
 /// holding it, until `shutdown`; then releases the lock. Whether this daemon
@@ -71,7 +70,7 @@ struct Housekeeper<'a> {
     /// The lock while we hold it.
     lock: Option<Lock>,
     /// Connection for the work, opened when first needed.
-    conn: Option<MultiplexedConnection>,
+    conn: Option<Conn>,
     /// When the last pass ran; `None` until the first one as leader.
     last_pass: Option<Instant>,
 }
@@ -199,7 +198,7 @@ struct PassReport {
 }
 
 /// One round of housekeeping.
-async fn pass(conn: &mut MultiplexedConnection, settings: &Settings) -> Result<(), StoreError> {
+async fn pass(conn: &mut Conn, settings: &Settings) -> Result<(), StoreError> {
     let h = &settings.housekeeping;
     let keys = &settings.keys;
     let mut report = PassReport::default();
@@ -236,11 +235,7 @@ async fn pass(conn: &mut MultiplexedConnection, settings: &Settings) -> Result<(
 /// Trims `:out` below what every group still needs, and by age if
 /// configured, warning about each group that loses entries it has not
 /// acknowledged. Returns how many entries it removed.
-async fn trim_output(
-    conn: &mut MultiplexedConnection,
-    settings: &Settings,
-    groups: &[GroupCursor],
-) -> Result<u64, StoreError> {
+async fn trim_output(conn: &mut Conn, settings: &Settings, groups: &[GroupCursor]) -> Result<u64, StoreError> {
     let h = &settings.housekeeping;
     let stream = &settings.keys.out;
     let age_floor = match h.output_max_age {
@@ -276,7 +271,7 @@ async fn trim_output(
 /// than `lease.dead_consumer_grace`) from the input group and from every
 /// group of `:out`. Returns how many it removed.
 async fn remove_dead_consumers(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     settings: &Settings,
     out_groups: &[GroupCursor],
 ) -> Result<usize, StoreError> {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::{FuturesOrdered, StreamExt};
-use redis::aio::MultiplexedConnection;
+
 use tokio::sync::mpsc;
 use tokio::time::{interval, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -23,7 +23,9 @@ use crate::config::Settings;
 use crate::core::EntryId;
 use crate::store::batch::Kind;
 use crate::store::reader::StreamReader;
-use crate::store::{self, prepare, ApplyOutcome, Prepared, Reconnect, Scripts, StoreError, StreamEntry, INPUT_GROUP};
+use crate::store::{
+    self, prepare, ApplyOutcome, Conn, Prepared, Reconnect, Scripts, StoreError, StreamEntry, INPUT_GROUP,
+};
 
 /// How long to wait before retrying a batch that an older entry, pending at
 /// another daemon, holds back. Doubles from the first to the last value.
@@ -197,7 +199,7 @@ struct Worker<'a> {
     stats: &'a Arc<Stats>,
     /// Connection for scripts and claims (the reader has its own, since a
     /// blocking read would stall everything queued behind it).
-    conn: MultiplexedConnection,
+    conn: Conn,
     /// Entries delivered to us and not yet applied, in id order. Entries
     /// arrive from reads, from our own pending list and from claims; the map
     /// also removes duplicates among them.
@@ -492,7 +494,7 @@ fn record_apply(stats: &Stats, o: &ApplyOutcome) {
 /// `:dead`. They are fewer only when some were found already applied (a
 /// redelivery another daemon dead-lettered); then the first ones count.
 fn record_input_dead_letters(processed: &[&Prepared], dead: u64) {
-    let reasons = processed.iter().filter_map(|p| match p.kind {
+    let reasons = processed.iter().filter_map(|p| match p.kind() {
         Kind::Dead(reason) => Some(reason),
         _ => None,
     });

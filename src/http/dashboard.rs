@@ -16,7 +16,7 @@ use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use redis::aio::MultiplexedConnection;
+
 use serde::Serialize;
 use tokio::sync::Mutex;
 
@@ -24,7 +24,7 @@ use crate::config::Settings;
 use crate::dead::{self, DeadLetter};
 use crate::store::backlog::{self, Backlog};
 use crate::store::status::{self, InputInfo, OutputInfo};
-use crate::store::{self, retention, ConnectOptions, Keys, StoreError};
+use crate::store::{self, retention, Conn, ConnectOptions, Keys, StoreError};
 
 /// The page: HTML with inline CSS and JS, no external assets.
 const PAGE: &str = include_str!("dashboard.html");
@@ -87,7 +87,7 @@ struct Dashboard {
 #[derive(Default)]
 struct Inner {
     /// The open connection; `None` before the first request and after it broke.
-    conn: Option<MultiplexedConnection>,
+    conn: Option<Conn>,
     /// The last answer and when it was produced, served while fresh.
     last: Option<(Instant, Answer)>,
     /// Recent watermarks, oldest first, to measure how fast it moves.

@@ -16,7 +16,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
-use redis::aio::MultiplexedConnection;
+
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -26,7 +26,7 @@ pub use crate::health::{Readiness, Ready};
 
 use crate::config::Settings;
 use crate::health::Stats;
-use crate::store::{self, status, ConnectOptions, StoreError};
+use crate::store::{self, status, Conn, ConnectOptions, StoreError};
 
 /// Longest a scrape waits for the Redis snapshot; past it, `/metrics`
 /// answers without the Redis state (and `tidemark_redis_up 0`).
@@ -101,7 +101,7 @@ struct Shared {
     endpoints: Endpoints,
     /// A connection of our own for `PING` and snapshots (never the work's,
     /// so a probe cannot delay it); made on first use, dropped on error.
-    conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    conn: tokio::sync::Mutex<Option<Conn>>,
     /// Whether the last snapshot worked, so a failing Redis is logged once
     /// per outage rather than once per scrape.
     snapshot_ok: AtomicBool,
@@ -110,7 +110,7 @@ struct Shared {
 }
 
 impl Shared {
-    async fn conn(&self) -> Result<MultiplexedConnection, StoreError> {
+    async fn conn(&self) -> Result<Conn, StoreError> {
         let mut cached = self.conn.lock().await;
         if let Some(conn) = cached.as_ref() {
             return Ok(conn.clone());
@@ -133,7 +133,7 @@ impl Shared {
     /// connection so the next call makes a new one.
     async fn with_redis<T, F, Fut>(&self, limit: Duration, f: F) -> Result<T, String>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
         let attempt = async { f(self.conn().await?).await };

@@ -1,10 +1,9 @@
 //! The scheduled backlog by due time: how many elements wait in `:sched`
 //! per ts range, for the dashboard's chart.
 
-use redis::aio::MultiplexedConnection;
 use serde::Serialize;
 
-use super::{Keys, StoreError};
+use super::{Conn, Keys, StoreError};
 
 /// Scheduled elements whose ts lies in `from..=to`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -71,12 +70,7 @@ fn ts(score: f64) -> i64 {
 /// Reads the backlog of `keys` in at most `n` buckets: two pipelined round
 /// trips (`ZCARD`, the extremes and the due count, then one `ZCOUNT` per
 /// bucket and one for the due part of the bucket holding the watermark).
-pub async fn backlog(
-    conn: &mut MultiplexedConnection,
-    keys: &Keys,
-    watermark: Option<i64>,
-    n: usize,
-) -> Result<Backlog, StoreError> {
+pub async fn backlog(conn: &mut Conn, keys: &Keys, watermark: Option<i64>, n: usize) -> Result<Backlog, StoreError> {
     let mut pipe = redis::pipe();
     pipe.zcard(&keys.sched)
         .cmd("ZRANGE")

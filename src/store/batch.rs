@@ -1,4 +1,4 @@
-//! Turning input entries into the argument groups of `apply.lua`. Parsing
+//! Turning input entries into typed [`Step`]s for `apply.lua`. Parsing
 //! happens here, on the client, so the script only applies.
 
 use crate::core::op::{self, Field, Limits, Op, HARD_MAX_PAYLOAD_FIELDS};
@@ -21,48 +21,88 @@ pub enum Kind {
     Deleted,
 }
 
-/// An input entry ready to be sent to `apply.lua`.
+/// What the apply script does with one input entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Schedule element `element` at `ts` (or release it at once if due).
+    Add {
+        /// The element id.
+        element: Vec<u8>,
+        /// Its timestamp.
+        ts: i64,
+        /// Its payload, encoded (see [`codec`]); empty for none.
+        payload: Vec<u8>,
+    },
+    /// Remove element `element` from the schedule.
+    Cancel {
+        /// The element id.
+        element: Vec<u8>,
+    },
+    /// Raise the watermark to `ts`.
+    Watermark {
+        /// The new watermark.
+        ts: i64,
+    },
+    /// Move the entry to `:dead`.
+    Dead {
+        /// Why.
+        reason: op::Reason,
+        /// A sentence for the operator.
+        detail: String,
+        /// The original fields, encoded (see [`codec`]).
+        fields: Vec<u8>,
+    },
+    /// The entry was deleted from the stream while pending: acknowledge it.
+    Deleted,
+}
+
+/// An input entry parsed and ready for the apply script.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Prepared {
     /// The input entry id.
     pub id: EntryId,
-    /// What the entry does.
-    pub kind: Kind,
-    /// The script arguments after the entry id (see lua/apply.lua).
-    pub args: Vec<Vec<u8>>,
+    /// What applying it does.
+    pub step: Step,
 }
 
-/// Parses an entry and encodes it for the apply script. Never fails:
-/// malformed entries become dead letters.
+impl Prepared {
+    /// What the entry does, for counting and logs.
+    pub fn kind(&self) -> Kind {
+        match &self.step {
+            Step::Add { .. } => Kind::Add,
+            Step::Cancel { .. } => Kind::Cancel,
+            Step::Watermark { .. } => Kind::Watermark,
+            Step::Dead { reason, .. } => Kind::Dead(*reason),
+            Step::Deleted => Kind::Deleted,
+        }
+    }
+}
+
+/// Parses an entry into its step. Never fails: malformed entries become
+/// dead letters.
 pub fn prepare(entry: &StreamEntry, limits: &Limits) -> Prepared {
     let id = entry.id;
     let Some(fields) = &entry.fields else {
-        return Prepared { id, kind: Kind::Deleted, args: vec![b"X".to_vec()] };
+        return Prepared { id, step: Step::Deleted };
     };
-    match op::parse(fields, limits) {
-        Ok(Op::Add { id: elem, ts, payload }) => {
-            let ts = ts.to_string().into_bytes();
+    let step = match op::parse(fields, limits) {
+        Ok(Op::Add { id: element, ts, payload }) => {
             let mut blob = Vec::with_capacity(payload.iter().map(|(k, v)| k.len() + v.len() + 10).sum::<usize>());
             for (k, v) in &payload {
                 codec::push_str(&mut blob, k);
                 codec::push_str(&mut blob, v);
             }
-            Prepared { id, kind: Kind::Add, args: vec![b"A".to_vec(), elem.to_vec(), ts, blob] }
+            Step::Add { element: element.to_vec(), ts, payload: blob }
         }
-        Ok(Op::Cancel { id: elem }) => Prepared { id, kind: Kind::Cancel, args: vec![b"C".to_vec(), elem.to_vec()] },
-        Ok(Op::Watermark { ts }) => {
-            Prepared { id, kind: Kind::Watermark, args: vec![b"W".to_vec(), ts.to_string().into_bytes()] }
-        }
+        Ok(Op::Cancel { id: element }) => Step::Cancel { element: element.to_vec() },
+        Ok(Op::Watermark { ts }) => Step::Watermark { ts },
         Err(rejection) => {
             let (kept, detail) = truncate_fields(fields, rejection.detail);
             let blob = codec::encode(kept.iter().flat_map(|(k, v)| [k.as_slice(), v.as_slice()]));
-            Prepared {
-                id,
-                kind: Kind::Dead(rejection.reason),
-                args: vec![b"D".to_vec(), rejection.reason.code().as_bytes().to_vec(), detail.into_bytes(), blob],
-            }
+            Step::Dead { reason: rejection.reason, detail, fields: blob }
         }
-    }
+    };
+    Prepared { id, step }
 }
 
 /// A dead letter carries the original fields verbatim, but Lua can pass at
@@ -93,20 +133,21 @@ mod tests {
     #[test]
     fn add_blob_holds_the_payload() {
         let p = prepare(&entry(&[("op", b"add"), ("id", b"e"), ("ts", b"+7"), ("k", &[0, 1])]), &Limits::default());
-        assert_eq!(p.kind, Kind::Add);
-        assert_eq!(p.args[..3], [b"A".to_vec(), b"e".to_vec(), b"7".to_vec()]);
-        assert_eq!(codec::decode(&p.args[3]).unwrap(), vec![b"k".to_vec(), vec![0, 1]]);
+        assert_eq!(p.kind(), Kind::Add);
+        let Step::Add { element, ts, payload } = p.step else { panic!("{p:?}") };
+        assert_eq!((element.as_slice(), ts), (&b"e"[..], 7));
+        assert_eq!(codec::decode(&payload).unwrap(), vec![b"k".to_vec(), vec![0, 1]]);
         let bare = prepare(&entry(&[("op", b"add"), ("id", b"e"), ("ts", b"7")]), &Limits::default());
-        assert_eq!(bare.args[3], b"");
+        assert!(matches!(bare.step, Step::Add { payload, .. } if payload.is_empty()));
     }
 
     #[test]
     fn malformed_becomes_dead_letter_with_original_fields() {
         let p = prepare(&entry(&[("op", b"nope"), ("x", b"1")]), &Limits::default());
-        assert_eq!(p.kind, Kind::Dead(op::Reason::UnknownOp));
-        assert_eq!(p.args[1], b"unknown_op");
+        assert_eq!(p.kind(), Kind::Dead(op::Reason::UnknownOp));
+        let Step::Dead { fields, .. } = p.step else { panic!("{p:?}") };
         assert_eq!(
-            codec::decode(&p.args[3]).unwrap(),
+            codec::decode(&fields).unwrap(),
             vec![b"op".to_vec(), b"nope".to_vec(), b"x".to_vec(), b"1".to_vec()]
         );
     }
@@ -116,14 +157,15 @@ mod tests {
         let mut fields = vec![(b"op".to_vec(), b"add".to_vec())];
         fields.extend((0..5000).map(|i| (format!("f{i}").into_bytes(), b"v".to_vec())));
         let p = prepare(&StreamEntry { id: EntryId::ZERO, fields: Some(fields) }, &Limits::default());
-        assert_eq!(p.kind, Kind::Dead(op::Reason::MissingId));
-        assert_eq!(codec::decode(&p.args[3]).unwrap().len(), 2 * HARD_MAX_PAYLOAD_FIELDS);
-        assert!(String::from_utf8_lossy(&p.args[2]).contains("dropped"));
+        assert_eq!(p.kind(), Kind::Dead(op::Reason::MissingId));
+        let Step::Dead { fields, detail, .. } = p.step else { panic!() };
+        assert_eq!(codec::decode(&fields).unwrap().len(), 2 * HARD_MAX_PAYLOAD_FIELDS);
+        assert!(detail.contains("dropped"));
     }
 
     #[test]
     fn deleted_entries_are_only_acknowledged() {
         let p = prepare(&StreamEntry { id: EntryId::ZERO, fields: None }, &Limits::default());
-        assert_eq!((p.kind, p.args), (Kind::Deleted, vec![b"X".to_vec()]));
+        assert_eq!(p.step, Step::Deleted);
     }
 }

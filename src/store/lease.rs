@@ -5,26 +5,20 @@
 
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{connect, ConnectOptions, Reconnect, StoreError};
+use super::{connect, Conn, ConnectOptions, Reconnect, StoreError};
 use crate::core::RetryPolicy;
 
 /// Sets `key` to `holder` for `ttl`.
-pub async fn refresh(
-    conn: &mut MultiplexedConnection,
-    key: &str,
-    holder: &str,
-    ttl: Duration,
-) -> Result<(), StoreError> {
+pub async fn refresh(conn: &mut Conn, key: &str, holder: &str, ttl: Duration) -> Result<(), StoreError> {
     let () = redis::cmd("SET").arg(key).arg(holder).arg("PX").arg(ttl.as_millis() as u64).query_async(conn).await?;
     Ok(())
 }
 
 /// Whether each lease key exists (one round trip).
-pub async fn alive(conn: &mut MultiplexedConnection, keys: &[String]) -> Result<Vec<bool>, StoreError> {
+pub async fn alive(conn: &mut Conn, keys: &[String]) -> Result<Vec<bool>, StoreError> {
     if keys.is_empty() {
         return Ok(Vec::new());
     }
@@ -49,7 +43,7 @@ pub fn keep(
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let period = ttl / 3;
-        let mut conn: Option<MultiplexedConnection> = None;
+        let mut conn: Option<Conn> = None;
         let mut reconnect = Reconnect::side_task("lease", retry);
         loop {
             let result = async {
@@ -96,7 +90,7 @@ pub struct Peer {
 /// Lists the consumers of `group` on `stream` with their lease state.
 /// `stream_tag` is `"in"` or `"out"` (see [`super::Keys::lease`]).
 pub async fn peers(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     keys: &super::Keys,
     stream: &str,
     stream_tag: &str,
@@ -143,7 +137,7 @@ pub async fn peers(
 /// nothing pending, and has been idle longer than `grace`, so pod churn does
 /// not grow `XINFO CONSUMERS` forever. Returns the names removed.
 pub async fn remove_dead_consumers(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     stream: &str,
     group: &str,
     me: &str,
@@ -170,7 +164,7 @@ pub async fn remove_dead_consumers(
 /// Returns the claimed entries. Like any delivery, the claim increments
 /// each entry's delivery count (no `JUSTID`), which `max_deliveries` needs.
 pub async fn claim_from_peer(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     stream: &str,
     group: &str,
     peer: &str,

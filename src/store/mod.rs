@@ -24,6 +24,10 @@ pub use keys::{Keys, INPUT_GROUP};
 pub use reconnect::Reconnect;
 pub use scripts::{ApplyOutcome, Scripts};
 
+/// A connection that commands and scripts are sent on (multiplexed: clones
+/// share it).
+pub type Conn = MultiplexedConnection;
+
 use crate::core::EntryId;
 
 /// The oldest Redis that tidemark supports: `XAUTOCLAIM` and
@@ -165,6 +169,20 @@ pub async fn autoclaim(
         .query_async(conn)
         .await?;
     entries::decode_autoclaim(reply)
+}
+
+/// Acknowledges output entries `ids` in `group`, in as few calls as
+/// possible (at most 1000 ids each).
+pub async fn ack_output(conn: &mut Conn, keys: &Keys, group: &str, ids: &[EntryId]) -> Result<(), StoreError> {
+    for chunk in ids.chunks(1000) {
+        let mut cmd = redis::cmd("XACK");
+        cmd.arg(&keys.out).arg(group);
+        for id in chunk {
+            cmd.arg(id.to_string());
+        }
+        let _: u64 = cmd.query_async(conn).await?;
+    }
+    Ok(())
 }
 
 /// Appends one entry to a stream and returns its id.

@@ -9,10 +9,9 @@
 
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
 use redis::Value;
 
-use super::{entries, status, StoreError};
+use super::{entries, status, Conn, StoreError};
 use crate::core::EntryId;
 
 /// Most `XTRIM` calls per stream in one housekeeping pass. Each call removes
@@ -91,7 +90,7 @@ pub fn plan_output_trim(
 /// unread; one delivered before is in the pending list read second unless
 /// it was acknowledged meanwhile. Either way no needed entry falls below
 /// the floor.
-pub async fn cursors(conn: &mut MultiplexedConnection, stream: &str) -> Result<Option<Vec<GroupCursor>>, StoreError> {
+pub async fn cursors(conn: &mut Conn, stream: &str) -> Result<Option<Vec<GroupCursor>>, StoreError> {
     let groups = status::groups(conn, stream).await?;
     if groups.is_empty() {
         return Ok(Some(Vec::new()));
@@ -143,7 +142,7 @@ fn oldest_pending(summary: Value) -> Result<Option<EntryId>, StoreError> {
 /// stream nodes only, so it may keep a few entries below `min_id`, never
 /// removing one at or above it), in bounded calls. Returns how many it
 /// removed.
-pub async fn trim_below(conn: &mut MultiplexedConnection, stream: &str, min_id: EntryId) -> Result<u64, StoreError> {
+pub async fn trim_below(conn: &mut Conn, stream: &str, min_id: EntryId) -> Result<u64, StoreError> {
     let min_id = min_id.to_string();
     trim_loop(conn, |cmd| {
         cmd.arg(stream).arg("MINID").arg("~").arg(&min_id);
@@ -153,14 +152,14 @@ pub async fn trim_below(conn: &mut MultiplexedConnection, stream: &str, min_id: 
 
 /// Caps `stream` at about `max_len` entries (`MAXLEN ~`: it may keep a few
 /// more), oldest first, in bounded calls. Returns how many it removed.
-pub async fn cap_length(conn: &mut MultiplexedConnection, stream: &str, max_len: u64) -> Result<u64, StoreError> {
+pub async fn cap_length(conn: &mut Conn, stream: &str, max_len: u64) -> Result<u64, StoreError> {
     trim_loop(conn, |cmd| {
         cmd.arg(stream).arg("MAXLEN").arg("~").arg(max_len);
     })
     .await
 }
 
-async fn trim_loop(conn: &mut MultiplexedConnection, args: impl Fn(&mut redis::Cmd)) -> Result<u64, StoreError> {
+async fn trim_loop(conn: &mut Conn, args: impl Fn(&mut redis::Cmd)) -> Result<u64, StoreError> {
     let mut total = 0;
     for _ in 0..MAX_TRIM_CALLS {
         let mut cmd = redis::cmd("XTRIM");
@@ -175,7 +174,7 @@ async fn trim_loop(conn: &mut MultiplexedConnection, args: impl Fn(&mut redis::C
 }
 
 /// The Redis server's clock in milliseconds (`TIME`).
-pub async fn server_time_ms(conn: &mut MultiplexedConnection) -> Result<u64, StoreError> {
+pub async fn server_time_ms(conn: &mut Conn) -> Result<u64, StoreError> {
     let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await?;
     Ok(secs.saturating_mul(1000).saturating_add(micros / 1000))
 }
@@ -183,7 +182,7 @@ pub async fn server_time_ms(conn: &mut MultiplexedConnection) -> Result<u64, Sto
 /// The first id of each range `[from, below)` of `stream`, one round trip
 /// for all of them; `None` for an empty range.
 pub async fn first_ids_in(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     stream: &str,
     ranges: &[(EntryId, EntryId)],
 ) -> Result<Vec<Option<EntryId>>, StoreError> {
@@ -199,7 +198,7 @@ pub async fn first_ids_in(
 }
 
 /// The id of the oldest entry of `stream`, `None` if it is empty.
-pub async fn first_id(conn: &mut MultiplexedConnection, stream: &str) -> Result<Option<EntryId>, StoreError> {
+pub async fn first_id(conn: &mut Conn, stream: &str) -> Result<Option<EntryId>, StoreError> {
     let reply: Value = redis::cmd("XRANGE").arg(stream).arg("-").arg("+").arg("COUNT").arg(1).query_async(conn).await?;
     Ok(entries::decode_entries(reply)?.first().map(|e| e.id))
 }

@@ -1,10 +1,9 @@
 //! A read-only snapshot of a namespace for `tidemark status`.
 
-use redis::aio::MultiplexedConnection;
 use redis::Value;
 use serde::Serialize;
 
-use super::{lease, Keys, StoreError, INPUT_GROUP};
+use super::{lease, Conn, Keys, StoreError, INPUT_GROUP};
 
 /// One consumer group as `XINFO GROUPS` reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -125,7 +124,7 @@ fn number(v: &Value) -> Option<u64> {
 }
 
 /// Reads `XINFO GROUPS` (empty when the stream does not exist).
-pub async fn groups(conn: &mut MultiplexedConnection, stream: &str) -> Result<Vec<GroupInfo>, StoreError> {
+pub async fn groups(conn: &mut Conn, stream: &str) -> Result<Vec<GroupInfo>, StoreError> {
     let reply: Result<Value, redis::RedisError> = redis::cmd("XINFO").arg("GROUPS").arg(stream).query_async(conn).await;
     let reply = match reply {
         Ok(v) => v,
@@ -156,11 +155,7 @@ pub async fn groups(conn: &mut MultiplexedConnection, stream: &str) -> Result<Ve
 }
 
 /// The oldest pending entry of `group` on `stream` (`XPENDING … - + 1`).
-async fn oldest_pending(
-    conn: &mut MultiplexedConnection,
-    stream: &str,
-    group: &str,
-) -> Result<Option<OldestPending>, StoreError> {
+async fn oldest_pending(conn: &mut Conn, stream: &str, group: &str) -> Result<Option<OldestPending>, StoreError> {
     let reply: Result<Vec<(String, String, u64, u64)>, redis::RedisError> =
         redis::cmd("XPENDING").arg(stream).arg(group).arg("-").arg("+").arg(1).query_async(conn).await;
     match reply {
@@ -177,7 +172,7 @@ async fn oldest_pending(
 }
 
 /// Reads one output group's pending entries and consumers.
-async fn output_group(conn: &mut MultiplexedConnection, keys: &Keys, g: GroupInfo) -> Result<OutputGroup, StoreError> {
+async fn output_group(conn: &mut Conn, keys: &Keys, g: GroupInfo) -> Result<OutputGroup, StoreError> {
     let oldest_pending = oldest_pending(conn, &keys.out, &g.name).await?;
     let consumers = lease::peers(conn, keys, &keys.out, "out", &g.name)
         .await?
@@ -195,7 +190,7 @@ async fn output_group(conn: &mut MultiplexedConnection, keys: &Keys, g: GroupInf
 }
 
 /// Takes a snapshot of namespace `keys`.
-pub async fn snapshot(conn: &mut MultiplexedConnection, keys: &Keys) -> Result<Status, StoreError> {
+pub async fn snapshot(conn: &mut Conn, keys: &Keys) -> Result<Status, StoreError> {
     #[allow(clippy::type_complexity)]
     let (wm, scheduled, first, in_len, out_len, dead_len): (
         Option<String>,

@@ -1,23 +1,18 @@
-//! A consumer's Redis I/O on the output stream: reading its group, batched
-//! acknowledgements, and the Lua scripts that claim, dead-letter and keep
-//! entries (lua/claim_out.lua, dead_out.lua, touch_out.lua, each prefixed
-//! with lua/prelude.lua like every tidemark script).
+//! A consumer's scripts on the output stream: `claim_out.lua` (claims,
+//! dead-lettering entries delivered too often), `dead_out.lua` (dead
+//! letters of failed handlers) and `touch_out.lua` (keeping entries in work
+//! from being claimed).
 
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
-use redis::{Script, Value};
+use redis::Value;
 
+use super::Scripts;
 use crate::core::op::{Field, Reason};
 use crate::core::EntryId;
-use crate::store::{entries, Keys, StoreError};
+use crate::store::{entries, Conn, Keys, StoreError};
 
-const PRELUDE: &str = include_str!("../../lua/prelude.lua");
-const CLAIM: &str = include_str!("../../lua/claim_out.lua");
-const DEAD: &str = include_str!("../../lua/dead_out.lua");
-const TOUCH: &str = include_str!("../../lua/touch_out.lua");
-
-/// Most ids per `XACK` and per touch call (Lua's stack bounds `unpack`).
+/// Most ids per touch or dead-letter call (Lua's stack bounds `unpack`).
 const IDS_PER_CALL: usize = 1000;
 
 /// Which pending entries [`Scripts::claim`] looks at.
@@ -52,9 +47,10 @@ pub struct ClaimOutcome {
     pub dead: Vec<EntryId>,
 }
 
-/// An entry to move to `:dead`.
+/// An output entry condemned to `:dead` (by a consumer: a handler that
+/// failed on its last allowed delivery, or an entry that is no element).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeadLetter {
+pub struct Condemned {
     /// The output entry id.
     pub id: EntryId,
     /// Why.
@@ -63,36 +59,14 @@ pub struct DeadLetter {
     pub detail: String,
 }
 
-/// The consumer's scripts, hashed once; `EVALSHA` reloads them on `NOSCRIPT`.
-#[derive(Clone)]
-pub struct Scripts {
-    claim: Script,
-    dead: Script,
-    touch: Script,
-}
-
 impl Scripts {
-    /// Prepares the scripts (nothing is sent yet).
-    pub fn new() -> Self {
-        let script = |body: &str| Script::new(&format!("{PRELUDE}\n{body}"));
-        Scripts { claim: script(CLAIM), dead: script(DEAD), touch: script(TOUCH) }
-    }
-
-    /// Loads the scripts into the server's script cache.
-    pub async fn load(&self, conn: &mut MultiplexedConnection) -> Result<(), StoreError> {
-        for script in [&self.claim, &self.dead, &self.touch] {
-            let _: String = script.prepare_invoke().load_async(conn).await?;
-        }
-        Ok(())
-    }
-
     /// Claims up to `count` entries idle at least `min_idle` for `me`, and
     /// dead-letters (atomically, with their acknowledgement) those already
     /// delivered `max_deliveries` times.
     #[allow(clippy::too_many_arguments)]
     pub async fn claim(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Conn,
         keys: &Keys,
         group: &str,
         me: &str,
@@ -101,7 +75,7 @@ impl Scripts {
         count: usize,
         max_deliveries: u64,
     ) -> Result<ClaimOutcome, StoreError> {
-        let mut inv = self.claim.prepare_invoke();
+        let mut inv = self.sources.claim_out.prepare_invoke();
         inv.key(&keys.out)
             .key(&keys.dead)
             .arg(group)
@@ -120,15 +94,15 @@ impl Scripts {
     /// still pending at `me`. Returns the ids moved.
     pub async fn dead_letter(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Conn,
         keys: &Keys,
         group: &str,
         me: &str,
-        letters: &[DeadLetter],
+        letters: &[Condemned],
     ) -> Result<Vec<EntryId>, StoreError> {
         let mut moved = Vec::with_capacity(letters.len());
         for chunk in letters.chunks(IDS_PER_CALL) {
-            let mut inv = self.dead.prepare_invoke();
+            let mut inv = self.sources.dead_out.prepare_invoke();
             inv.key(&keys.out).key(&keys.dead).arg(group).arg(me);
             for l in chunk {
                 inv.arg(l.id.to_string()).arg(l.reason.code()).arg(&l.detail);
@@ -145,7 +119,7 @@ impl Scripts {
     /// that are not (claimed by another consumer, or acknowledged).
     pub async fn touch(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Conn,
         keys: &Keys,
         group: &str,
         me: &str,
@@ -153,7 +127,7 @@ impl Scripts {
     ) -> Result<Vec<EntryId>, StoreError> {
         let mut lost = Vec::new();
         for chunk in ids.chunks(IDS_PER_CALL) {
-            let mut inv = self.touch.prepare_invoke();
+            let mut inv = self.sources.touch_out.prepare_invoke();
             inv.key(&keys.out).arg(group).arg(me);
             for id in chunk {
                 inv.arg(id.to_string());
@@ -164,12 +138,6 @@ impl Scripts {
             }
         }
         Ok(lost)
-    }
-}
-
-impl Default for Scripts {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -218,24 +186,6 @@ fn decode_fields(v: Value) -> Result<Vec<Field>, StoreError> {
         pairs.push((bytes(k)?, bytes(v)?));
     }
     Ok(pairs)
-}
-
-/// Acknowledges `ids` in `group`, in as few calls as possible.
-pub async fn ack(
-    conn: &mut MultiplexedConnection,
-    keys: &Keys,
-    group: &str,
-    ids: &[EntryId],
-) -> Result<(), StoreError> {
-    for chunk in ids.chunks(IDS_PER_CALL) {
-        let mut cmd = redis::cmd("XACK");
-        cmd.arg(&keys.out).arg(group);
-        for id in chunk {
-            cmd.arg(id.to_string());
-        }
-        let _: u64 = cmd.query_async(conn).await?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
