@@ -52,6 +52,7 @@
 pub mod command;
 mod element;
 mod json;
+mod ledger;
 mod runtime;
 
 use std::future::Future;

@@ -3,7 +3,7 @@
 //! drain on shutdown. Handler tasks outlive Redis sessions, so a reconnect
 //! never interrupts work in flight.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::element::{self, Element};
+use super::ledger::{Ledger, Settled};
 use super::{ConsumeError, Consumer, Handler, FINISH_MARGIN};
 use crate::core::op::{Field, Reason};
 use crate::core::EntryId;
@@ -36,14 +37,12 @@ const QUICK_ROUNDS: usize = 4;
 type ReadFuture = Pin<Box<dyn Future<Output = (StreamReader, Result<Vec<StreamEntry>, StoreError>)> + Send>>;
 type TaskResult = Result<(), String>;
 
-/// A handler task's element.
+/// A handler task's element, for logs.
 struct Running {
-    /// The output entry to acknowledge.
+    /// The output entry it handles.
     entry: EntryId,
-    /// The element id, for logs.
+    /// The element id.
     id: String,
-    /// Which delivery this is.
-    delivery: u64,
 }
 
 /// Counters for the closing log line.
@@ -62,19 +61,11 @@ struct Runtime<H> {
     /// Running handlers. Outlives sessions: a reconnect does not stop work.
     tasks: JoinSet<TaskResult>,
     /// What each running task handles.
-    running: HashMap<tokio::task::Id, Running>,
-    /// Elements delivered to us and not started yet: read ahead (up to
-    /// `prefetch`), or brought by a claim beyond the free slots of the
-    /// moment (by at most one batch).
-    queue: VecDeque<Element>,
-    /// Every entry this consumer is responsible for right now: queued,
-    /// running, or finished but not yet acknowledged. They are touched so
-    /// that nobody claims them, and a second delivery of one is ignored.
-    held: HashSet<EntryId>,
-    /// Finished entries to acknowledge at the next flush.
-    acks: Vec<EntryId>,
-    /// Entries to move to `:dead` at the next flush.
-    dead: Vec<Condemned>,
+    tasks_of: HashMap<tokio::task::Id, Running>,
+    /// Which entries this consumer holds, and in which state: queued (read
+    /// ahead up to `prefetch`, or claimed beyond the free slots by at most
+    /// one batch), running, awaiting ack, or bound for `:dead`.
+    ledger: Ledger<EntryId, Element>,
     /// When the buffered acknowledgements must go out.
     flush_at: Option<Instant>,
     /// Where the next idle claim scan goes on.
@@ -97,11 +88,8 @@ pub(super) async fn run<H: Handler>(consumer: Consumer<H>, shutdown: Cancellatio
     let mut rt = Runtime {
         scripts: Scripts::new(),
         tasks: JoinSet::new(),
-        running: HashMap::new(),
-        queue: VecDeque::new(),
-        held: HashSet::new(),
-        acks: Vec::new(),
-        dead: Vec::new(),
+        tasks_of: HashMap::new(),
+        ledger: Ledger::new(consumer.opts.concurrency, consumer.opts.prefetch, consumer.opts.max_deliveries),
         flush_at: None,
         cursor: EntryId::ZERO,
         stopping: None,
@@ -201,30 +189,29 @@ impl<H: Handler> Runtime<H> {
         let mut read: Option<ReadFuture> = None;
         loop {
             self.start_queued();
-            self.metrics.queued.set(self.queue.len() as f64);
+            self.metrics.queued.set(self.ledger.queued() as f64);
             if self.stopping.is_some() && self.tasks.is_empty() {
                 break;
             }
-            if read.is_none() && self.stopping.is_none() && self.queue.len() <= self.c.opts.prefetch / 2 {
+            if read.is_none() && self.stopping.is_none() && self.ledger.queued() <= self.c.opts.prefetch / 2 {
                 // Let the handlers just started run first: quick ones finish,
                 // and the read asks for all the slots they free at once
                 // instead of a few at a time. A few scheduler rounds at most,
                 // and only while handlers keep finishing.
                 for _ in 0..QUICK_ROUNDS {
-                    if self.running.is_empty() {
+                    if self.ledger.running() == 0 {
                         break;
                     }
                     tokio::task::yield_now().await;
-                    let before = self.running.len();
+                    let before = self.ledger.running();
                     while let Some(joined) = self.tasks.try_join_next_with_id() {
                         self.settle(joined);
                     }
-                    if self.running.len() == before {
+                    if self.ledger.running() == before {
                         break;
                     }
                 }
-                let free = (self.c.opts.concurrency + self.c.opts.prefetch)
-                    .saturating_sub(self.running.len() + self.queue.len());
+                let free = self.ledger.free_for_read();
                 if free > 0 {
                     if let Some(conn) = reader.take() {
                         read = Some(self.read(conn, free.min(self.c.opts.batch_size)));
@@ -322,7 +309,7 @@ impl<H: Handler> Runtime<H> {
         let me = self.c.opts.consumer.clone();
         let mut total = 0;
         loop {
-            let room = self.room();
+            let room = self.ledger.room();
             if room == 0 {
                 break;
             }
@@ -345,7 +332,7 @@ impl<H: Handler> Runtime<H> {
     /// work of consumers that died without us noticing their lease).
     async fn claim_idle(&mut self, conn: &mut Conn) -> Result<(), StoreError> {
         for _ in 0..CLAIM_PAGES_PER_TICK {
-            let room = self.room();
+            let room = self.ledger.room();
             if room == 0 {
                 return Ok(());
             }
@@ -371,7 +358,7 @@ impl<H: Handler> Runtime<H> {
         let peers = lease::peers(conn, &c.keys, &c.keys.out, "out", &c.group).await?;
         let me = c.opts.consumer.clone();
         for peer in peers.iter().filter(|p| p.name != me && !p.leased && p.pending > 0) {
-            let room = self.room();
+            let room = self.ledger.room();
             if room == 0 {
                 break;
             }
@@ -431,11 +418,6 @@ impl<H: Handler> Runtime<H> {
         }
     }
 
-    /// Free handler slots not already spoken for by queued elements.
-    fn room(&self) -> usize {
-        self.c.opts.concurrency.saturating_sub(self.running.len() + self.queue.len())
-    }
-
     fn accept_new(&mut self, entries: Vec<StreamEntry>) {
         for e in entries {
             // A new delivery always has fields; `None` means deleted.
@@ -448,12 +430,14 @@ impl<H: Handler> Runtime<H> {
     /// Queues an element delivered to us, or dead-letters an entry that is
     /// not an element.
     fn accept(&mut self, entry: EntryId, fields: Vec<Field>, delivery: u64) {
-        if !self.held.insert(entry) {
+        if self.ledger.holds(&entry) {
             debug!(entry = %entry, "entry is already being handled here; ignoring its extra delivery");
             return;
         }
         match element::parse(entry, fields, delivery) {
-            Ok(el) => self.queue.push_back(el),
+            Ok(el) => {
+                self.ledger.accept(entry, delivery, el);
+            }
             Err(rejection) => {
                 warn!(
                     entry = %entry,
@@ -461,24 +445,24 @@ impl<H: Handler> Runtime<H> {
                     detail = %rejection.detail,
                     "output entry is not an element; moving it to the dead-letter stream"
                 );
-                self.dead.push(Condemned { id: entry, reason: rejection.reason, detail: rejection.detail });
+                self.ledger.reject(entry, rejection.reason, rejection.detail);
                 self.schedule_flush();
             }
         }
     }
 
     fn start_queued(&mut self) {
-        while self.stopping.is_none() && self.running.len() < self.c.opts.concurrency {
-            let Some(el) = self.queue.pop_front() else { return };
-            self.start(el);
+        while let Some((entry, delivery, el)) = self.ledger.start_next() {
+            self.start(entry, delivery, el);
         }
+        self.metrics.in_flight.set(self.ledger.running() as f64);
     }
 
-    fn start(&mut self, el: Element) {
+    fn start(&mut self, entry: EntryId, delivery: u64, el: Element) {
         let handler = Arc::clone(&self.c.handler);
         let timeout = self.c.opts.handler_timeout;
-        let running = Running { entry: el.entry_id, id: el.id_lossy().into_owned(), delivery: el.delivery };
-        debug!(id = %running.id, entry = %running.entry, delivery = running.delivery, "handling element");
+        let running = Running { entry, id: el.id_lossy().into_owned() };
+        debug!(id = %running.id, entry = %entry, delivery, "handling element");
         let task = self.tasks.spawn(async move {
             let handled = handler.handle(el);
             match timeout {
@@ -489,8 +473,7 @@ impl<H: Handler> Runtime<H> {
                 },
             }
         });
-        self.running.insert(task.id(), running);
-        self.metrics.in_flight.set(self.running.len() as f64);
+        self.tasks_of.insert(task.id(), running);
     }
 
     /// Records a finished handler: success is acknowledged at the next
@@ -506,63 +489,58 @@ impl<H: Handler> Runtime<H> {
             Err(e) => {
                 // Aborted at the end of the shutdown grace: unfinished, not
                 // failed. It stays pending for another consumer.
-                if let Some(r) = self.running.remove(&e.id()) {
-                    self.held.remove(&r.entry);
+                if let Some(r) = self.tasks_of.remove(&e.id()) {
+                    self.ledger.abandon(r.entry);
                 }
-                self.metrics.in_flight.set(self.running.len() as f64);
+                self.metrics.in_flight.set(self.ledger.running() as f64);
                 return;
             }
         };
-        let Some(r) = self.running.remove(&task) else { return };
-        self.metrics.in_flight.set(self.running.len() as f64);
+        let Some(r) = self.tasks_of.remove(&task) else { return };
+        let result = result.map_err(truncate);
+        let settled = self.ledger.settle(r.entry, result);
+        self.metrics.in_flight.set(self.ledger.running() as f64);
         let max = self.c.opts.max_deliveries;
-        match result {
-            Ok(()) => {
+        match settled {
+            (Settled::Ack, _) => {
                 self.counters.handled += 1;
                 self.metrics.handled.increment(1);
-                debug!(id = %r.id, entry = %r.entry, delivery = r.delivery, "element handled");
-                self.acks.push(r.entry);
+                debug!(id = %r.id, entry = %r.entry, "element handled");
                 self.schedule_flush();
             }
-            Err(error) if r.delivery >= max => {
+            (Settled::Dead { delivery }, error) => {
                 self.counters.failed += 1;
                 self.metrics.failed.increment(1);
                 warn!(
                     id = %r.id,
                     entry = %r.entry,
-                    delivery = r.delivery,
+                    delivery,
                     max_deliveries = max,
-                    error = %error,
+                    error = %error.unwrap_or_default(),
                     "handler failed on the last allowed delivery; moving the element to the dead-letter stream"
                 );
-                let detail = truncate(format!("delivery {} of {max} failed: {error}", r.delivery));
-                self.dead.push(Condemned { id: r.entry, reason: Reason::MaxDeliveries, detail });
                 self.schedule_flush();
             }
-            Err(error) => {
+            (Settled::Retry { delivery }, error) => {
                 self.counters.failed += 1;
                 self.metrics.failed.increment(1);
                 warn!(
                     id = %r.id,
                     entry = %r.entry,
-                    delivery = r.delivery,
+                    delivery,
                     max_deliveries = max,
-                    error = %error,
+                    error = %error.unwrap_or_default(),
                     retry_after = ?self.c.opts.claim_idle,
                     "handler failed; the element will be retried"
                 );
-                self.held.remove(&r.entry);
             }
+            (Settled::Unknown, _) => {}
         }
     }
 
     fn schedule_flush(&mut self) {
         let now = Instant::now();
-        let at = if self.acks.len() + self.dead.len() >= self.c.opts.batch_size {
-            now
-        } else {
-            now + self.c.opts.ack_interval
-        };
+        let at = if self.ledger.to_flush() >= self.c.opts.batch_size { now } else { now + self.c.opts.ack_interval };
         self.flush_at = Some(self.flush_at.map_or(at, |t| t.min(at)));
     }
 
@@ -571,27 +549,30 @@ impl<H: Handler> Runtime<H> {
     async fn flush(&mut self, conn: &mut Conn) -> Result<(), StoreError> {
         self.flush_at = None;
         let c = &self.c;
-        if !self.acks.is_empty() {
-            store::ack_output(conn, &c.keys, &c.group, &self.acks).await?;
-            for id in self.acks.drain(..) {
-                self.held.remove(&id);
-            }
+        if !self.ledger.acks().is_empty() {
+            store::ack_output(conn, &c.keys, &c.group, self.ledger.acks()).await?;
+            self.ledger.acked();
         }
-        if !self.dead.is_empty() {
+        if !self.ledger.condemned().is_empty() {
+            let letters: Vec<Condemned> = self
+                .ledger
+                .condemned()
+                .iter()
+                .map(|d| Condemned { id: d.key, reason: d.reason, detail: d.detail.clone() })
+                .collect();
             let moved: HashSet<EntryId> = self
                 .scripts
-                .dead_letter(conn, &c.keys, &c.group, &c.opts.consumer, &self.dead)
+                .dead_letter(conn, &c.keys, &c.group, &c.opts.consumer, &letters)
                 .await?
                 .into_iter()
                 .collect();
-            for letter in self.dead.drain(..) {
-                self.held.remove(&letter.id);
-                if moved.contains(&letter.id) {
+            for letter in self.ledger.condemned_sent() {
+                if moved.contains(&letter.key) {
                     self.counters.dead += 1;
                     crate::metrics::record_dead_letters(letter.reason.code(), 1);
-                    info!(entry = %letter.id, reason = %letter.reason, "moved to the dead-letter stream");
+                    info!(entry = %letter.key, reason = %letter.reason, "moved to the dead-letter stream");
                 } else {
-                    info!(entry = %letter.id, "not dead-lettered: another consumer has taken the entry over");
+                    info!(entry = %letter.key, "not dead-lettered: another consumer has taken the entry over");
                 }
             }
         }
@@ -601,22 +582,20 @@ impl<H: Handler> Runtime<H> {
     /// Keeps every held entry fresh so that no peer claims it after
     /// `claim_idle`; warns about any a peer took over anyway.
     async fn touch(&mut self, conn: &mut Conn) -> Result<(), StoreError> {
-        if self.held.is_empty() {
+        let ids: Vec<EntryId> = self.ledger.held().copied().collect();
+        if ids.is_empty() {
             return Ok(());
         }
         let c = &self.c;
-        let ids: Vec<EntryId> = self.held.iter().copied().collect();
         let lost = self.scripts.touch(conn, &c.keys, &c.group, &c.opts.consumer, &ids).await?;
         for id in lost {
-            if self.acks.contains(&id) {
-                continue;
+            if self.ledger.lost(id) {
+                warn!(
+                    entry = %id,
+                    "another consumer took over an entry still being handled here (Redis was unreachable for long?); \
+                     it may be processed twice"
+                );
             }
-            warn!(
-                entry = %id,
-                "another consumer took over an entry still being handled here (Redis was unreachable for long?); \
-                 it may be processed twice"
-            );
-            self.held.remove(&id);
         }
         Ok(())
     }
@@ -625,11 +604,9 @@ impl<H: Handler> Runtime<H> {
         self.c.opts.readiness.set_shutting_down();
         let grace = self.c.opts.shutdown_grace;
         self.stopping = Some(Instant::now() + grace);
-        for el in self.queue.drain(..) {
-            self.held.remove(&el.entry_id);
-        }
+        self.ledger.begin_stop();
         info!(
-            running = self.running.len(),
+            running = self.ledger.running(),
             grace = ?grace,
             "stopping: no more reads; waiting for running handlers (unstarted elements stay pending for peers)"
         );
@@ -637,7 +614,7 @@ impl<H: Handler> Runtime<H> {
 
     async fn abort_running(&mut self) {
         warn!(
-            running = self.running.len(),
+            running = self.ledger.running(),
             "handlers did not finish within the shutdown grace period; aborting them (their elements stay pending \
              for other consumers)"
         );
@@ -671,7 +648,7 @@ impl<H: Handler> Runtime<H> {
 
     /// The last attempt to send acknowledgements while Redis is failing.
     async fn final_flush(&mut self) {
-        if self.acks.is_empty() && self.dead.is_empty() {
+        if self.ledger.nothing_to_flush() {
             return;
         }
         let (client, connect) = (self.c.client.clone(), self.c.connect.clone());
@@ -682,7 +659,7 @@ impl<H: Handler> Runtime<H> {
         let result = tokio::time::timeout(FINISH_MARGIN / 3, attempt).await;
         if !matches!(result, Ok(Ok(()))) {
             warn!(
-                unacknowledged = self.acks.len(),
+                unacknowledged = self.ledger.acks().len(),
                 "Redis is unreachable: handled elements could not be acknowledged and will be processed again"
             );
         }
@@ -706,6 +683,7 @@ fn panic_message(e: JoinError) -> String {
     }
 }
 
+/// Bounds a handler's error text (it becomes a dead letter's `detail`).
 fn truncate(mut s: String) -> String {
     if s.len() > MAX_DETAIL {
         let mut end = MAX_DETAIL;

@@ -4,8 +4,9 @@
 
 pub mod clock;
 pub mod housekeeping;
+mod window;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::ops::Bound::{Excluded, Unbounded};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 pub use crate::health::Stats;
+use window::{Reply, RoundEnd, Window};
 
 use crate::config::Settings;
 use crate::core::EntryId;
@@ -338,53 +340,47 @@ impl Worker<'_> {
             if self.backlog.is_empty() {
                 return Ok(false);
             }
-            let mut window = FuturesOrdered::new();
-            // Each call's entry ids, in the order sent.
-            let mut sent: VecDeque<Vec<EntryId>> = VecDeque::new();
-            // The last entry id sent in this round.
-            let mut last_sent: Option<EntryId> = None;
-            // Whether the first call that stopped early was held back by an
-            // older entry elsewhere; after such a call nothing more is sent.
-            let mut stopped: Option<bool> = None;
-            let mut more_due = false;
+            let mut calls = FuturesOrdered::new();
+            let mut window = Window::new(APPLY_WINDOW);
             loop {
-                while stopped.is_none() && !more_due && window.len() < APPLY_WINDOW {
-                    let after = last_sent.map_or(Unbounded, Excluded);
+                while window.may_send() {
+                    let after = window.after().map_or(Unbounded, Excluded);
                     let batch: Vec<&Prepared> =
                         self.backlog.range((after, Unbounded)).map(|(_, p)| p).take(d.batch_size).collect();
-                    let Some(last) = batch.last() else { break };
-                    last_sent = Some(last.id);
-                    sent.push_back(batch.iter().map(|p| p.id).collect::<Vec<_>>());
+                    if batch.is_empty() {
+                        break;
+                    }
+                    window.sent(batch.iter().map(|p| p.id).collect());
                     let call = self.scripts.apply_call(&self.settings.keys, &batch, d.release_chunk);
                     let mut conn = self.conn.clone();
-                    window.push_back(async move { call.invoke(&mut conn).await });
+                    calls.push_back(async move { call.invoke(&mut conn).await });
                 }
                 let room = self.backlog.len() < self.capacity() && intake < DRAIN_INTAKE;
                 // Only while a call is in flight: with nothing left to send,
                 // the round ends and the caller waits for input.
-                let take_input =
-                    stopped.is_none() && !more_due && !window.is_empty() && window.len() < APPLY_WINDOW && room;
+                let take_input = window.may_take_input() && room && input.is_some();
                 let outcome = tokio::select! {
                     biased;
-                    outcome = window.next(), if !window.is_empty() => match outcome {
+                    outcome = calls.next(), if window.in_flight() > 0 => match outcome {
                         Some(outcome) => outcome?,
                         None => unreachable!("polled only while calls are in flight"),
                     },
-                    msg = recv(&mut input), if take_input && input.is_some() => {
+                    msg = recv(&mut input), if take_input => {
                         intake += 1;
                         take_prepared(&mut self.backlog, msg?);
                         continue;
                     }
                     else => break,
                 };
-                let ids = sent.pop_front().expect("one id list per call");
-                let done = &ids[..outcome.processed.min(ids.len())];
+                let reply =
+                    Reply { processed: outcome.processed, blocked: outcome.blocked, more_due: outcome.more_due };
+                let done = window.completed(reply);
                 if outcome.dead > 0 {
                     let processed: Vec<&Prepared> = done.iter().filter_map(|id| self.backlog.get(id)).collect();
                     record_input_dead_letters(&processed, outcome.dead);
                     warn!(entries = outcome.dead, "malformed input entries moved to the dead-letter stream");
                 }
-                for id in done {
+                for id in &done {
                     self.backlog.remove(id);
                 }
                 record_apply(self.stats, &outcome);
@@ -396,16 +392,12 @@ impl Worker<'_> {
                     released = outcome.released + outcome.late,
                     "applied input batch"
                 );
-                more_due |= outcome.more_due;
-                if outcome.processed < ids.len() && stopped.is_none() {
-                    stopped = Some((outcome.blocked || outcome.processed == 0) && !outcome.more_due);
-                }
             }
-            drop(window);
-            if more_due {
-                self.release_all().await?;
-            } else if stopped == Some(true) {
-                return Ok(true);
+            drop(calls);
+            match window.end() {
+                RoundEnd::Release => self.release_all().await?,
+                RoundEnd::Blocked => return Ok(true),
+                RoundEnd::Again => {}
             }
         }
     }

@@ -361,8 +361,8 @@ mod tests {
         let items = codec::decode(&packed[3..]).unwrap();
         let fields = codec::encode([&b"ts"[..]]);
         let expect: Vec<&[u8]> = vec![
-            b"1-0", b"A", b"a", b"1", b"p", b"1-2", b"C", b"x", b"1-3", b"D", b"bad_ts", b"no", &fields, b"2-0",
-            b"W", b"-5", b"3-0", b"X",
+            b"1-0", b"A", b"a", b"1", b"p", b"1-2", b"C", b"x", b"1-3", b"D", b"bad_ts", b"no", &fields, b"2-0", b"W",
+            b"-5", b"3-0", b"X",
         ];
         assert_eq!(items, expect);
         let many: Vec<Prepared> = (0..=BULK_MAX as u64).map(|i| add(1, i, &i.to_string(), 1, b"")).collect();
