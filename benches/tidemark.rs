@@ -23,12 +23,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Value};
 use serde_json::{json, Value as Json};
 use tempfile::TempDir;
 use tidemark::consume::{ConsumerBuilder, Element};
 use tidemark::core::EntryId;
+use tidemark::store::Conn;
 use tidemark::store::{Keys, Scripts};
 use tokio_util::sync::CancellationToken;
 
@@ -355,7 +355,7 @@ struct Bench {
     /// The private server (killed on drop).
     redis: RedisServer,
     /// Control and polling connection.
-    conn: MultiplexedConnection,
+    conn: Conn,
     /// The `tidemark` binary under test.
     bin: PathBuf,
     /// Key names of [`NAMESPACE`].
@@ -974,11 +974,7 @@ const WRITES_IN_FLIGHT: usize = 2;
 /// Sends the pipelines in order, [`WRITES_IN_FLIGHT`] at a time so that
 /// Redis has the next one while this process decodes a reply, counting the
 /// entries written in `written`; returns the last entry id.
-async fn write_all(
-    conn: MultiplexedConnection,
-    pipes: Vec<(usize, redis::Pipeline)>,
-    written: Arc<AtomicUsize>,
-) -> Result<EntryId> {
+async fn write_all(conn: Conn, pipes: Vec<(usize, redis::Pipeline)>, written: Arc<AtomicUsize>) -> Result<EntryId> {
     use futures::stream::{FuturesOrdered, StreamExt};
     let send = |(count, pipe): (usize, redis::Pipeline)| {
         let mut conn = conn.clone();
@@ -1014,7 +1010,7 @@ struct GroupState {
 }
 
 /// The state of `group` on `stream`; `None` if the stream or group is missing.
-async fn group_state(conn: &mut MultiplexedConnection, stream: &str, group: &str) -> Result<Option<GroupState>> {
+async fn group_state(conn: &mut Conn, stream: &str, group: &str) -> Result<Option<GroupState>> {
     let reply: Result<Value, redis::RedisError> = redis::cmd("XINFO").arg("GROUPS").arg(stream).query_async(conn).await;
     let reply = match reply {
         Ok(v) => v,
@@ -1171,9 +1167,9 @@ impl RedisServer {
         Ok(redis::Client::open(self.url())?)
     }
 
-    async fn conn(&self) -> Result<MultiplexedConnection> {
+    async fn conn(&self) -> Result<Conn> {
         let config = AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(60)));
-        Ok(self.client()?.get_multiplexed_async_connection_with_config(&config).await?)
+        Ok(Conn::Single(self.client()?.get_multiplexed_async_connection_with_config(&config).await?))
     }
 }
 

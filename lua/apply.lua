@@ -8,6 +8,7 @@
 -- KEYS[5]: the output stream
 -- KEYS[6]: the dead-letter stream
 -- KEYS[7]: clock mode's next-due marker (string; see clock.lua)
+-- KEYS[8]: the partition's owner lock (string: the owning daemon's token)
 -- ARGV[1]: the input consumer group
 -- ARGV[2]: max elements released by watermark advances in this call
 -- ARGV[3]: the number of entries that follow
@@ -16,11 +17,14 @@
 --   marker and is announced on the channel ARGV[5] to wake the clock
 --   leader; '0' leaves KEYS[7] and ARGV[5] unused
 -- ARGV[5]: clock mode's wake-up channel
--- ARGV[6]: one byte per entry: '1' where another entry id could lie
+-- ARGV[6]: the caller's owner token: unless '' (no fence), nothing is done
+--   and 'fenced' is 1 when KEYS[8] does not hold it (ownership moved to
+--   another daemon: a deposed owner that wakes up applies nothing)
+-- ARGV[7]: one byte per entry: '1' where another entry id could lie
 --   between the previous entry's id and this one's, '0' where the two ids
 --   are adjacent (same ms, next seq). The first byte is not used.
--- ARGV[7]: the form of the batch, which is sent once, in one form:
---   'E' (entries): ARGV[8] holds the entries, sorted by entry id, as one
+-- ARGV[8]: the form of the batch, which is sent once, in one form:
+--   'E' (entries): ARGV[9] holds the entries, sorted by entry id, as one
 --     MessagePack array of `str` objects (src/core/codec.rs), one run of
 --     items per entry, each one of
 --     <entry id> 'A' <element id> <ts> <payload blob, '' if none>   (add)
@@ -28,15 +32,15 @@
 --     <entry id> 'W' <ts>                                           (watermark)
 --     <entry id> 'D' <reason> <detail> <blob: original fields>      (dead letter)
 --     <entry id> 'X'                                                (entry deleted from the stream)
---   'B' (bulk): only adds, each element id once: ARGV[8] the smallest ts,
---     and as sequences of MessagePack `str` objects: ARGV[9] the ZADD
---     arguments (ts, id, …), ARGV[10] the HSET arguments (id, payload
---     blob, …, for adds with a payload), ARGV[11] the ids of adds without
---     payload, ARGV[12] the entry ids, ARGV[13] the pairs of neighbouring
---     entry ids that ARGV[6] marks with '1'
+--   'B' (bulk): only adds, each element id once: ARGV[9] the smallest ts,
+--     and as sequences of MessagePack `str` objects: ARGV[10] the ZADD
+--     arguments (ts, id, …), ARGV[11] the HSET arguments (id, payload
+--     blob, …, for adds with a payload), ARGV[12] the ids of adds without
+--     payload, ARGV[13] the entry ids, ARGV[14] the pairs of neighbouring
+--     entry ids that ARGV[7] marks with '1'
 -- Returns: name/value pairs {'processed', n, 'released', n, 'more_due', 0|1,
 --   'blocked', 0|1, 'adds', n, 'cancels', n, 'watermarks', n, 'dead', n,
---   'late', n}
+--   'late', n, 'fenced', 0|1}
 --   processed: how many leading entries are done (applied now, or found
 --     already applied); the caller keeps the rest for a later call.
 --   more_due: due elements remain; call release.lua before more input.
@@ -55,7 +59,7 @@
 -- group is our first entry, every entry of the batch is pending and none
 -- was applied (each was delivered after the first, which has been pending
 -- ever since), and an entry may be applied unless some other entry is
--- pending between it and the previous one, which can only be where ARGV[6]
+-- pending between it and the previous one, which can only be where ARGV[7]
 -- says an id could lie. Otherwise (a redelivery, a lost reply, another
 -- daemon's older entries) the batch is walked against the oldest pending
 -- entries one by one.
@@ -66,15 +70,22 @@ local budget = tonumber(ARGV[2])
 local count = tonumber(ARGV[3])
 local clock = ARGV[4] == '1'
 
+local function outcome(processed, released, more_due, blocked, adds, cancels, watermarks, deadn, late)
+  return {'processed', processed, 'released', released, 'more_due', more_due, 'blocked', blocked,
+    'adds', adds, 'cancels', cancels, 'watermarks', watermarks, 'dead', deadn, 'late', late, 'fenced', 0}
+end
+
+if ARGV[6] ~= '' and call('GET', KEYS[8]) ~= ARGV[6] then
+  local r = outcome(0, 0, 0, 0, 0, 0, 0, 0, 0)
+  r[#r] = 1
+  return r
+end
+
 local wm
 if clock then
   wm = advance_to_server_time(wmkey)
 else
   wm = call('GET', wmkey)
-end
-local function outcome(processed, released, more_due, blocked, adds, cancels, watermarks, deadn, late)
-  return {'processed', processed, 'released', released, 'more_due', more_due, 'blocked', blocked,
-    'adds', adds, 'cancels', cancels, 'watermarks', watermarks, 'dead', deadn, 'late', late}
 end
 
 local released, more = release_due(sched, body, out, wm, budget)
@@ -98,25 +109,25 @@ local function wake_clock(marker_key, channel, earliest, earliest_ts)
   end
 end
 
-local gaps = ARGV[6]
-local bulk = ARGV[7] == 'B'
+local gaps = ARGV[7]
+local bulk = ARGV[8] == 'B'
 -- The per-entry arguments, unpacked only for the loop below: a bulk batch
--- usually needs just its first entry id, the first of ARGV[12].
+-- usually needs just its first entry id, the first of ARGV[13].
 local args, first
 if bulk then
   local _
-  _, first = cmsgpack.unpack_one(ARGV[12])
+  _, first = cmsgpack.unpack_one(ARGV[13])
 else
-  args = msgunpack(ARGV[8])
+  args = msgunpack(ARGV[9])
   first = args[1]
 end
 
 -- The per-entry view of a bulk batch, for when it cannot be applied whole.
 local function entries_of_bulk()
-  local z, acks = {msgunpack(ARGV[9])}, {msgunpack(ARGV[12])}
+  local z, acks = {msgunpack(ARGV[10])}, {msgunpack(ARGV[13])}
   local blobs = {}
-  if ARGV[10] ~= '' then
-    local h = {msgunpack(ARGV[10])}
+  if ARGV[11] ~= '' then
+    local h = {msgunpack(ARGV[11])}
     for j = 1, #h, 2 do
       blobs[h[j]] = h[j + 1]
     end
@@ -136,8 +147,8 @@ local next_gap = fast and string.find(gaps, '1', 2, true)
 -- Bulk: on the fast path, a batch of adds none of which is due, with no
 -- other entry pending between its entries, is applied by a few calls on
 -- the ready-made argument lists; otherwise it goes through the loop below.
-if fast and bulk and not (wmn and tonumber(ARGV[8]) <= wmn) then
-  local apart = {msgunpack(ARGV[13])}
+if fast and bulk and not (wmn and tonumber(ARGV[9]) <= wmn) then
+  local apart = {msgunpack(ARGV[14])}
   local clear = true
   for j = 1, #apart, 2 do
     if #call('XPENDING', input, group, '(' .. apart[j], '(' .. apart[j + 1], 1) > 0 then
@@ -146,16 +157,16 @@ if fast and bulk and not (wmn and tonumber(ARGV[8]) <= wmn) then
     end
   end
   if clear then
-    call('ZADD', sched, msgunpack(ARGV[9]))
-    if ARGV[10] ~= '' then
-      call('HSET', body, msgunpack(ARGV[10]))
+    call('ZADD', sched, msgunpack(ARGV[10]))
+    if ARGV[11] ~= '' then
+      call('HSET', body, msgunpack(ARGV[11]))
     end
-    if bodies and ARGV[11] ~= '' then
-      call('HDEL', body, msgunpack(ARGV[11]))
+    if bodies and ARGV[12] ~= '' then
+      call('HDEL', body, msgunpack(ARGV[12]))
     end
-    call('XACK', input, group, msgunpack(ARGV[12]))
+    call('XACK', input, group, msgunpack(ARGV[13]))
     if clock then
-      wake_clock(KEYS[7], ARGV[5], tonumber(ARGV[8]), ARGV[8])
+      wake_clock(KEYS[7], ARGV[5], tonumber(ARGV[9]), ARGV[9])
     end
     return outcome(count, released, 0, 0, count, 0, 0, 0, 0)
   end

@@ -39,6 +39,9 @@ pub struct GlobalArgs {
     /// Namespace: one independent pipeline [default: default]
     #[arg(long, global = true, value_name = "NS")]
     pub namespace: Option<String>,
+    /// Partitions of the namespace, 1..=1024 [default: the namespace's record, else 1]
+    #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub partitions: Option<u16>,
     /// Log format: text or json [default: text]; the level comes from RUST_LOG
     #[arg(long, global = true, value_name = "FORMAT")]
     pub log_format: Option<String>,

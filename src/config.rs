@@ -9,8 +9,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::core::backoff::Backoff;
 use crate::core::op::{Limits, HARD_MAX_PAYLOAD_FIELDS};
+use crate::core::route::MAX_PARTITIONS;
 use crate::core::RetryPolicy;
-use crate::store::{ConnectOptions, Keys};
+use crate::store::keys::{invalid_namespace, Namespace};
+use crate::store::{ConnectOptions, Endpoint, Mode};
 
 /// The configuration file read when `--config` is not given, if it exists.
 pub const DEFAULT_CONFIG_PATH: &str = "config/tidemark.toml";
@@ -57,6 +59,9 @@ pub struct RawRedis {
     /// Time allowed for a reply.
     #[serde(with = "humantime_serde")]
     pub response_timeout: Duration,
+    /// `auto` (ask the server), `standalone` or `cluster` (the URL names
+    /// any node of a Redis Cluster).
+    pub mode: String,
 }
 
 impl Default for RawRedis {
@@ -69,6 +74,7 @@ impl Default for RawRedis {
             tls_key_file: None,
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(30),
+            mode: "auto".into(),
         }
     }
 }
@@ -288,6 +294,10 @@ pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:9464";
 pub struct RawConfig {
     /// The pipeline's namespace.
     pub namespace: String,
+    /// Partitions of the namespace (1..=1024; unset: whatever the
+    /// namespace's meta record says, else 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<u16>,
     /// Prefix of every key.
     pub key_prefix: String,
     /// `[redis]`
@@ -318,6 +328,8 @@ pub struct Overrides {
     pub redis_url: Option<String>,
     /// `--namespace`
     pub namespace: Option<String>,
+    /// `--partitions`
+    pub partitions: Option<u16>,
     /// `--log-format`
     pub log_format: Option<String>,
     /// `--consumer`
@@ -405,6 +417,9 @@ impl RawConfig {
         }
         if let Some(ns) = &overrides.namespace {
             builder = builder.set_override("namespace", ns.as_str())?;
+        }
+        if let Some(p) = overrides.partitions {
+            builder = builder.set_override("partitions", u64::from(p))?;
         }
         if let Some(f) = &overrides.log_format {
             builder = builder.set_override("log.format", f.as_str())?;
@@ -535,14 +550,17 @@ pub struct HousekeepingSettings {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Settings {
-    /// The Redis client (validated URL, password applied; not connected).
-    pub client: redis::Client,
+    /// How to reach Redis (validated URL, password and TLS applied; not
+    /// connected).
+    pub redis: Endpoint,
     /// The URL with any password masked, for logs and status.
     pub redis_display: String,
     /// Connection timeouts.
     pub connect: ConnectOptions,
     /// Key names.
-    pub keys: Keys,
+    pub namespace: Namespace,
+    /// `partitions` as configured (`None`: take the namespace's record).
+    pub partitions: Option<u16>,
     /// Daemon settings.
     pub daemon: DaemonSettings,
     /// Consumer settings.
@@ -633,7 +651,7 @@ pub const REDIS_PASSWORD_ENV: &str = "REDIS_PASSWORD";
 /// Builds the (unconnected) Redis client from `[redis]`: the URL, the
 /// password from `password_file` or `REDIS_PASSWORD`, and the TLS files.
 /// Every message masks the password.
-fn redis_client(r: &RawRedis, env: &dyn Env) -> Result<redis::Client, ConfigError> {
+fn redis_client(r: &RawRedis, env: &dyn Env) -> Result<(redis::Client, Option<redis::TlsCertificates>), ConfigError> {
     let url = r.url.trim();
     let mut parsed =
         url::Url::parse(url).map_err(|e| invalid("redis.url", format!("{} is not a URL: {e}", redact_url(url))))?;
@@ -651,10 +669,11 @@ fn redis_client(r: &RawRedis, env: &dyn Env) -> Result<redis::Client, ConfigErro
         }
     }
     match tls_certificates(r, &parsed)? {
-        None => {
-            redis::Client::open(parsed.as_str()).map_err(|e| invalid("redis.url", format!("{}: {e}", redact_url(url))))
-        }
-        Some(certs) => redis::Client::build_with_tls(parsed.as_str(), certs)
+        None => redis::Client::open(parsed.as_str())
+            .map(|c| (c, None))
+            .map_err(|e| invalid("redis.url", format!("{}: {e}", redact_url(url)))),
+        Some(certs) => redis::Client::build_with_tls(parsed.as_str(), certs.clone())
+            .map(|c| (c, Some(certs)))
             .map_err(|e| invalid("redis.tls_ca_file/tls_cert_file/tls_key_file", format!("{}: {e}", redact_url(url)))),
     }
 }
@@ -753,7 +772,22 @@ impl Settings {
         valid_name("key_prefix", &raw.key_prefix)?;
 
         let url = raw.redis.url.trim();
-        let client = redis_client(&raw.redis, env)?;
+        let (client, certs) = redis_client(&raw.redis, env)?;
+        if let Some(why) = invalid_namespace(&raw.namespace) {
+            return Err(invalid("namespace", why));
+        }
+        let partitions = match raw.partitions {
+            Some(p) if !(1..=MAX_PARTITIONS).contains(&p) => {
+                return Err(invalid("partitions", format!("must be between 1 and {MAX_PARTITIONS} (got {p})")))
+            }
+            p => p,
+        };
+        let mode = match raw.redis.mode.as_str() {
+            "auto" => Mode::Auto,
+            "standalone" => Mode::Standalone,
+            "cluster" => Mode::Cluster,
+            other => return Err(invalid("redis.mode", format!("{other:?} is not one of auto, standalone, cluster"))),
+        };
 
         let connect = ConnectOptions {
             connect_timeout: positive("redis.connect_timeout", raw.redis.connect_timeout)?,
@@ -826,10 +860,11 @@ impl Settings {
         };
         let http_addr = parse_http_addr(&raw.http.addr)?;
         Ok(Settings {
-            client,
+            redis: Endpoint::new(client, certs, mode, connect.clone()),
             redis_display: redact_url(url),
             connect,
-            keys: Keys::new(&raw.key_prefix, &raw.namespace),
+            namespace: Namespace::new(&raw.key_prefix, &raw.namespace, partitions.unwrap_or(1)),
+            partitions,
             daemon,
             consume,
             lease,
@@ -888,7 +923,8 @@ mod tests {
         let s = settings(&[("POD_NAME", "pod-1")], Overrides::default()).unwrap();
         assert_eq!(s.daemon.consumer, "pod-1");
         assert_eq!(s.daemon.batch_size, 1000);
-        assert_eq!(s.keys.input, "tidemark:{default}:in");
+        assert_eq!(s.namespace.partition(0).input, "tidemark:{default}:in");
+        assert_eq!(s.partitions, None);
         assert_eq!(s.log_format, LogFormat::Text);
     }
 
@@ -905,7 +941,7 @@ mod tests {
         let s = settings(&pairs, Overrides::default()).unwrap();
         assert_eq!(s.daemon.batch_size, 250);
         assert_eq!(s.daemon.groups, ["billing", "mail"]);
-        assert_eq!(s.keys.namespace, "envns");
+        assert_eq!(s.namespace.name(), "envns");
         assert_eq!(s.daemon.claim_idle, Duration::from_secs(5));
         assert_eq!(s.redis_display, "redis://10.0.0.1:6380");
 
@@ -917,7 +953,7 @@ mod tests {
             ..Overrides::default()
         };
         let s = settings(&pairs, o).unwrap();
-        assert_eq!(s.keys.namespace, "flagns");
+        assert_eq!(s.namespace.name(), "flagns");
         assert_eq!(s.daemon.consumer, "me");
         assert_eq!(s.daemon.groups, ["g"]);
         assert_eq!(s.redis_display, "redis://127.0.0.1:1");

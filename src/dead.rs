@@ -31,6 +31,9 @@ const DETAIL_WIDTH: usize = 60;
 pub struct DeadLetter {
     /// Its entry id in `:dead`.
     pub id: EntryId,
+    /// The partition whose `:dead` holds it (`None` when the namespace has
+    /// one partition).
+    pub partition: Option<u16>,
     /// The reason code, e.g. `bad_ts` (empty if the entry has no header).
     pub reason: Vec<u8>,
     /// A sentence saying what was wrong.
@@ -58,7 +61,7 @@ impl DeadLetter {
             }
         }
         let [reason, detail, origin, origin_id] = header;
-        DeadLetter { id, reason, detail, origin, origin_id, fields: rest.collect() }
+        DeadLetter { id, partition: None, reason, detail, origin, origin_id, fields: rest.collect() }
     }
 
     /// The element id (the first original `id` field), if it has one.
@@ -73,8 +76,11 @@ impl DeadLetter {
 /// `{"base64": …}`.
 impl Serialize for DeadLetter {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut st = s.serialize_struct("DeadLetter", 7)?;
+        let mut st = s.serialize_struct("DeadLetter", 8)?;
         st.serialize_field("id", &self.id.to_string())?;
+        if let Some(p) = self.partition {
+            st.serialize_field("partition", &p)?;
+        }
         st.serialize_field("reason", &bin_json::bytes(&self.reason))?;
         st.serialize_field("detail", &bin_json::bytes(&self.detail))?;
         st.serialize_field("origin", &bin_json::bytes(&self.origin))?;
@@ -91,19 +97,40 @@ fn letters(entries: Vec<StreamEntry>) -> Vec<DeadLetter> {
     entries.into_iter().filter_map(|e| Some(DeadLetter::from_fields(e.id, e.fields?))).collect()
 }
 
-/// The newest `count` dead letters, newest first, and how many there are.
-pub async fn list(conn: &mut Conn, keys: &Keys, count: usize) -> Result<(Vec<DeadLetter>, u64), StoreError> {
-    let (total, newest): (u64, Value) = redis::pipe()
-        .xlen(&keys.dead)
-        .cmd("XREVRANGE")
-        .arg(&keys.dead)
-        .arg("+")
-        .arg("-")
-        .arg("COUNT")
-        .arg(count.max(1))
-        .query_async(conn)
-        .await?;
-    let mut found = letters(decode_entries(newest)?);
+/// The newest `count` dead letters of every partition, newest first, and
+/// how many there are.
+pub async fn list(conn: &mut Conn, parts: &[Keys], count: usize) -> Result<(Vec<DeadLetter>, u64), StoreError> {
+    let pages = futures::future::join_all(parts.iter().map(|keys| {
+        let mut c = conn.clone();
+        async move {
+            let (total, newest): (u64, Value) = redis::pipe()
+                .xlen(&keys.dead)
+                .cmd("XREVRANGE")
+                .arg(&keys.dead)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(count.max(1))
+                .query_async(&mut c)
+                .await?;
+            let mut found = letters(decode_entries(newest)?);
+            if parts.len() > 1 {
+                for l in &mut found {
+                    l.partition = Some(keys.partition);
+                }
+            }
+            Ok::<_, StoreError>((found, total))
+        }
+    }))
+    .await;
+    let mut found = Vec::new();
+    let mut total = 0;
+    for page in pages {
+        let (letters, n) = page?;
+        found.extend(letters);
+        total += n;
+    }
+    found.sort_by(|a, b| b.id.cmp(&a.id).then(a.partition.cmp(&b.partition)));
     found.truncate(count);
     Ok((found, total))
 }
@@ -176,14 +203,14 @@ pub fn render_table(letters: &[DeadLetter]) -> String {
 
 /// `tidemark dead list`: prints up to `count` dead letters, newest first,
 /// as a table or (`json`) as a JSON array.
-pub async fn cli_list(conn: &mut Conn, keys: &Keys, count: usize, json: bool) -> Result<(), StoreError> {
-    let (found, total) = list(conn, keys, count).await?;
+pub async fn cli_list(conn: &mut Conn, parts: &[Keys], count: usize, json: bool) -> Result<(), StoreError> {
+    let (found, total) = list(conn, parts, count).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&found).map_err(|e| StoreError::Reply(e.to_string()))?);
         return Ok(());
     }
     if total == 0 {
-        println!("no dead letters in {}", keys.dead);
+        println!("no dead letters in {}", dead_streams(parts));
         return Ok(());
     }
     print!("{}", render_table(&found));
@@ -225,6 +252,20 @@ impl Tally {
         }
     }
 
+    fn summary_all(&self, partitions: usize) -> String {
+        let mut s = format!(
+            "replayed {} dead letter{} over {partitions} partitions ({} to :in, {} to :out)",
+            self.to_input + self.to_output,
+            if self.to_input + self.to_output == 1 { "" } else { "s" },
+            self.to_input,
+            self.to_output,
+        );
+        if self.invalid > 0 {
+            let _ = write!(s, "; {} could not be replayed and stay in :dead", self.invalid);
+        }
+        s
+    }
+
     fn summary(&self, keys: &Keys) -> String {
         let mut s = format!(
             "replayed {} dead letter{} ({} to {}, {} to {})",
@@ -248,7 +289,7 @@ impl Tally {
 /// command starts, in pages of [`REPLAY_PAGE`].
 pub async fn cli_replay(
     conn: &mut Conn,
-    keys: &Keys,
+    parts: &[Keys],
     id: Option<&str>,
     reason: Option<&str>,
 ) -> Result<(), StoreError> {
@@ -264,6 +305,17 @@ pub async fn cli_replay(
                 StoreError::Rejected(format!("--id {raw:?} is not a stream entry id (like 1700000000000-0)"))
             })?;
             let id = id.to_string();
+            let mut found = None;
+            for keys in parts {
+                let exists: Value = redis::cmd("XRANGE").arg(&keys.dead).arg(&id).arg(&id).query_async(conn).await?;
+                if !decode_entries(exists)?.is_empty() {
+                    found = Some(keys);
+                    break;
+                }
+            }
+            let Some(keys) = found else {
+                return Err(StoreError::Rejected(format!("no dead letter with id {id} in {}", dead_streams(parts))));
+            };
             let page = Scripts::new().replay_page(conn, keys, &id, &id, 1, reason).await?;
             let Some(letter) = page.letters.first() else {
                 return Err(StoreError::Rejected(format!("no dead letter with id {id} in {}", keys.dead)));
@@ -283,14 +335,44 @@ pub async fn cli_replay(
             }
         }
         None => {
+            let mut any = false;
+            for keys in parts {
+                any |= replay_all(conn, keys, reason, &mut tally).await?;
+            }
+            if !any {
+                println!("no dead letters in {}", dead_streams(parts));
+                return Ok(());
+            }
+        }
+    }
+    if let [keys] = parts {
+        println!("{}", tally.summary(keys));
+    } else {
+        println!("{}", tally.summary_all(parts.len()));
+    }
+    Ok(())
+}
+
+/// The dead-letter streams, for messages: the one, or the pattern.
+fn dead_streams(parts: &[Keys]) -> String {
+    match parts {
+        [keys] => keys.dead.clone(),
+        _ => format!("the {} partitions' :dead streams", parts.len()),
+    }
+}
+
+/// Replays every letter of one partition that exists now (of `reason`,
+/// if given). Returns whether there was any.
+async fn replay_all(conn: &mut Conn, keys: &Keys, reason: Option<&str>, tally: &mut Tally) -> Result<bool, StoreError> {
+    {
+        {
             // Only letters that exist now: a replayed input entry that is
             // still malformed comes back as a new, later letter, and must
             // not be replayed again by this same run.
             let newest: Value =
                 redis::cmd("XREVRANGE").arg(&keys.dead).arg("+").arg("-").arg("COUNT").arg(1).query_async(conn).await?;
             let Some(newest) = decode_entries(newest)?.first().map(|e| e.id.to_string()) else {
-                println!("no dead letters in {}", keys.dead);
-                return Ok(());
+                return Ok(false);
             };
             let mut start = "-".to_owned();
             let mut next_progress = PROGRESS_EVERY;
@@ -312,8 +394,7 @@ pub async fn cli_replay(
             }
         }
     }
-    println!("{}", tally.summary(keys));
-    Ok(())
+    Ok(true)
 }
 
 #[cfg(test)]

@@ -11,4 +11,5 @@ pub mod dead;
 pub mod health;
 pub mod http;
 pub mod metrics;
+pub mod produce;
 pub mod store;

@@ -17,6 +17,7 @@ use cli::{Cli, Command, EXIT_CONFIG, EXIT_UNAVAILABLE};
 use tidemark::config::{LogFormat, Overrides, ProcessEnv, RawConfig, Settings};
 use tidemark::core::watermark::parse_ts;
 use tidemark::http::{self, Endpoints, Readiness};
+use tidemark::produce::Producer;
 use tidemark::store::{self, status, StoreError};
 
 /// mimalloc: decoding stream replies allocates many small buffers, and it
@@ -36,6 +37,7 @@ fn main() -> ExitCode {
     overrides.config_file = cli.global.config.clone();
     overrides.redis_url = cli.global.redis_url.clone();
     overrides.namespace = cli.global.namespace.clone();
+    overrides.partitions = cli.global.partitions;
     overrides.log_format = cli.global.log_format.clone();
     overrides.http_addr = cli.global.http.clone();
     match &cli.command {
@@ -79,6 +81,10 @@ fn main() -> ExitCode {
             Command::Consume(c) => run_consume(settings, c).await,
             other => match one_shot(&settings, other).await {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(e @ StoreError::Layout(_)) => {
+                    eprintln!("tidemark: {e}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
                 Err(e) if e.is_connection() || e.is_fatal() => {
                     eprintln!("tidemark: cannot use Redis at {}: {e}", settings.redis_display);
                     ExitCode::from(EXIT_UNAVAILABLE)
@@ -209,7 +215,12 @@ async fn run_daemon(settings: Settings) -> ExitCode {
         Err(code) => return code,
     };
     let work = tidemark::daemon::run(settings, stats, shutdown.clone());
-    let code = supervise(work, shutdown, grace, |e: &StoreError| if e.is_fatal() { EXIT_UNAVAILABLE } else { 1 }).await;
+    let code = supervise(work, shutdown, grace, |e: &StoreError| match e {
+        StoreError::Layout(_) => EXIT_CONFIG,
+        e if e.is_fatal() => EXIT_UNAVAILABLE,
+        _ => 1,
+    })
+    .await;
     if let Some(http) = http {
         http.stop().await;
     }
@@ -254,7 +265,11 @@ async fn run_consume(settings: Settings, args: cli::ConsumeArgs) -> ExitCode {
     };
     let work = tidemark::consume::command::run(settings, args.group, args.command, readiness, shutdown.clone());
     let exit_code = |e: &tidemark::consume::ConsumeError| {
-        if matches!(e, tidemark::consume::ConsumeError::Invalid { .. }) {
+        if matches!(
+            e,
+            tidemark::consume::ConsumeError::Invalid { .. }
+                | tidemark::consume::ConsumeError::Store(StoreError::Layout(_))
+        ) {
             EXIT_CONFIG
         } else if e.is_fatal() {
             EXIT_UNAVAILABLE
@@ -273,28 +288,33 @@ async fn run_consume(settings: Settings, args: cli::ConsumeArgs) -> ExitCode {
 }
 
 async fn one_shot(settings: &Settings, command: Command) -> Result<(), StoreError> {
-    let mut conn = store::connect(&settings.client, &settings.connect, settings.connect.response_timeout).await?;
-    let keys = &settings.keys;
+    let mut conn = settings.redis.connect(settings.connect.response_timeout).await?;
+    let ns = store::meta::resolve(&mut conn, &settings.namespace, settings.partitions, false).await??;
+    let mut producer = Producer::new(conn.clone(), ns.clone());
     let id = match command {
         Command::Add(a) => {
-            let ts = parse_ts(a.ts.as_bytes()).expect("validated").to_string();
-            let mut fields: Vec<(&[u8], &[u8])> =
-                vec![(b"op", b"add"), (b"id", a.id.as_bytes()), (b"ts", ts.as_bytes())];
-            for f in &a.fields {
-                let (k, v) = f.split_once('=').expect("validated");
-                fields.push((k.as_bytes(), v.as_bytes()));
-            }
-            store::xadd(&mut conn, &keys.input, &fields).await?
+            let ts = parse_ts(a.ts.as_bytes()).expect("validated");
+            let fields: Vec<(&[u8], &[u8])> = a
+                .fields
+                .iter()
+                .map(|f| {
+                    let (k, v) = f.split_once('=').expect("validated");
+                    (k.as_bytes(), v.as_bytes())
+                })
+                .collect();
+            producer.add(a.id.as_bytes(), ts, &fields).await?
         }
-        Command::Cancel(c) => {
-            store::xadd(&mut conn, &keys.input, &[(b"op", b"cancel"), (b"id", c.id.as_bytes())]).await?
-        }
+        Command::Cancel(c) => producer.cancel(c.id.as_bytes()).await?,
         Command::Watermark(w) => {
-            let ts = parse_ts(w.ts.as_bytes()).expect("validated").to_string();
-            store::xadd(&mut conn, &keys.input, &[(b"op", b"watermark"), (b"ts", ts.as_bytes())]).await?
+            let ts = parse_ts(w.ts.as_bytes()).expect("validated");
+            let ids = producer.watermark(ts).await?;
+            if ids.len() > 1 {
+                eprintln!("tidemark: watermark written to all {} partitions", ids.len());
+            }
+            ids.into_iter().next().unwrap_or_default()
         }
         Command::Status(s) => {
-            let snapshot = status::snapshot(&mut conn, keys).await?;
+            let snapshot = status::snapshot(&mut conn, &ns).await?;
             if s.json {
                 println!("{}", serde_json::to_string_pretty(&snapshot).expect("status serializes"));
             } else {
@@ -303,10 +323,10 @@ async fn one_shot(settings: &Settings, command: Command) -> Result<(), StoreErro
             return Ok(());
         }
         Command::Dead(cli::DeadCommand::List(l)) => {
-            return tidemark::dead::cli_list(&mut conn, keys, l.count, l.json).await
+            return tidemark::dead::cli_list(&mut conn, &ns.all(), l.count, l.json).await
         }
         Command::Dead(cli::DeadCommand::Replay(r)) => {
-            return tidemark::dead::cli_replay(&mut conn, keys, r.id.as_deref(), r.reason.as_deref()).await
+            return tidemark::dead::cli_replay(&mut conn, &ns.all(), r.id.as_deref(), r.reason.as_deref()).await
         }
         Command::Run(_) | Command::Consume(_) => unreachable!("long-running commands are handled above"),
     };

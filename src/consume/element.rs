@@ -13,6 +13,8 @@ use crate::core::EntryId;
 pub struct Element {
     /// The output-stream entry that carries it (`:out`), as acknowledged.
     pub entry_id: EntryId,
+    /// The partition whose `:out` carries it (0 when the namespace has one).
+    pub partition: u16,
     /// The element id (binary-safe).
     pub id: Vec<u8>,
     /// The element's timestamp.
@@ -29,7 +31,7 @@ impl Element {
     /// An element as a handler would receive it, e.g. to test a handler
     /// without Redis.
     pub fn new(entry_id: EntryId, id: impl Into<Vec<u8>>, ts: Timestamp, fields: Vec<Field>, delivery: u64) -> Self {
-        Element { entry_id, id: id.into(), ts, fields, delivery }
+        Element { entry_id, partition: 0, id: id.into(), ts, fields, delivery }
     }
 
     /// The id as text, with invalid UTF-8 replaced (for logs).
@@ -72,7 +74,7 @@ pub fn parse(entry_id: EntryId, fields: Vec<Field>, delivery: u64) -> Result<Ele
             })
         }
     };
-    Ok(Element { entry_id, id, ts, fields: it.collect(), delivery })
+    Ok(Element { entry_id, partition: 0, id, ts, fields: it.collect(), delivery })
 }
 
 #[cfg(test)]

@@ -123,6 +123,7 @@ mod tests {
 
     fn element(id: &[u8], fields: &[(&[u8], &[u8])]) -> Element {
         Element {
+            partition: 0,
             entry_id: EntryId { ms: 1, seq: 0 },
             id: id.to_vec(),
             ts: -42,

@@ -53,6 +53,7 @@ pub mod command;
 mod element;
 mod json;
 mod ledger;
+mod reader;
 mod runtime;
 
 use std::future::Future;
@@ -66,9 +67,29 @@ pub use json::encode as element_json;
 
 use crate::config::{consumer_name, ProcessEnv, Settings, MAX_BATCH_SIZE};
 use crate::core::backoff::Backoff;
+use crate::core::EntryId;
 use crate::core::RetryPolicy;
 use crate::health::Readiness;
-use crate::store::{ConnectOptions, Keys, StoreError};
+use crate::store::{ConnectOptions, Endpoint, Mode, Namespace, StoreError};
+
+/// Where an output entry is: its partition, and its id in that partition's
+/// `:out`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct At {
+    /// The partition (0 when the namespace has one).
+    pub partition: u16,
+    /// The entry id in the partition's `:out`.
+    pub id: EntryId,
+}
+
+impl std::fmt::Display for At {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.partition {
+            0 => write!(f, "{}", self.id),
+            p => write!(f, "{p}/{}", self.id),
+        }
+    }
+}
 
 /// Time the binary allows after `shutdown_grace` for the last
 /// acknowledgements and for deleting the lease.
@@ -155,15 +176,22 @@ pub struct ConsumerBuilder {
     client: redis::Client,
     connect: ConnectOptions,
     redis_display: String,
-    keys: Keys,
+    namespace: Namespace,
+    partitions: Option<u16>,
+    mode: Mode,
+    certs: Option<redis::TlsCertificates>,
+    redis: Option<Endpoint>,
     group: String,
     opts: Options,
 }
 
 impl ConsumerBuilder {
-    /// A consumer of `group` on `keys.out`, connecting with `client`. The
-    /// consumer name defaults to `$POD_NAME`, then the host name.
-    pub fn new(client: redis::Client, keys: Keys, group: impl Into<String>) -> Self {
+    /// A consumer of `group` on the output of namespace `namespace` (a
+    /// [`Namespace`], or the [`Keys`](crate::store::Keys) of an unpartitioned one), connecting
+    /// with `client` (a server, or any node of a cluster). The partition
+    /// count is taken from the namespace's record. The consumer name
+    /// defaults to `$POD_NAME`, then the host name.
+    pub fn new(client: redis::Client, namespace: impl Into<Namespace>, group: impl Into<String>) -> Self {
         let raw = crate::config::RawConfig::defaults();
         // host:port or a socket path: never a password.
         let redis_display = client.get_connection_info().addr().to_string();
@@ -174,7 +202,11 @@ impl ConsumerBuilder {
                 response_timeout: raw.redis.response_timeout,
             },
             redis_display,
-            keys,
+            namespace: namespace.into(),
+            partitions: None,
+            mode: Mode::Auto,
+            certs: None,
+            redis: None,
             group: group.into(),
             opts: Options {
                 consumer: consumer_name("", &ProcessEnv),
@@ -203,10 +235,14 @@ impl ConsumerBuilder {
     pub fn from_settings(settings: &Settings, group: impl Into<String>) -> Self {
         let c = &settings.consume;
         ConsumerBuilder {
-            client: settings.client.clone(),
+            client: settings.redis.client().clone(),
             connect: settings.connect.clone(),
             redis_display: settings.redis_display.clone(),
-            keys: settings.keys.clone(),
+            namespace: settings.namespace.clone(),
+            partitions: settings.partitions,
+            mode: Mode::Auto,
+            certs: None,
+            redis: Some(settings.redis.clone()),
             group: group.into(),
             opts: Options {
                 consumer: c.consumer.clone(),
@@ -371,11 +407,15 @@ impl ConsumerBuilder {
         if o.handler_timeout.is_some_and(|d| d.is_zero()) {
             return Err(invalid("handler_timeout", "must be greater than zero"));
         }
+        let redis = match self.redis {
+            Some(redis) if self.connect == *redis.options() => redis,
+            _ => Endpoint::new(self.client, self.certs, self.mode, self.connect),
+        };
         Ok(Consumer {
-            client: self.client,
-            connect: self.connect,
+            redis,
             redis_display: self.redis_display,
-            keys: self.keys,
+            namespace: self.namespace,
+            partitions: self.partitions,
             group: self.group,
             opts: self.opts,
             handler: Arc::new(handler),
@@ -385,10 +425,10 @@ impl ConsumerBuilder {
 
 /// A configured consumer; [`Consumer::run`] runs it.
 pub struct Consumer<H> {
-    client: redis::Client,
-    connect: ConnectOptions,
+    redis: Endpoint,
     redis_display: String,
-    keys: Keys,
+    namespace: Namespace,
+    partitions: Option<u16>,
     group: String,
     opts: Options,
     handler: Arc<H>,

@@ -16,13 +16,14 @@ use tracing::{debug, info, warn};
 
 use super::element::{self, Element};
 use super::ledger::{Ledger, Settled};
+use super::reader::OutputReader;
+use super::At;
 use super::{ConsumeError, Consumer, Handler, FINISH_MARGIN};
 use crate::core::op::{Field, Reason};
 use crate::core::EntryId;
 use crate::metrics::ConsumerMetrics;
-use crate::store::reader::StreamReader;
 use crate::store::scripts::{ClaimFrom, ClaimOutcome, Condemned};
-use crate::store::{self, lease, Conn, Reconnect, Scripts, StoreError, StreamEntry};
+use crate::store::{self, lease, meta, Conn, Keys, Reconnect, Scripts, StoreError, StreamEntry};
 
 /// Longest `detail` written to `:dead` (a handler's error can be huge).
 const MAX_DETAIL: usize = 2000;
@@ -33,14 +34,14 @@ const CLAIM_PAGES_PER_TICK: usize = 10;
 /// Scheduler rounds given to just-started handlers before the next read.
 const QUICK_ROUNDS: usize = 4;
 
-/// A read in flight; it hands the reader connection back with its result.
-type ReadFuture = Pin<Box<dyn Future<Output = (StreamReader, Result<Vec<StreamEntry>, StoreError>)> + Send>>;
+/// A read in flight; it hands the reader back with its result.
+type ReadFuture = Pin<Box<dyn Future<Output = (OutputReader, Result<Vec<(At, StreamEntry)>, StoreError>)> + Send>>;
 type TaskResult = Result<(), String>;
 
 /// A handler task's element, for logs.
 struct Running {
     /// The output entry it handles.
-    entry: EntryId,
+    entry: At,
     /// The element id.
     id: String,
 }
@@ -65,11 +66,14 @@ struct Runtime<H> {
     /// Which entries this consumer holds, and in which state: queued (read
     /// ahead up to `prefetch`, or claimed beyond the free slots by at most
     /// one batch), running, awaiting ack, or bound for `:dead`.
-    ledger: Ledger<EntryId, Element>,
+    ledger: Ledger<At, Element>,
+    /// Each partition's keys, once the namespace's layout is known.
+    parts: Vec<Keys>,
     /// When the buffered acknowledgements must go out.
     flush_at: Option<Instant>,
-    /// Where the next idle claim scan goes on.
-    cursor: EntryId,
+    /// Where the next idle claim scan goes on: a partition, and the cursor
+    /// in it.
+    cursor: (u16, EntryId),
     /// Set once shutdown began: the deadline of the drain.
     stopping: Option<Instant>,
     /// Our own pending entries (from a previous run under this name) have
@@ -91,7 +95,8 @@ pub(super) async fn run<H: Handler>(consumer: Consumer<H>, shutdown: Cancellatio
         tasks_of: HashMap::new(),
         ledger: Ledger::new(consumer.opts.concurrency, consumer.opts.prefetch, consumer.opts.max_deliveries),
         flush_at: None,
-        cursor: EntryId::ZERO,
+        parts: Vec::new(),
+        cursor: (0, EntryId::ZERO),
         stopping: None,
         resumed: false,
         lease: None,
@@ -111,7 +116,7 @@ impl<H: Handler> Runtime<H> {
         let o = &self.c.opts;
         info!(
             redis = %self.c.redis_display,
-            stream = %self.c.keys.out,
+            namespace = %self.c.namespace.name(),
             group = %self.c.group,
             consumer = %o.consumer,
             concurrency = o.concurrency,
@@ -151,16 +156,21 @@ impl<H: Handler> Runtime<H> {
     async fn session(&mut self, shutdown: &CancellationToken, reconnect: &mut Reconnect) -> Result<(), StoreError> {
         let c = &self.c;
         let o = &c.opts;
-        let mut conn = store::connect(&c.client, &c.connect, c.connect.response_timeout).await?;
-        let version = store::check_version(&mut conn).await?;
-        if store::ensure_group(&mut conn, &c.keys.out, &c.group).await? {
-            info!(group = %c.group, stream = %c.keys.out, "created output group at id 0");
+        let response = c.redis.options().response_timeout;
+        let mut conn = c.redis.connect(response).await?;
+        let ns = meta::resolve(&mut conn, &c.namespace, c.partitions, false).await??;
+        let version = store::check_version(&mut conn, &ns.meta()).await?;
+        let parts = ns.all();
+        for keys in &parts {
+            if store::ensure_group(&mut conn, &keys.out, &c.group).await? {
+                info!(group = %c.group, stream = %keys.out, "created output group at id 0");
+            }
         }
         self.scripts.load(&mut conn).await?;
         // The reader's blocking XREADGROUP would hold up every other command
         // queued behind it on a shared connection.
-        let mut reader =
-            Some(StreamReader::connect(&c.client, &c.connect, c.connect.response_timeout + o.block).await?);
+        let mut reader = Some(OutputReader::open(&c.redis, &conn, &parts, response, o.block).await?);
+        self.parts = parts;
         if self.lease.is_none() {
             self.start_lease(&mut conn).await?;
         }
@@ -171,6 +181,7 @@ impl<H: Handler> Runtime<H> {
             redis_version = %version,
             group = %self.c.group,
             consumer = %self.c.opts.consumer,
+            partitions = self.parts.len(),
             "connected to Redis; consuming"
         );
         self.flush(&mut conn).await?;
@@ -259,13 +270,12 @@ impl<H: Handler> Runtime<H> {
         Ok(())
     }
 
-    fn read(&self, mut reader: StreamReader, count: usize) -> ReadFuture {
-        let stream = self.c.keys.out.clone();
+    fn read(&self, mut reader: OutputReader, count: usize) -> ReadFuture {
         let group = self.c.group.clone();
         let me = self.c.opts.consumer.clone();
         let block = self.c.opts.block;
         Box::pin(async move {
-            let result = reader.read_group(&stream, &group, &me, count, block).await;
+            let result = reader.read(&group, &me, count, block).await;
             (reader, result)
         })
     }
@@ -274,7 +284,7 @@ impl<H: Handler> Runtime<H> {
     /// starts keeping it.
     async fn start_lease(&mut self, conn: &mut Conn) -> Result<(), StoreError> {
         let c = &self.c;
-        let key = c.keys.lease("out", &c.group, &c.opts.consumer);
+        let key = self.parts[0].lease("out", &c.group, &c.opts.consumer);
         let host = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
         let holder = format!("{host}:{}", std::process::id());
         let current: Option<String> = redis::cmd("GET").arg(&key).query_async(conn).await?;
@@ -288,8 +298,7 @@ impl<H: Handler> Runtime<H> {
         }
         lease::refresh(conn, &key, &holder, c.opts.lease_ttl).await?;
         let stop = CancellationToken::new();
-        let handle =
-            lease::keep(c.client.clone(), c.connect.clone(), c.opts.retry, key, holder, c.opts.lease_ttl, stop.clone());
+        let handle = lease::keep(c.redis.clone(), c.opts.retry, key, holder, c.opts.lease_ttl, stop.clone());
         self.lease = Some((handle, stop));
         Ok(())
     }
@@ -308,18 +317,20 @@ impl<H: Handler> Runtime<H> {
     async fn resume_own(&mut self, conn: &mut Conn) -> Result<(), StoreError> {
         let me = self.c.opts.consumer.clone();
         let mut total = 0;
-        loop {
-            let room = self.ledger.room();
-            if room == 0 {
-                break;
-            }
-            let count = room.min(self.c.opts.batch_size);
-            let o = self.claim(conn, ClaimFrom::Peer(&me), Duration::ZERO, count).await?;
-            let n = o.claimed.len() + o.dead.len();
-            total += o.claimed.len();
-            self.take_claimed(o);
-            if n < count {
-                break;
+        for p in 0..self.parts.len() as u16 {
+            loop {
+                let room = self.ledger.room();
+                if room == 0 {
+                    break;
+                }
+                let count = room.min(self.c.opts.batch_size);
+                let o = self.claim(conn, p, ClaimFrom::Peer(&me), Duration::ZERO, count).await?;
+                let n = o.claimed.len() + o.dead.len();
+                total += o.claimed.len();
+                self.take_claimed(p, o);
+                if n < count {
+                    break;
+                }
             }
         }
         if total > 0 {
@@ -330,23 +341,31 @@ impl<H: Handler> Runtime<H> {
 
     /// Retries entries idle for `claim_idle` at any consumer (failures, and
     /// work of consumers that died without us noticing their lease).
+    ///
+    /// The scan goes through the partitions in turn, [`CLAIM_PAGES_PER_TICK`]
+    /// calls per tick at most, and goes on where it stopped.
     async fn claim_idle(&mut self, conn: &mut Conn) -> Result<(), StoreError> {
+        let partitions = self.parts.len() as u16;
+        let mut finished = 0;
         for _ in 0..CLAIM_PAGES_PER_TICK {
             let room = self.ledger.room();
-            if room == 0 {
+            if room == 0 || finished >= partitions {
                 return Ok(());
             }
             let count = room.min(self.c.opts.batch_size);
-            let o = self.claim(conn, ClaimFrom::Idle(self.cursor), self.c.opts.claim_idle, count).await?;
-            self.cursor = o.cursor;
+            let (p, cursor) = self.cursor;
+            let o = self.claim(conn, p, ClaimFrom::Idle(cursor), self.c.opts.claim_idle, count).await?;
+            self.cursor = if o.cursor == EntryId::ZERO {
+                finished += 1;
+                ((p + 1) % partitions.max(1), EntryId::ZERO)
+            } else {
+                (p, o.cursor)
+            };
             if !o.claimed.is_empty() {
                 self.metrics.claimed.increment(o.claimed.len() as u64);
-                info!(entries = o.claimed.len(), idle = ?self.c.opts.claim_idle, "retrying idle entries");
+                info!(partition = p, entries = o.claimed.len(), idle = ?self.c.opts.claim_idle, "retrying idle entries");
             }
-            self.take_claimed(o);
-            if self.cursor == EntryId::ZERO {
-                return Ok(());
-            }
+            self.take_claimed(p, o);
         }
         Ok(())
     }
@@ -354,8 +373,17 @@ impl<H: Handler> Runtime<H> {
     /// Takes over the entries of peers whose lease expired, and removes
     /// long-dead peers with nothing pending from the group.
     async fn scan_peers(&mut self, conn: &mut Conn) -> Result<(), StoreError> {
+        for p in 0..self.parts.len() as u16 {
+            self.scan_peers_of(conn, p).await?;
+        }
+        Ok(())
+    }
+
+    /// [`Runtime::scan_peers`] on partition `p`.
+    async fn scan_peers_of(&mut self, conn: &mut Conn, p: u16) -> Result<(), StoreError> {
         let c = &self.c;
-        let peers = lease::peers(conn, &c.keys, &c.keys.out, "out", &c.group).await?;
+        let keys = &self.parts[usize::from(p)];
+        let peers = lease::peers(conn, keys, &keys.out, "out", &c.group).await?;
         let me = c.opts.consumer.clone();
         for peer in peers.iter().filter(|p| p.name != me && !p.leased && p.pending > 0) {
             let room = self.ledger.room();
@@ -366,22 +394,24 @@ impl<H: Handler> Runtime<H> {
             // live consumer scanning at the same time: leave them.
             let min_idle = self.c.opts.lease_ttl / 2;
             let count = room.min(self.c.opts.batch_size);
-            let o = self.claim(conn, ClaimFrom::Peer(&peer.name), min_idle, count).await?;
+            let o = self.claim(conn, p, ClaimFrom::Peer(&peer.name), min_idle, count).await?;
             if !o.claimed.is_empty() || !o.dead.is_empty() {
                 self.metrics.claimed.increment(o.claimed.len() as u64);
                 self.metrics.takeovers.increment(1);
                 info!(
                     peer = %peer.name,
+                    partition = p,
                     claimed = o.claimed.len(),
                     dead = o.dead.len(),
                     "took over the pending entries of a consumer whose lease expired"
                 );
             }
-            self.take_claimed(o);
+            self.take_claimed(p, o);
         }
         let c = &self.c;
+        let out = &self.parts[usize::from(p)].out;
         let removed =
-            lease::remove_dead_consumers(conn, &c.keys.out, &c.group, &me, &peers, c.opts.dead_consumer_grace).await?;
+            lease::remove_dead_consumers(conn, out, &c.group, &me, &peers, c.opts.dead_consumer_grace).await?;
         for name in removed {
             info!(peer = %name, "removed a dead consumer with nothing pending from the group");
         }
@@ -391,20 +421,22 @@ impl<H: Handler> Runtime<H> {
     async fn claim(
         &mut self,
         conn: &mut Conn,
+        p: u16,
         from: ClaimFrom<'_>,
         min_idle: Duration,
         count: usize,
     ) -> Result<ClaimOutcome, StoreError> {
         let c = &self.c;
+        let keys = &self.parts[usize::from(p)];
         let o = self
             .scripts
-            .claim(conn, &c.keys, &c.group, &c.opts.consumer, from, min_idle, count, c.opts.max_deliveries)
+            .claim(conn, keys, &c.group, &c.opts.consumer, from, min_idle, count, c.opts.max_deliveries)
             .await?;
         crate::metrics::record_dead_letters(Reason::MaxDeliveries.code(), o.dead.len() as u64);
         for id in &o.dead {
             self.counters.dead += 1;
             warn!(
-                entry = %id,
+                entry = %At { partition: p, id: *id },
                 max_deliveries = c.opts.max_deliveries,
                 "element delivered max_deliveries times without being acknowledged; moved to the dead-letter stream"
             );
@@ -412,30 +444,31 @@ impl<H: Handler> Runtime<H> {
         Ok(o)
     }
 
-    fn take_claimed(&mut self, o: ClaimOutcome) {
+    fn take_claimed(&mut self, partition: u16, o: ClaimOutcome) {
         for claimed in o.claimed {
-            self.accept(claimed.id, claimed.fields, claimed.delivery);
+            self.accept(At { partition, id: claimed.id }, claimed.fields, claimed.delivery);
         }
     }
 
-    fn accept_new(&mut self, entries: Vec<StreamEntry>) {
-        for e in entries {
+    fn accept_new(&mut self, entries: Vec<(At, StreamEntry)>) {
+        for (at, e) in entries {
             // A new delivery always has fields; `None` means deleted.
             if let Some(fields) = e.fields {
-                self.accept(e.id, fields, 1);
+                self.accept(at, fields, 1);
             }
         }
     }
 
     /// Queues an element delivered to us, or dead-letters an entry that is
     /// not an element.
-    fn accept(&mut self, entry: EntryId, fields: Vec<Field>, delivery: u64) {
+    fn accept(&mut self, entry: At, fields: Vec<Field>, delivery: u64) {
         if self.ledger.holds(&entry) {
             debug!(entry = %entry, "entry is already being handled here; ignoring its extra delivery");
             return;
         }
-        match element::parse(entry, fields, delivery) {
-            Ok(el) => {
+        match element::parse(entry.id, fields, delivery) {
+            Ok(mut el) => {
+                el.partition = entry.partition;
                 self.ledger.accept(entry, delivery, el);
             }
             Err(rejection) => {
@@ -458,7 +491,7 @@ impl<H: Handler> Runtime<H> {
         self.metrics.in_flight.set(self.ledger.running() as f64);
     }
 
-    fn start(&mut self, entry: EntryId, delivery: u64, el: Element) {
+    fn start(&mut self, entry: At, delivery: u64, el: Element) {
         let handler = Arc::clone(&self.c.handler);
         let timeout = self.c.opts.handler_timeout;
         let running = Running { entry, id: el.id_lossy().into_owned() };
@@ -550,22 +583,27 @@ impl<H: Handler> Runtime<H> {
         self.flush_at = None;
         let c = &self.c;
         if !self.ledger.acks().is_empty() {
-            store::ack_output(conn, &c.keys, &c.group, self.ledger.acks()).await?;
+            for (p, ids) in by_partition(self.ledger.acks().iter().copied()) {
+                store::ack_output(conn, &self.parts[usize::from(p)], &c.group, &ids).await?;
+            }
             self.ledger.acked();
         }
         if !self.ledger.condemned().is_empty() {
-            let letters: Vec<Condemned> = self
-                .ledger
-                .condemned()
-                .iter()
-                .map(|d| Condemned { id: d.key, reason: d.reason, detail: d.detail.clone() })
-                .collect();
-            let moved: HashSet<EntryId> = self
-                .scripts
-                .dead_letter(conn, &c.keys, &c.group, &c.opts.consumer, &letters)
-                .await?
-                .into_iter()
-                .collect();
+            let mut moved: HashSet<At> = HashSet::new();
+            let doomed = self.ledger.condemned();
+            for p in 0..self.parts.len() as u16 {
+                let letters: Vec<Condemned> = doomed
+                    .iter()
+                    .filter(|d| d.key.partition == p)
+                    .map(|d| Condemned { id: d.key.id, reason: d.reason, detail: d.detail.clone() })
+                    .collect();
+                if letters.is_empty() {
+                    continue;
+                }
+                let keys = &self.parts[usize::from(p)];
+                let ids = self.scripts.dead_letter(conn, keys, &c.group, &c.opts.consumer, &letters).await?;
+                moved.extend(ids.into_iter().map(|id| At { partition: p, id }));
+            }
             for letter in self.ledger.condemned_sent() {
                 if moved.contains(&letter.key) {
                     self.counters.dead += 1;
@@ -582,12 +620,17 @@ impl<H: Handler> Runtime<H> {
     /// Keeps every held entry fresh so that no peer claims it after
     /// `claim_idle`; warns about any a peer took over anyway.
     async fn touch(&mut self, conn: &mut Conn) -> Result<(), StoreError> {
-        let ids: Vec<EntryId> = self.ledger.held().copied().collect();
-        if ids.is_empty() {
+        let held: Vec<At> = self.ledger.held().copied().collect();
+        if held.is_empty() {
             return Ok(());
         }
         let c = &self.c;
-        let lost = self.scripts.touch(conn, &c.keys, &c.group, &c.opts.consumer, &ids).await?;
+        let mut lost = Vec::new();
+        for (p, ids) in by_partition(held.into_iter()) {
+            let keys = &self.parts[usize::from(p)];
+            let gone = self.scripts.touch(conn, keys, &c.group, &c.opts.consumer, &ids).await?;
+            lost.extend(gone.into_iter().map(|id| At { partition: p, id }));
+        }
         for id in lost {
             if self.ledger.lost(id) {
                 warn!(
@@ -651,9 +694,9 @@ impl<H: Handler> Runtime<H> {
         if self.ledger.nothing_to_flush() {
             return;
         }
-        let (client, connect) = (self.c.client.clone(), self.c.connect.clone());
+        let redis = self.c.redis.clone();
         let attempt = async {
-            let mut conn = store::connect(&client, &connect, connect.response_timeout).await?;
+            let mut conn = redis.connect(redis.options().response_timeout).await?;
             self.flush(&mut conn).await
         };
         let result = tokio::time::timeout(FINISH_MARGIN / 3, attempt).await;
@@ -664,6 +707,21 @@ impl<H: Handler> Runtime<H> {
             );
         }
     }
+}
+
+/// Groups entries by partition (each partition's ids in order).
+fn by_partition(entries: impl Iterator<Item = At>) -> Vec<(u16, Vec<EntryId>)> {
+    let mut groups: std::collections::BTreeMap<u16, Vec<EntryId>> = std::collections::BTreeMap::new();
+    for at in entries {
+        groups.entry(at.partition).or_default().push(at.id);
+    }
+    groups
+        .into_iter()
+        .map(|(p, mut ids)| {
+            ids.sort_unstable();
+            (p, ids)
+        })
+        .collect()
 }
 
 fn ticker(period: Duration) -> Interval {

@@ -8,6 +8,7 @@ pub mod entry_id;
 pub mod fault;
 pub mod json;
 pub mod op;
+pub mod route;
 pub mod watermark;
 
 pub use entry_id::EntryId;

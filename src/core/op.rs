@@ -83,11 +83,14 @@ pub enum Reason {
     DuplicateField,
     /// A consumer failed to process an output entry `max_deliveries` times.
     MaxDeliveries,
+    /// An `add` or `cancel` written to another partition than its id's
+    /// (`crc32(id) mod P`, DESIGN §7).
+    WrongPartition,
 }
 
 impl Reason {
     /// Every reason, for documentation and metrics.
-    pub const ALL: [Reason; 8] = [
+    pub const ALL: [Reason; 9] = [
         Reason::MissingOp,
         Reason::UnknownOp,
         Reason::MissingId,
@@ -96,6 +99,7 @@ impl Reason {
         Reason::TooLarge,
         Reason::DuplicateField,
         Reason::MaxDeliveries,
+        Reason::WrongPartition,
     ];
 
     /// The code written to the `reason` field.
@@ -109,6 +113,7 @@ impl Reason {
             Reason::TooLarge => "too_large",
             Reason::DuplicateField => "duplicate_field",
             Reason::MaxDeliveries => "max_deliveries",
+            Reason::WrongPartition => "wrong_partition",
         }
     }
 }

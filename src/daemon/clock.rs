@@ -13,6 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::join_all;
 use futures::{FutureExt, StreamExt};
 use redis::aio::PubSubStream;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
@@ -21,7 +22,8 @@ use tracing::{debug, info, warn};
 
 use super::Stats;
 use crate::config::Settings;
-use crate::store::{self, Conn, Reconnect, Scripts, StoreError};
+use crate::store::scripts::ClockTick;
+use crate::store::{Conn, Keys, Namespace, Reconnect, Scripts, StoreError};
 
 /// Lifetime of the clock leader's lock: a dead leader is replaced within
 /// about this long (plus one [`FOLLOWER_POLL`]). Short, because losing the
@@ -36,10 +38,11 @@ const FOLLOWER_POLL: Duration = Duration::from_millis(100);
 
 /// Runs the clock until `shutdown` is cancelled: stands by, leads while it
 /// holds the lock, and reconnects with backoff after Redis failures.
-pub async fn run(settings: Settings, stats: Arc<Stats>, shutdown: CancellationToken) {
+pub async fn run(settings: Settings, ns: Namespace, stats: Arc<Stats>, shutdown: CancellationToken) {
     let clock = Clock {
         scripts: Scripts::new(),
-        lock: settings.keys.lock("clock"),
+        lock: ns.partition(0).lock("clock"),
+        partitions: ns.all(),
         // Unique per process, so a restart under the same consumer name (or
         // a misconfigured duplicate name) never extends someone else's lock.
         token: format!("{}:{:016x}", settings.daemon.consumer, rand::random::<u64>()),
@@ -69,10 +72,12 @@ enum Led {
 
 /// The clock's fixed state.
 struct Clock<'a> {
-    /// The clock scripts (`clock.lua`, `clock_lock.lua`).
+    /// The clock scripts (`clock.lua`, `lock.lua`).
     scripts: Scripts,
     /// The leader lock's key.
     lock: String,
+    /// Every partition's keys: the leader ticks them all.
+    partitions: Vec<Keys>,
     /// What this process writes into the lock, to recognise it as its own.
     token: String,
     /// Validated settings.
@@ -89,17 +94,17 @@ impl Clock<'_> {
         let s = self.settings;
         // Replies slower than the lock's lifetime mean we could not lead
         // anyway; failing fast also bounds how long shutdown can wait.
-        let mut conn = store::connect(&s.client, &s.connect, s.connect.response_timeout.min(LOCK_TTL)).await?;
+        let mut conn = s.redis.connect(s.connect.response_timeout.min(LOCK_TTL)).await?;
         reconnect.up();
         let mut standing_by = false;
         loop {
-            if self.scripts.clock_lock(&mut conn, &self.lock, &self.token, Some(LOCK_TTL)).await? {
+            if self.scripts.lock(&mut conn, &self.lock, &self.token, Some(LOCK_TTL)).await? {
                 info!(consumer = %s.daemon.consumer, "clock leader: the watermark follows the Redis server's TIME");
                 standing_by = false;
                 match self.lead(&mut conn, shutdown).await? {
                     Led::Shutdown => {
                         // Let a standby daemon take over at once.
-                        let released = self.scripts.clock_lock(&mut conn, &self.lock, &self.token, None).await;
+                        let released = self.scripts.lock(&mut conn, &self.lock, &self.token, None).await;
                         if let Err(e) = released {
                             debug!(error = %e, "clock: could not release the lock; it lapses on its own");
                         }
@@ -125,7 +130,6 @@ impl Clock<'_> {
     /// extends the lock every [`LOCK_REFRESH`] meanwhile.
     async fn lead(&self, conn: &mut Conn, shutdown: &CancellationToken) -> Result<Led, StoreError> {
         let d = &self.settings.daemon;
-        let keys = &self.settings.keys;
         // Subscribed before the first tick, so an add scheduled after that
         // tick cannot be missed.
         let mut wake = self.subscribe().await?;
@@ -137,7 +141,7 @@ impl Clock<'_> {
                 }
                 refresh_at = Instant::now() + LOCK_REFRESH;
             }
-            let tick = self.scripts.clock(conn, keys, d.release_chunk).await?;
+            let tick = self.tick_all(conn, d.release_chunk).await?;
             if tick.released > 0 {
                 self.stats.record_release(tick.released);
                 debug!(released = tick.released, now_ms = tick.now_ms, "clock: released due elements");
@@ -179,18 +183,39 @@ impl Clock<'_> {
         }
     }
 
+    /// Ticks every partition at once; the result is their sum (released),
+    /// any (more due), and the earliest next due ts.
+    async fn tick_all(&self, conn: &Conn, chunk: usize) -> Result<ClockTick, StoreError> {
+        let ticks = self.partitions.iter().map(|keys| {
+            let mut c = conn.clone();
+            async move { self.scripts.clock(&mut c, keys, chunk).await }
+        });
+        let mut all = ClockTick { released: 0, more_due: false, next_due: None, now_ms: i64::MIN };
+        for tick in join_all(ticks).await {
+            let tick = tick?;
+            all.released += tick.released;
+            all.more_due |= tick.more_due;
+            all.next_due = match (all.next_due, tick.next_due) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            all.now_ms = all.now_ms.max(tick.now_ms);
+        }
+        Ok(all)
+    }
+
     /// Extends the lock; `false` if another daemon holds it now.
     async fn extend(&self, conn: &mut Conn) -> Result<bool, StoreError> {
-        self.scripts.clock_lock(conn, &self.lock, &self.token, Some(LOCK_TTL)).await
+        self.scripts.lock(conn, &self.lock, &self.token, Some(LOCK_TTL)).await
     }
 
     /// Subscribes to the wake-up channel on a dedicated connection.
     async fn subscribe(&self) -> Result<PubSubStream, StoreError> {
         let s = self.settings;
-        let mut pubsub = timeout(s.connect.connect_timeout, s.client.get_async_pubsub())
+        let mut pubsub = timeout(s.connect.connect_timeout, s.redis.client().get_async_pubsub())
             .await
             .map_err(|_| timed_out("connecting for the wake-up subscription"))??;
-        timeout(s.connect.response_timeout, pubsub.subscribe(s.keys.wake_channel()))
+        timeout(s.connect.response_timeout, pubsub.subscribe(self.partitions[0].wake_channel()))
             .await
             .map_err(|_| timed_out("subscribing to the wake-up channel"))??;
         Ok(pubsub.into_on_message())

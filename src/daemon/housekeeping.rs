@@ -20,17 +20,17 @@ use super::Stats;
 use crate::config::Settings;
 use crate::core::EntryId;
 use crate::store::retention::{self, GroupCursor};
-use crate::store::{self, lease, Conn, Reconnect, StoreError, INPUT_GROUP};
+use crate::store::{lease, Conn, Keys, Namespace, Reconnect, StoreError, INPUT_GROUP};
 
 /// Competes for the housekeeping lock and does the periodic work while
 /// holding it, until `shutdown`; then releases the lock. Whether this daemon
 /// is the leader is kept in `stats.housekeeping_leader`.
-pub async fn run(settings: Settings, stats: Arc<Stats>, shutdown: CancellationToken) {
+pub async fn run(settings: Settings, ns: Namespace, stats: Arc<Stats>, shutdown: CancellationToken) {
     let h = &settings.housekeeping;
     // Wake often enough to extend the lock well before it lapses, and to
     // work every `interval` (and never spin on absurdly small settings).
     let wake = h.interval.min(h.lock_ttl / 3).max(Duration::from_millis(10));
-    let mut keeper = Housekeeper::new(&settings, &stats.housekeeping_leader);
+    let mut keeper = Housekeeper::new(&settings, &ns, &stats.housekeeping_leader);
     let mut reconnect = Reconnect::side_task("housekeeping", settings.daemon.retry);
     loop {
         let pause = match keeper.step().await {
@@ -61,12 +61,14 @@ pub async fn run(settings: Settings, stats: Arc<Stats>, shutdown: CancellationTo
 struct Housekeeper<'a> {
     /// Validated settings.
     settings: &'a Settings,
+    /// The namespace: every partition is kept.
+    ns: &'a Namespace,
     /// Whether we hold the lock, for whoever reports it (metrics).
     leader: &'a AtomicBool,
-    /// The Redlock manager. It keeps its own connection (rslock opens it
-    /// from our validated client); rebuilt after a connection failure, since
-    /// rslock reconnects only after some errors.
-    locks: LockManager,
+    /// The Redlock manager, once made. It keeps its own connection (rslock
+    /// opens it from our validated client, or cluster client); rebuilt after
+    /// a connection failure, since rslock reconnects only after some errors.
+    locks: Option<LockManager>,
     /// The lock while we hold it.
     lock: Option<Lock>,
     /// Connection for the work, opened when first needed.
@@ -76,8 +78,8 @@ struct Housekeeper<'a> {
 }
 
 impl<'a> Housekeeper<'a> {
-    fn new(settings: &'a Settings, leader: &'a AtomicBool) -> Self {
-        Housekeeper { settings, leader, locks: lock_manager(settings), lock: None, conn: None, last_pass: None }
+    fn new(settings: &'a Settings, ns: &'a Namespace, leader: &'a AtomicBool) -> Self {
+        Housekeeper { settings, ns, leader, locks: None, lock: None, conn: None, last_pass: None }
     }
 
     /// The time allowed for one lock call (rslock sets no timeouts).
@@ -88,12 +90,15 @@ impl<'a> Housekeeper<'a> {
     /// Drops every connection, so the next step opens fresh ones.
     fn reconnect(&mut self) {
         self.conn = None;
-        self.locks = lock_manager(self.settings);
+        self.locks = None;
     }
 
     /// Takes or extends the lock, then does a pass if one is due. Returns
     /// whether a pass ran.
     async fn step(&mut self) -> Result<bool, StoreError> {
+        if self.locks.is_none() {
+            self.locks = Some(lock_manager(self.settings).await?);
+        }
         self.hold_lock().await;
         if self.lock.is_none() {
             return Ok(false);
@@ -104,16 +109,11 @@ impl<'a> Housekeeper<'a> {
         let conn = match &mut self.conn {
             Some(c) => c,
             None => {
-                let c = store::connect(
-                    &self.settings.client,
-                    &self.settings.connect,
-                    self.settings.connect.response_timeout,
-                )
-                .await?;
+                let c = self.settings.redis.connect(self.settings.connect.response_timeout).await?;
                 self.conn.insert(c)
             }
         };
-        let result = pass(conn, self.settings).await;
+        let result = pass(conn, self.settings, self.ns).await;
         self.last_pass = Some(Instant::now());
         result.map(|()| true)
     }
@@ -124,9 +124,10 @@ impl<'a> Housekeeper<'a> {
     async fn hold_lock(&mut self) {
         let ttl = self.settings.housekeeping.lock_ttl;
         let limit = self.lock_call_timeout();
+        let Some(locks) = &self.locks else { return };
         match self.lock.take() {
             Some(held) => {
-                let reason = match tokio::time::timeout(limit, self.locks.extend(&held, ttl)).await {
+                let reason = match tokio::time::timeout(limit, locks.extend(&held, ttl)).await {
                     Ok(Ok(extended)) => {
                         self.lock = Some(extended);
                         return;
@@ -135,7 +136,7 @@ impl<'a> Housekeeper<'a> {
                     // could, so another daemon (or we) can take over at once.
                     Ok(Err(e)) => e.to_string(),
                     Err(_) => {
-                        self.locks = lock_manager(self.settings);
+                        self.locks = None;
                         format!("no answer within {limit:?}")
                     }
                 };
@@ -144,8 +145,8 @@ impl<'a> Housekeeper<'a> {
                 warn!(reason = %reason, "lost the housekeeping lock; another daemon may take over");
             }
             None => {
-                let resource = self.settings.keys.lock("housekeeping");
-                match tokio::time::timeout(limit, self.locks.lock(resource.as_bytes(), ttl)).await {
+                let resource = self.ns.partition(0).lock("housekeeping");
+                match tokio::time::timeout(limit, locks.lock(resource.as_bytes(), ttl)).await {
                     Ok(Ok(lock)) => {
                         self.lock = Some(lock);
                         self.leader.store(true, Ordering::Relaxed);
@@ -158,7 +159,7 @@ impl<'a> Housekeeper<'a> {
                     }
                     // Held by another daemon, or Redis unreachable.
                     Ok(Err(_)) => {}
-                    Err(_) => self.locks = lock_manager(self.settings),
+                    Err(_) => self.locks = None,
                 }
             }
         }
@@ -166,9 +167,9 @@ impl<'a> Housekeeper<'a> {
 
     /// On shutdown: gives the lock up so another daemon takes over at once.
     async fn release(mut self) {
-        let Some(lock) = self.lock.take() else { return };
+        let (Some(lock), Some(locks)) = (self.lock.take(), &self.locks) else { return };
         self.leader.store(false, Ordering::Relaxed);
-        if tokio::time::timeout(self.lock_call_timeout(), self.locks.unlock(&lock)).await.is_ok() {
+        if tokio::time::timeout(self.lock_call_timeout(), locks.unlock(&lock)).await.is_ok() {
             info!("released the housekeeping lock");
         } else {
             warn!("could not release the housekeeping lock; it lapses on its own");
@@ -177,11 +178,16 @@ impl<'a> Housekeeper<'a> {
 }
 
 /// rslock's manager over our one Redis (quorum 1), one attempt per call:
-/// the housekeeper's own loop retries.
-fn lock_manager(settings: &Settings) -> LockManager {
-    let mut m = LockManager::from_clients(vec![settings.client.clone()]);
+/// the housekeeper's own loop retries. On a cluster, rslock's cluster
+/// client: the lock key (`{NS}`) lives on the node of its slot, and the
+/// cluster counts as one Redis (quorum 1), like a standalone server.
+async fn lock_manager(settings: &Settings) -> Result<LockManager, StoreError> {
+    let mut m = match settings.redis.cluster_client().await? {
+        Some(cluster) => LockManager::from_cluster_client(cluster),
+        None => LockManager::from_clients(vec![settings.redis.client().clone()]),
+    };
     m.set_retry(1, Duration::from_millis(100));
-    m
+    Ok(m)
 }
 
 /// What one pass did.
@@ -197,10 +203,17 @@ struct PassReport {
     consumers_removed: usize,
 }
 
-/// One round of housekeeping.
-async fn pass(conn: &mut Conn, settings: &Settings) -> Result<(), StoreError> {
+/// One round of housekeeping, over every partition.
+async fn pass(conn: &mut Conn, settings: &Settings, ns: &Namespace) -> Result<(), StoreError> {
+    for keys in ns.all() {
+        pass_partition(conn, settings, &keys).await?;
+    }
+    Ok(())
+}
+
+/// One round of housekeeping on one partition.
+async fn pass_partition(conn: &mut Conn, settings: &Settings, keys: &Keys) -> Result<(), StoreError> {
     let h = &settings.housekeeping;
-    let keys = &settings.keys;
     let mut report = PassReport::default();
 
     if h.trim_input {
@@ -213,16 +226,18 @@ async fn pass(conn: &mut Conn, settings: &Settings) -> Result<(), StoreError> {
 
     let out_groups = retention::cursors(conn, &keys.out).await?;
     if let Some(groups) = &out_groups {
-        report.output_trimmed = trim_output(conn, settings, groups).await?;
+        report.output_trimmed = trim_output(conn, settings, keys, groups).await?;
     }
 
     if h.dead_maxlen > 0 {
         report.dead_trimmed = retention::cap_length(conn, &keys.dead, h.dead_maxlen).await?;
     }
 
-    report.consumers_removed = remove_dead_consumers(conn, settings, out_groups.as_deref().unwrap_or(&[])).await?;
+    report.consumers_removed =
+        remove_dead_consumers(conn, settings, keys, out_groups.as_deref().unwrap_or(&[])).await?;
 
     debug!(
+        partition = keys.partition,
         input_trimmed = report.input_trimmed,
         output_trimmed = report.output_trimmed,
         dead_trimmed = report.dead_trimmed,
@@ -235,11 +250,16 @@ async fn pass(conn: &mut Conn, settings: &Settings) -> Result<(), StoreError> {
 /// Trims `:out` below what every group still needs, and by age if
 /// configured, warning about each group that loses entries it has not
 /// acknowledged. Returns how many entries it removed.
-async fn trim_output(conn: &mut Conn, settings: &Settings, groups: &[GroupCursor]) -> Result<u64, StoreError> {
+async fn trim_output(
+    conn: &mut Conn,
+    settings: &Settings,
+    keys: &Keys,
+    groups: &[GroupCursor],
+) -> Result<u64, StoreError> {
     let h = &settings.housekeeping;
-    let stream = &settings.keys.out;
+    let stream = &keys.out;
     let age_floor = match h.output_max_age {
-        Some(age) => Some(retention::age_floor(retention::server_time_ms(conn).await?, age)),
+        Some(age) => Some(retention::age_floor(retention::server_time_ms(conn, stream).await?, age)),
         None => None,
     };
     let Some(plan) = retention::plan_output_trim(groups, h.trim_output, age_floor) else { return Ok(0) };
@@ -273,9 +293,9 @@ async fn trim_output(conn: &mut Conn, settings: &Settings, groups: &[GroupCursor
 async fn remove_dead_consumers(
     conn: &mut Conn,
     settings: &Settings,
+    keys: &Keys,
     out_groups: &[GroupCursor],
 ) -> Result<usize, StoreError> {
-    let keys = &settings.keys;
     let grace = settings.lease.dead_consumer_grace;
     let me = &settings.daemon.consumer;
     let streams = std::iter::once((&keys.input, "in", INPUT_GROUP))

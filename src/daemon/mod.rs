@@ -1,476 +1,129 @@
-//! The daemon: reads `:in` in the input group, applies batches atomically
-//! and in order, releases due elements in bounded chunks, claims the work of
-//! dead daemons, and reconnects after Redis failures.
+//! The daemon. Each partition's input is applied by one daemon at a time,
+//! its owner: the daemons register in the namespace, spread the
+//! partitions evenly among the live ones ([`assign`]), hold each owned
+//! partition with a lease lock whose token fences every apply call, and
+//! run one [`worker`] per owned partition; the others stand by and take a
+//! partition over within about a lease lifetime when its owner dies or
+//! leaves. Beside them run the liveness lease, the housekeeping leader
+//! election and, in clock mode, the clock.
 
+mod assign;
 pub mod clock;
+mod coordinator;
 pub mod housekeeping;
 mod window;
+mod worker;
 
-use std::collections::BTreeMap;
-use std::ops::Bound::{Excluded, Unbounded};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::stream::{FuturesOrdered, StreamExt};
-
-use tokio::sync::mpsc;
-use tokio::time::{interval, Instant, MissedTickBehavior};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::info;
 
 pub use crate::health::Stats;
-use window::{Reply, RoundEnd, Window};
 
 use crate::config::Settings;
-use crate::core::EntryId;
 use crate::store::batch::Kind;
-use crate::store::reader::StreamReader;
-use crate::store::{
-    self, prepare, ApplyOutcome, Conn, Prepared, Reconnect, Scripts, StoreError, StreamEntry, INPUT_GROUP,
-};
-
-/// How long to wait before retrying a batch that an older entry, pending at
-/// another daemon, holds back. Doubles from the first to the last value.
-const BLOCKED_RETRY: (Duration, Duration) = (Duration::from_millis(2), Duration::from_millis(100));
-
-/// Most apply calls in flight at once (see [`Worker::drain`]).
-const APPLY_WINDOW: usize = 2;
-
-/// Most batches [`Worker::drain`] takes from the reader in one call.
-const DRAIN_INTAKE: usize = 16;
+use crate::store::{self, meta, ApplyOutcome, Conn, Namespace, Prepared, Reconnect, StoreError, INPUT_GROUP};
 
 /// Runs the daemon until `shutdown` is cancelled. Returns an error only for
-/// failures that retrying cannot fix (wrong password, Redis too old).
+/// failures that retrying cannot fix (wrong password, Redis too old, a
+/// partition count that disagrees with the namespace's record).
 pub async fn run(settings: Settings, stats: Arc<Stats>, shutdown: CancellationToken) -> Result<(), StoreError> {
-    // Side tasks live as long as the daemon: its liveness lease (so peers
-    // claim its input at once if it dies), the housekeeping leader election,
-    // and in clock mode the clock.
-    let stop_side = shutdown.child_token();
-    let mut side = vec![
-        store::lease::keep(
-            settings.client.clone(),
-            settings.connect.clone(),
-            settings.daemon.retry,
-            settings.keys.lease("in", INPUT_GROUP, &settings.daemon.consumer),
-            settings.daemon.consumer.clone(),
-            settings.lease.ttl,
-            stop_side.clone(),
-        ),
-        tokio::spawn(housekeeping::run(settings.clone(), stats.clone(), stop_side.clone())),
-    ];
-    if settings.daemon.clock {
-        side.push(tokio::spawn(clock::run(settings.clone(), stats.clone(), stop_side.clone())));
-    }
-    let result = ingest(&settings, &stats, &shutdown).await;
-    stats.readiness.set_shutting_down();
-    stop_side.cancel();
-    for task in side {
-        let _ = task.await;
-    }
-    result
-}
-
-/// The ingest/release loop with reconnects.
-async fn ingest(settings: &Settings, stats: &Arc<Stats>, shutdown: &CancellationToken) -> Result<(), StoreError> {
-    let scripts = Scripts::new().clock_mode(settings.daemon.clock);
-    let mut reconnect = Reconnect::new("daemon", settings.daemon.retry).readiness(stats.readiness.clone());
     info!(
         redis = %settings.redis_display,
-        namespace = %settings.keys.namespace,
+        namespace = %settings.namespace.name(),
         consumer = %settings.daemon.consumer,
         "tidemark daemon starting"
     );
-    loop {
-        match session(settings, &scripts, stats, shutdown, &mut reconnect).await {
-            Ok(()) => {
-                info!("tidemark daemon stopped");
-                return Ok(());
-            }
+    let mut reconnect = Reconnect::new("daemon", settings.daemon.retry).readiness(stats.readiness.clone());
+    // The layout first: nothing runs before the partition count is agreed.
+    let ns = loop {
+        match layout(&settings).await {
+            Ok(ns) => break ns,
             Err(e) if e.is_fatal() => return Err(e),
             Err(e) => {
-                if !reconnect.wait(&e, shutdown).await {
+                if !reconnect.wait(&e, &shutdown).await {
                     info!("tidemark daemon stopped while Redis was unavailable");
                     return Ok(());
                 }
             }
         }
+    };
+    // Side tasks live as long as the daemon: its liveness lease (so peers
+    // claim its input at once if it dies), the housekeeping leader
+    // election, and in clock mode the clock.
+    let stop_side = CancellationToken::new();
+    let keys0 = ns.partition(0);
+    let mut side = vec![
+        store::lease::keep(
+            settings.redis.clone(),
+            settings.daemon.retry,
+            keys0.lease("in", INPUT_GROUP, &settings.daemon.consumer),
+            settings.daemon.consumer.clone(),
+            settings.lease.ttl,
+            stop_side.clone(),
+        ),
+        tokio::spawn(housekeeping::run(settings.clone(), ns.clone(), stats.clone(), stop_side.clone())),
+    ];
+    if settings.daemon.clock {
+        side.push(tokio::spawn(clock::run(settings.clone(), ns.clone(), stats.clone(), stop_side.clone())));
     }
-}
-
-/// One connected period: set up, recover, then read and apply until
-/// shutdown (`Ok`) or a Redis failure (`Err`). A reconnect (an earlier
-/// session was set up) is counted as soon as it is set up.
-async fn session(
-    settings: &Settings,
-    scripts: &Scripts,
-    stats: &Arc<Stats>,
-    shutdown: &CancellationToken,
-    reconnect: &mut Reconnect,
-) -> Result<(), StoreError> {
-    let d = &settings.daemon;
-    let keys = &settings.keys;
-    let mut conn = store::connect(&settings.client, &settings.connect, settings.connect.response_timeout).await?;
-    let version = store::check_version(&mut conn).await?;
-    store::ensure_group(&mut conn, &keys.input, INPUT_GROUP).await?;
-    for group in &d.groups {
-        if store::ensure_group(&mut conn, &keys.out, group).await? {
-            info!(group = %group, stream = %keys.out, "created output group at id 0");
-        }
+    let result = coordinator::run(&settings, &ns, &stats, &shutdown, &mut reconnect).await;
+    stats.readiness.set_shutting_down();
+    stop_side.cancel();
+    for task in side {
+        let _ = task.await;
     }
-    scripts.load(&mut conn).await?;
-    if reconnect.up() {
-        stats.reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-    info!(redis_version = %version, redis = %settings.redis_display, consumer = %d.consumer, "connected to Redis");
-
-    let mut worker = Worker { settings, scripts, stats, conn, backlog: BTreeMap::new() };
-    // Our own pending entries first: a restart under the same name resumes
-    // its work at once. Then what a crashed release left due.
-    worker.load_own_pending().await?;
-    worker.release_all().await?;
-    worker.drain(None).await?;
-    worker.claim().await?;
-
-    let reader_conn =
-        StreamReader::connect(&settings.client, &settings.connect, settings.connect.response_timeout + d.block).await?;
-    let (tx, rx) = mpsc::channel(1);
-    let stop_reader = shutdown.child_token();
-    let reader = tokio::spawn(read_loop(reader_conn, settings.clone(), tx, stop_reader.clone()));
-    let result = worker.run(rx, shutdown).await;
-    stop_reader.cancel();
-    reader.abort();
+    info!("tidemark daemon stopped");
     result
 }
 
-/// Reads new input in batches and hands them over parsed; reads the next
-/// batch only once the previous one has been taken (backpressure), so Redis
-/// can serve the next read while the applier's script runs, and parsing
-/// here overlaps it too.
-async fn read_loop(
-    mut reader: StreamReader,
-    settings: Settings,
-    tx: mpsc::Sender<Result<Vec<Prepared>, StoreError>>,
-    stop: CancellationToken,
-) {
-    let d = &settings.daemon;
-    loop {
-        let Ok(permit) = tx.reserve().await else { return };
-        let read = tokio::select! {
-            r = reader.read_group(&settings.keys.input, INPUT_GROUP, &d.consumer, d.batch_size, d.block) => r,
-            _ = stop.cancelled() => return,
-        };
-        match read {
-            Ok(entries) if entries.is_empty() => {}
-            Ok(entries) => permit.send(Ok(entries.iter().map(|e| prepare(e, &d.limits)).collect())),
-            Err(e) => {
-                permit.send(Err(e));
-                return;
-            }
-        }
-    }
+/// Connects and agrees on the namespace's layout (recording it if this is
+/// the first daemon).
+async fn layout(settings: &Settings) -> Result<Namespace, StoreError> {
+    let mut conn: Conn = settings.redis.connect(settings.connect.response_timeout).await?;
+    store::check_version(&mut conn, &settings.namespace.meta()).await?;
+    Ok(meta::resolve(&mut conn, &settings.namespace, settings.partitions, true).await??)
 }
 
-/// Adds entries the reader prepared to the backlog (keeping the first of
-/// any duplicate).
-fn take_prepared(backlog: &mut BTreeMap<EntryId, Prepared>, prepared: Vec<Prepared>) {
-    for p in prepared {
-        backlog.entry(p.id).or_insert(p);
-    }
+/// Until when this daemon's ownership of a partition is certain: the lease
+/// lifetime from the last successful renewal, by the local monotonic clock
+/// (a daemon that was frozen past it stops before doing anything else).
+#[derive(Debug)]
+pub(crate) struct Validity {
+    /// The origin of `until_ms`.
+    epoch: Instant,
+    /// Milliseconds after `epoch`; 0 = not valid.
+    until_ms: AtomicU64,
 }
 
-/// The next batch from the reader; a reader that stopped is an error.
-async fn recv(
-    input: &mut Option<&mut mpsc::Receiver<Result<Vec<Prepared>, StoreError>>>,
-) -> Result<Vec<Prepared>, StoreError> {
-    match input.as_mut() {
-        Some(rx) => match rx.recv().await {
-            Some(msg) => msg,
-            None => Err(StoreError::Reply("the input reader stopped".into())),
-        },
-        None => std::future::pending().await,
-    }
-}
-
-/// The applier's state within one session.
-struct Worker<'a> {
-    /// Validated settings.
-    settings: &'a Settings,
-    /// The scripts, loaded on this connection's server.
-    scripts: &'a Scripts,
-    /// Counters.
-    stats: &'a Arc<Stats>,
-    /// Connection for scripts and claims (the reader has its own, since a
-    /// blocking read would stall everything queued behind it).
-    conn: Conn,
-    /// Entries delivered to us and not yet applied, in id order. Entries
-    /// arrive from reads, from our own pending list and from claims; the map
-    /// also removes duplicates among them.
-    backlog: BTreeMap<EntryId, Prepared>,
-}
-
-impl Worker<'_> {
-    /// Most entries held before reading more: two batches.
-    fn capacity(&self) -> usize {
-        self.settings.daemon.batch_size * 2
+impl Validity {
+    fn new() -> Self {
+        Validity { epoch: Instant::now(), until_ms: AtomicU64::new(0) }
     }
 
-    fn take(&mut self, entries: Vec<StreamEntry>) {
-        let limits = &self.settings.daemon.limits;
-        for e in entries {
-            self.backlog.entry(e.id).or_insert_with(|| prepare(&e, limits));
-        }
+    /// Ownership was confirmed just before `at`, for `ttl`.
+    fn renew(&self, at: Instant, ttl: Duration) {
+        let until = (at + ttl).duration_since(self.epoch).as_millis() as u64;
+        self.until_ms.store(until, Relaxed);
     }
 
-    async fn load_own_pending(&mut self) -> Result<(), StoreError> {
-        let d = &self.settings.daemon;
-        let mut after = EntryId::ZERO;
-        let mut total = 0;
-        loop {
-            let entries =
-                store::read_own_pending(&mut self.conn, &self.settings.keys, &d.consumer, after, d.batch_size).await?;
-            let Some(last) = entries.last() else { break };
-            after = last.id;
-            total += entries.len();
-            self.take(entries);
-        }
-        if total > 0 {
-            info!(entries = total, "resuming our own pending input entries");
-        }
-        Ok(())
+    /// Ownership ended.
+    fn end(&self) {
+        self.until_ms.store(0, Relaxed);
     }
 
-    /// Claims at once the pending input of daemons whose liveness lease is
-    /// gone (killed, or cut off from Redis), instead of waiting for
-    /// `claim_idle`. Entries idle less than half a lease lifetime are left
-    /// alone, so two daemons claiming at once do not take the same entry.
-    async fn claim_from_dead_peers(&mut self) -> Result<(), StoreError> {
-        let s = self.settings;
-        let me = &s.daemon.consumer;
-        let peers = store::lease::peers(&mut self.conn, &s.keys, &s.keys.input, "in", INPUT_GROUP).await?;
-        for peer in peers.iter().filter(|p| p.pending > 0 && !p.leased && &p.name != me) {
-            let mut total = 0u64;
-            // Not bounded by the backlog's capacity, like `claim`: the dead
-            // peer's older entries are what our newer ones wait for. The loop
-            // ends when the peer has nothing pending left.
-            loop {
-                let entries = store::lease::claim_from_peer(
-                    &mut self.conn,
-                    &s.keys.input,
-                    INPUT_GROUP,
-                    &peer.name,
-                    me,
-                    s.lease.ttl / 2,
-                    s.daemon.batch_size,
-                )
-                .await?;
-                if entries.is_empty() {
-                    break;
-                }
-                total += entries.len() as u64;
-                self.take(entries);
-            }
-            if total > 0 {
-                self.stats.claimed.fetch_add(total, std::sync::atomic::Ordering::Relaxed);
-                self.stats.failovers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                info!(peer = %peer.name, entries = total, "claimed the input entries of a daemon whose lease expired");
-            }
-        }
-        Ok(())
-    }
-
-    /// Claims input entries idle for `claim_idle` (left by dead daemons).
-    ///
-    /// The scan is not bounded by the backlog's capacity: when older entries
-    /// of a dead daemon hold our newer ones back, a backlog full of the newer
-    /// ones is exactly when the claim is needed. What can be claimed is
-    /// bounded anyway: only what dead or stalled daemons had read.
-    async fn claim(&mut self) -> Result<(), StoreError> {
-        let d = &self.settings.daemon;
-        let mut cursor = EntryId::ZERO;
-        let mut total = 0u64;
-        loop {
-            let (next, entries) =
-                store::autoclaim(&mut self.conn, &self.settings.keys, &d.consumer, d.claim_idle, cursor, d.batch_size)
-                    .await?;
-            total += entries.len() as u64;
-            self.take(entries);
-            if next == EntryId::ZERO {
-                break;
-            }
-            cursor = next;
-        }
-        if total > 0 {
-            self.stats.claimed.fetch_add(total, std::sync::atomic::Ordering::Relaxed);
-            info!(entries = total, idle = ?d.claim_idle, "claimed input entries left pending by another daemon");
-        }
-        Ok(())
-    }
-
-    async fn release_all(&mut self) -> Result<(), StoreError> {
-        let n =
-            self.scripts.release_all(&mut self.conn, &self.settings.keys, self.settings.daemon.release_chunk).await?;
-        if n > 0 {
-            self.stats.record_release(n);
-            debug!(released = n, "released due elements");
-        }
-        Ok(())
-    }
-
-    /// Applies the backlog in id order, a batch per call, until it is empty
-    /// (`Ok(false)`) or held back by an older entry elsewhere (`Ok(true)`).
-    ///
-    /// Up to [`APPLY_WINDOW`] calls are in flight: the next batch is sent
-    /// before the reply to the previous one arrives, so Redis goes from one
-    /// to the next without waiting for us. With `input`, batches the reader
-    /// hands over meanwhile join the window (at most [`DRAIN_INTAKE`] per
-    /// call, so the caller's timers still run under endless input).
-    ///
-    /// A batch sent before the previous one's outcome is known is safe: the
-    /// script applies nothing while an older entry is pending, so should
-    /// the previous call stop early (an older entry elsewhere, due elements
-    /// to release first), the next one finds its leftovers pending and
-    /// applies nothing either; its entries are simply sent again.
-    async fn drain(
-        &mut self,
-        mut input: Option<&mut mpsc::Receiver<Result<Vec<Prepared>, StoreError>>>,
-    ) -> Result<bool, StoreError> {
-        let d = &self.settings.daemon;
-        let mut intake = 0;
-        loop {
-            if self.backlog.is_empty() {
-                return Ok(false);
-            }
-            let mut calls = FuturesOrdered::new();
-            let mut window = Window::new(APPLY_WINDOW);
-            loop {
-                while window.may_send() {
-                    let after = window.after().map_or(Unbounded, Excluded);
-                    let batch: Vec<&Prepared> =
-                        self.backlog.range((after, Unbounded)).map(|(_, p)| p).take(d.batch_size).collect();
-                    if batch.is_empty() {
-                        break;
-                    }
-                    window.sent(batch.iter().map(|p| p.id).collect());
-                    let call = self.scripts.apply_call(&self.settings.keys, &batch, d.release_chunk);
-                    let mut conn = self.conn.clone();
-                    calls.push_back(async move { call.invoke(&mut conn).await });
-                }
-                let room = self.backlog.len() < self.capacity() && intake < DRAIN_INTAKE;
-                // Only while a call is in flight: with nothing left to send,
-                // the round ends and the caller waits for input.
-                let take_input = window.may_take_input() && room && input.is_some();
-                let outcome = tokio::select! {
-                    biased;
-                    outcome = calls.next(), if window.in_flight() > 0 => match outcome {
-                        Some(outcome) => outcome?,
-                        None => unreachable!("polled only while calls are in flight"),
-                    },
-                    msg = recv(&mut input), if take_input => {
-                        intake += 1;
-                        take_prepared(&mut self.backlog, msg?);
-                        continue;
-                    }
-                    else => break,
-                };
-                let reply =
-                    Reply { processed: outcome.processed, blocked: outcome.blocked, more_due: outcome.more_due };
-                let done = window.completed(reply);
-                if outcome.dead > 0 {
-                    let processed: Vec<&Prepared> = done.iter().filter_map(|id| self.backlog.get(id)).collect();
-                    record_input_dead_letters(&processed, outcome.dead);
-                    warn!(entries = outcome.dead, "malformed input entries moved to the dead-letter stream");
-                }
-                for id in &done {
-                    self.backlog.remove(id);
-                }
-                record_apply(self.stats, &outcome);
-                debug!(
-                    processed = outcome.processed,
-                    adds = outcome.adds,
-                    cancels = outcome.cancels,
-                    watermarks = outcome.watermarks,
-                    released = outcome.released + outcome.late,
-                    "applied input batch"
-                );
-            }
-            drop(calls);
-            match window.end() {
-                RoundEnd::Release => self.release_all().await?,
-                RoundEnd::Blocked => return Ok(true),
-                RoundEnd::Again => {}
-            }
-        }
-    }
-
-    async fn run(
-        mut self,
-        mut rx: mpsc::Receiver<Result<Vec<Prepared>, StoreError>>,
-        shutdown: &CancellationToken,
-    ) -> Result<(), StoreError> {
-        let d = &self.settings.daemon;
-        let mut sweep = interval(d.sweep_interval);
-        sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut claim = interval((d.claim_idle / 2).max(Duration::from_millis(10)));
-        claim.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut failover = interval(self.settings.lease.ttl / 2);
-        failover.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut retry = BLOCKED_RETRY.0;
-        let mut blocked_since: Option<Instant> = None;
-        loop {
-            let before = self.backlog.len();
-            let blocked = self.drain(Some(&mut rx)).await?;
-            if !blocked || self.backlog.len() < before {
-                // Progress: when daemons take turns on interleaved batches,
-                // each is briefly blocked by the other; retry quickly again.
-                blocked_since = None;
-                retry = BLOCKED_RETRY.0;
-            }
-            if blocked {
-                let since = *blocked_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= d.claim_idle {
-                    self.claim().await?;
-                    blocked_since = Some(Instant::now());
-                }
-            }
-            if shutdown.is_cancelled() {
-                return self.finish().await;
-            }
-            let room = self.backlog.len() < self.capacity();
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return self.finish().await,
-                msg = rx.recv(), if room => match msg {
-                    Some(Ok(prepared)) => take_prepared(&mut self.backlog, prepared),
-                    Some(Err(e)) => return Err(e),
-                    None => return Err(StoreError::Reply("the input reader stopped".into())),
-                },
-                _ = tokio::time::sleep(retry), if blocked => {
-                    retry = (retry * 2).min(BLOCKED_RETRY.1);
-                }
-                _ = sweep.tick() => self.release_all().await?,
-                _ = claim.tick() => self.claim().await?,
-                _ = failover.tick() => self.claim_from_dead_peers().await?,
-            }
-        }
-    }
-
-    /// On shutdown: one last try at what we already read (no waiting on
-    /// other daemons). Whatever stays pending is resumed by a restart under
-    /// the same name, or claimed by another daemon after `claim_idle`.
-    async fn finish(mut self) -> Result<(), StoreError> {
-        if !self.backlog.is_empty() {
-            self.drain(None).await?;
-        }
-        if !self.backlog.is_empty() {
-            info!(entries = self.backlog.len(), "leaving input entries pending for a restart or another daemon");
-        }
-        Ok(())
+    /// Whether ownership is still certain now.
+    pub(crate) fn ok(&self) -> bool {
+        (Instant::now().duration_since(self.epoch).as_millis() as u64) < self.until_ms.load(Relaxed)
     }
 }
 
 /// Adds one apply call's outcome to the counters.
 fn record_apply(stats: &Stats, o: &ApplyOutcome) {
-    use std::sync::atomic::Ordering::Relaxed;
     let applied = o.adds + o.cancels + o.watermarks + o.dead;
     stats.ingested.fetch_add(applied, Relaxed);
     stats.adds.fetch_add(o.adds, Relaxed);
@@ -492,5 +145,25 @@ fn record_input_dead_letters(processed: &[&Prepared], dead: u64) {
     });
     for reason in reasons.take(dead as usize) {
         crate::metrics::record_dead_letters(reason.code(), 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn validity_lapses_after_its_lifetime() {
+        let v = Validity::new();
+        assert!(!v.ok(), "not valid before the first renewal");
+        v.renew(Instant::now(), Duration::from_secs(5));
+        assert!(v.ok());
+        tokio::time::advance(Duration::from_millis(4900)).await;
+        assert!(v.ok());
+        tokio::time::advance(Duration::from_millis(200)).await;
+        assert!(!v.ok(), "lapsed");
+        v.renew(Instant::now(), Duration::from_secs(5));
+        v.end();
+        assert!(!v.ok());
     }
 }

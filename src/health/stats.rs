@@ -31,6 +31,8 @@ pub struct Stats {
     /// Whether this daemon holds the housekeeping lock right now (a state,
     /// not a counter).
     pub housekeeping_leader: AtomicBool,
+    /// Partitions this daemon owns (applies the input of) right now.
+    pub partitions_owned: AtomicU64,
     /// Whether the daemon is connected and set up (`/readyz`).
     pub readiness: Readiness,
 }

@@ -23,8 +23,8 @@ use tokio::sync::Mutex;
 use crate::config::Settings;
 use crate::dead::{self, DeadLetter};
 use crate::store::backlog::{self, Backlog};
-use crate::store::status::{self, InputInfo, OutputInfo};
-use crate::store::{self, retention, Conn, ConnectOptions, Keys, StoreError};
+use crate::store::status::{self, InputInfo, OutputInfo, PartitionRow};
+use crate::store::{meta, retention, Conn, Endpoint, Keys, Namespace, StoreError};
 
 /// The page: HTML with inline CSS and JS, no external assets.
 const PAGE: &str = include_str!("dashboard.html");
@@ -66,12 +66,12 @@ pub fn router(settings: Settings) -> Router {
 
 /// What the handlers share.
 struct Dashboard {
-    /// The Redis client (not connected).
-    client: redis::Client,
-    /// Timeouts for (re)connecting, capped by [`REDIS_DEADLINE`].
-    connect: ConnectOptions,
-    /// The namespace's key names.
-    keys: Keys,
+    /// How to reach Redis (not connected).
+    redis: Endpoint,
+    /// The namespace, with the configured partition count (if any).
+    namespace: Namespace,
+    /// `partitions` as configured; the namespace's record decides.
+    partitions: Option<u16>,
     /// The Redis URL with the password masked: the only form ever shown.
     redis_display: String,
     /// The password, kept only to scrub it out of error texts.
@@ -127,8 +127,16 @@ struct View {
     /// When the snapshot was taken (Unix ms, the Redis server's clock, like
     /// entry ids): the reference for the ages of dead letters.
     at_ms: u64,
-    /// The watermark, if one has arrived.
+    /// How many partitions the namespace has.
+    partitions: u16,
+    /// The namespace's watermark (the lowest partition's).
     watermark: Option<i64>,
+    /// The highest partition watermark minus the lowest.
+    watermark_spread: Option<i64>,
+    /// Live daemons.
+    daemons: Vec<String>,
+    /// Each partition's row (empty with one partition).
+    by_partition: Vec<PartitionRow>,
     /// How fast the watermark moves, in ts units per second, over the last
     /// [`RATE_WINDOW`]; `None` until samples span [`RATE_MIN_SPAN`].
     watermark_rate: Option<f64>,
@@ -209,14 +217,11 @@ enum SnapshotError {
 
 impl Dashboard {
     fn new(settings: &Settings) -> Dashboard {
-        let password = settings.client.get_connection_info().redis_settings().password().map(str::to_owned);
+        let password = settings.redis.client().get_connection_info().redis_settings().password().map(str::to_owned);
         Dashboard {
-            client: settings.client.clone(),
-            connect: ConnectOptions {
-                connect_timeout: settings.connect.connect_timeout.min(REDIS_DEADLINE),
-                response_timeout: REDIS_DEADLINE,
-            },
-            keys: settings.keys.clone(),
+            redis: settings.redis.clone(),
+            namespace: settings.namespace.clone(),
+            partitions: settings.partitions,
             redis_display: settings.redis_display.clone(),
             password: password.filter(|p| !p.is_empty()),
             clock: settings.daemon.clock,
@@ -255,7 +260,7 @@ impl Dashboard {
                     tracing::warn!(redis = %self.redis_display, error = %reason, "dashboard: cannot read Redis");
                     inner.failing = true;
                 }
-                let failure = Failure { error: &reason, namespace: &self.keys.namespace, redis: &self.redis_display };
+                let failure = Failure { error: &reason, namespace: self.namespace.name(), redis: &self.redis_display };
                 encode(StatusCode::SERVICE_UNAVAILABLE, &failure)
             }
         };
@@ -276,22 +281,34 @@ impl Dashboard {
         let mut conn = match &inner.conn {
             Some(c) => c.clone(),
             None => {
-                let c = store::connect(&self.client, &self.connect, REDIS_DEADLINE).await?;
+                let c = self.redis.connect(REDIS_DEADLINE).await?;
                 inner.conn = Some(c.clone());
                 c
             }
         };
-        let status = status::snapshot(&mut conn, &self.keys).await?;
-        let backlog = backlog::backlog(&mut conn, &self.keys, status.watermark, BUCKETS).await?;
-        let (letters, total) = dead::list(&mut conn, &self.keys, LATEST_DEAD).await?;
-        let at_ms = retention::server_time_ms(&mut conn).await?;
+        let ns = meta::resolve(&mut conn, &self.namespace, self.partitions, false).await?.map_err(StoreError::from)?;
+        let status = status::snapshot(&mut conn, &ns).await?;
+        let parts = ns.all();
+        let watermarks: Vec<Option<i64>> = if status.by_partition.is_empty() {
+            vec![status.watermark]
+        } else {
+            status.by_partition.iter().map(|r| r.watermark).collect()
+        };
+        let with_watermarks: Vec<(Keys, Option<i64>)> = parts.iter().cloned().zip(watermarks).collect();
+        let backlog = backlog::backlog(&mut conn, &with_watermarks, BUCKETS).await?;
+        let (letters, total) = dead::list(&mut conn, &parts, LATEST_DEAD).await?;
+        let at_ms = retention::server_time_ms(&mut conn, &ns.meta()).await?;
         let watermark_rate = record(&mut inner.samples, Instant::now(), status.watermark);
         Ok(View {
             namespace: status.namespace,
             redis: self.redis_display.clone(),
             clock: self.clock,
             at_ms,
+            partitions: status.partitions,
             watermark: status.watermark,
+            watermark_spread: status.watermark_spread,
+            daemons: status.daemons,
+            by_partition: status.by_partition,
             watermark_rate,
             backlog,
             input: status.input,

@@ -26,7 +26,7 @@ pub use crate::health::{Readiness, Ready};
 
 use crate::config::Settings;
 use crate::health::Stats;
-use crate::store::{self, status, Conn, ConnectOptions, StoreError};
+use crate::store::{meta, status, Conn, StoreError};
 
 /// Longest a scrape waits for the Redis snapshot; past it, `/metrics`
 /// answers without the Redis state (and `tidemark_redis_up 0`).
@@ -116,11 +116,7 @@ impl Shared {
             return Ok(conn.clone());
         }
         let s = &self.endpoints.settings;
-        let opts = ConnectOptions {
-            connect_timeout: s.connect.connect_timeout.min(SNAPSHOT_TIMEOUT),
-            response_timeout: SNAPSHOT_TIMEOUT,
-        };
-        let conn = store::connect(&s.client, &opts, SNAPSHOT_TIMEOUT).await?;
+        let conn = s.redis.connect(SNAPSHOT_TIMEOUT).await?;
         *cached = Some(conn.clone());
         Ok(conn)
     }
@@ -157,7 +153,7 @@ impl Shared {
 /// The router: the three endpoints merged with the dashboard's routes.
 pub fn router(endpoints: Endpoints) -> Router {
     let settings = endpoints.settings.clone();
-    let password = settings.client.get_connection_info().redis_settings().password().map(str::to_owned);
+    let password = settings.redis.client().get_connection_info().redis_settings().password().map(str::to_owned);
     let shared = Arc::new(Shared {
         endpoints,
         conn: tokio::sync::Mutex::new(None),
@@ -202,9 +198,13 @@ async fn readyz(State(s): State<Arc<Shared>>) -> impl IntoResponse {
 /// `/metrics`: the Redis snapshot and the daemon's counters read now, then
 /// what was recorded at the source.
 async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
-    let keys = s.endpoints.settings.keys.clone();
-    let snapshot =
-        s.with_redis(SNAPSHOT_TIMEOUT, |mut conn| async move { status::snapshot(&mut conn, &keys).await }).await;
+    let (ns, configured) = (s.endpoints.settings.namespace.clone(), s.endpoints.settings.partitions);
+    let snapshot = s
+        .with_redis(SNAPSHOT_TIMEOUT, |mut conn| async move {
+            let ns = meta::resolve(&mut conn, &ns, configured, false).await??;
+            status::snapshot(&mut conn, &ns).await
+        })
+        .await;
     let status = match snapshot {
         Ok(status) => {
             if !s.snapshot_ok.swap(true, Ordering::Relaxed) {

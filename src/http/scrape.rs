@@ -118,6 +118,10 @@ mod tests {
     fn status() -> Status {
         Status {
             namespace: "default".into(),
+            partitions: 1,
+            watermark_spread: Some(0),
+            daemons: vec!["d1".into()],
+            by_partition: Vec::new(),
             watermark: Some(100),
             scheduled: 3,
             next_due_ts: Some(90),

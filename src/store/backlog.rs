@@ -3,6 +3,8 @@
 
 use serde::Serialize;
 
+use futures::future::join_all;
+
 use super::{Conn, Keys, StoreError};
 
 /// Scheduled elements whose ts lies in `from..=to`.
@@ -67,28 +69,44 @@ fn ts(score: f64) -> i64 {
     score as i64
 }
 
-/// Reads the backlog of `keys` in at most `n` buckets: two pipelined round
-/// trips (`ZCARD`, the extremes and the due count, then one `ZCOUNT` per
-/// bucket and one for the due part of the bucket holding the watermark).
-pub async fn backlog(conn: &mut Conn, keys: &Keys, watermark: Option<i64>, n: usize) -> Result<Backlog, StoreError> {
-    let mut pipe = redis::pipe();
-    pipe.zcard(&keys.sched)
-        .cmd("ZRANGE")
-        .arg(&keys.sched)
-        .arg(0)
-        .arg(0)
-        .arg("WITHSCORES")
-        .cmd("ZRANGE")
-        .arg(&keys.sched)
-        .arg(-1)
-        .arg(-1)
-        .arg("WITHSCORES")
-        .zcount(&keys.sched, "-inf", watermark.map_or_else(|| "-inf".to_owned(), |w| w.to_string()));
-    let (scheduled, first, last, due): (u64, Extreme, Extreme, u64) = pipe.query_async(conn).await?;
-    let first_ts = first.first().map(|(_, s)| ts(*s));
-    let last_ts = last.first().map(|(_, s)| ts(*s));
-    // Without a watermark nothing is due, even at ts = -inf.
-    let due = if watermark.is_some() { due } else { 0 };
+/// Reads the backlog of a namespace's partitions in at most `n` buckets
+/// over the ts span of all of them: two rounds of pipelined reads per
+/// partition (`ZCARD`, the extremes and the due count, then one `ZCOUNT`
+/// per bucket and one for the due part of the bucket holding the
+/// watermark), run for every partition at once. `watermarks` are each
+/// partition's; buckets count as due against the lowest of them (the
+/// namespace's watermark), `due` adds up each partition's own.
+pub async fn backlog(conn: &mut Conn, partitions: &[(Keys, Option<i64>)], n: usize) -> Result<Backlog, StoreError> {
+    let firsts = join_all(partitions.iter().map(|(keys, watermark)| {
+        let mut c = conn.clone();
+        async move {
+            let mut pipe = redis::pipe();
+            pipe.zcard(&keys.sched)
+                .cmd("ZRANGE")
+                .arg(&keys.sched)
+                .arg(0)
+                .arg(0)
+                .arg("WITHSCORES")
+                .cmd("ZRANGE")
+                .arg(&keys.sched)
+                .arg(-1)
+                .arg(-1)
+                .arg("WITHSCORES")
+                .zcount(&keys.sched, "-inf", watermark.map_or_else(|| "-inf".to_owned(), |w| w.to_string()));
+            let (scheduled, first, last, due): (u64, Extreme, Extreme, u64) = pipe.query_async(&mut c).await?;
+            // Without a watermark nothing is due, even at ts = -inf.
+            let due = if watermark.is_some() { due } else { 0 };
+            Ok::<_, StoreError>((scheduled, first.first().map(|(_, s)| ts(*s)), last.first().map(|(_, s)| ts(*s)), due))
+        }
+    }))
+    .await
+    .into_iter()
+    .collect::<Result<Vec<_>, _>>()?;
+    let scheduled = firsts.iter().map(|f| f.0).sum();
+    let first_ts = firsts.iter().filter_map(|f| f.1).min();
+    let last_ts = firsts.iter().filter_map(|f| f.2).max();
+    let due = firsts.iter().map(|f| f.3).sum();
+    let watermark = partitions.iter().map(|(_, w)| *w).collect::<Option<Vec<i64>>>().and_then(|w| w.into_iter().min());
     let (Some(lo), Some(hi)) = (first_ts, last_ts) else {
         return Ok(Backlog { scheduled, first_ts, last_ts, due, buckets: Vec::new() });
     };
@@ -108,18 +126,29 @@ pub async fn backlog(conn: &mut Conn, keys: &Keys, watermark: Option<i64>, n: us
     // The range the watermark falls inside, if any: its due part is counted
     // separately.
     let straddled = watermark.and_then(|w| spans.iter().position(|(from, to)| *from <= w && w < *to));
-    let mut pipe = redis::pipe();
-    for (lower, upper) in &bounds {
-        pipe.zcount(&keys.sched, lower, upper);
-    }
-    if let Some(((lower, _), w)) = straddled.and_then(|i| bounds.get(i)).zip(watermark) {
-        pipe.zcount(&keys.sched, lower, w);
-    }
-    let mut counts: Vec<u64> = pipe.query_async(conn).await?;
     let expected = spans.len() + usize::from(straddled.is_some());
-    if counts.len() != expected {
-        return Err(StoreError::Reply(format!("expected {expected} ZCOUNT replies, got {}", counts.len())));
-    }
+    let counts = join_all(partitions.iter().map(|(keys, _)| {
+        let mut c = conn.clone();
+        let bounds = &bounds;
+        async move {
+            let mut pipe = redis::pipe();
+            for (lower, upper) in bounds {
+                pipe.zcount(&keys.sched, lower, upper);
+            }
+            if let Some(((lower, _), w)) = straddled.and_then(|i| bounds.get(i)).zip(watermark) {
+                pipe.zcount(&keys.sched, lower, w);
+            }
+            let counts: Vec<u64> = pipe.query_async(&mut c).await?;
+            if counts.len() != expected {
+                return Err(StoreError::Reply(format!("expected {expected} ZCOUNT replies, got {}", counts.len())));
+            }
+            Ok(counts)
+        }
+    }))
+    .await
+    .into_iter()
+    .collect::<Result<Vec<Vec<u64>>, _>>()?;
+    let mut counts: Vec<u64> = (0..expected).map(|i| counts.iter().map(|c| c[i]).sum()).collect();
     let straddled_due = if straddled.is_some() { counts.pop() } else { None };
     let buckets = spans
         .into_iter()

@@ -78,6 +78,46 @@ impl Prepared {
     }
 }
 
+/// Which partition entries are read from, to catch misrouted ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    /// The partition read.
+    pub partition: u16,
+    /// How many the namespace has.
+    pub partitions: u16,
+}
+
+/// [`prepare`], dead-lettering an `add` or `cancel` whose id belongs to
+/// another partition than the one it was read from (reason
+/// `wrong_partition`): applying it here would break the order of its id's
+/// operations in the right partition.
+pub fn prepare_routed(entry: &StreamEntry, limits: &Limits, route: Route) -> Prepared {
+    let prepared = prepare(entry, limits);
+    if route.partitions <= 1 {
+        return prepared;
+    }
+    let element = match &prepared.step {
+        Step::Add { element, .. } | Step::Cancel { element } => element,
+        _ => return prepared,
+    };
+    let belongs = crate::core::route::partition_of(element, route.partitions);
+    if belongs == route.partition {
+        return prepared;
+    }
+    let fields = entry.fields.as_deref().unwrap_or_default();
+    let (kept, detail) = truncate_fields(
+        fields,
+        format!(
+            "element {:?} belongs to partition {belongs} (crc32(id) mod {}), not {}",
+            String::from_utf8_lossy(element),
+            route.partitions,
+            route.partition
+        ),
+    );
+    let blob = codec::encode(kept.iter().flat_map(|(k, v)| [k.as_slice(), v.as_slice()]));
+    Prepared { id: prepared.id, step: Step::Dead { reason: op::Reason::WrongPartition, detail, fields: blob } }
+}
+
 /// Parses an entry into its step. Never fails: malformed entries become
 /// dead letters.
 pub fn prepare(entry: &StreamEntry, limits: &Limits) -> Prepared {
@@ -161,6 +201,28 @@ mod tests {
         let Step::Dead { fields, detail, .. } = p.step else { panic!() };
         assert_eq!(codec::decode(&fields).unwrap().len(), 2 * HARD_MAX_PAYLOAD_FIELDS);
         assert!(detail.contains("dropped"));
+    }
+
+    #[test]
+    fn misrouted_adds_and_cancels_are_dead_letters() {
+        let add = entry(&[("op", b"add"), ("id", b"order-42"), ("ts", b"7"), ("k", b"v")]);
+        let route = |partition| Route { partition, partitions: 8 };
+        assert_eq!(prepare_routed(&add, &Limits::default(), route(6)).kind(), Kind::Add);
+        let p = prepare_routed(&add, &Limits::default(), route(5));
+        assert_eq!(p.kind(), Kind::Dead(op::Reason::WrongPartition));
+        let Step::Dead { detail, fields, .. } = p.step else { panic!() };
+        assert!(detail.contains("belongs to partition 6"), "{detail}");
+        assert_eq!(codec::decode(&fields).unwrap().len(), 8, "the original fields are kept");
+        let cancel = entry(&[("op", b"cancel"), ("id", b"order-42")]);
+        assert_eq!(
+            prepare_routed(&cancel, &Limits::default(), route(1)).kind(),
+            Kind::Dead(op::Reason::WrongPartition)
+        );
+        // Watermarks go to every partition; one partition checks nothing.
+        let wm = entry(&[("op", b"watermark"), ("ts", b"7")]);
+        assert_eq!(prepare_routed(&wm, &Limits::default(), route(1)).kind(), Kind::Watermark);
+        let one = Route { partition: 0, partitions: 1 };
+        assert_eq!(prepare_routed(&add, &Limits::default(), one).kind(), Kind::Add);
     }
 
     #[test]

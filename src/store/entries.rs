@@ -88,6 +88,26 @@ pub fn decode_read(v: Value) -> Result<Vec<StreamEntry>, StoreError> {
     }
 }
 
+/// A stream's name and the entries read from it.
+pub type StreamEntries = (Vec<u8>, Vec<StreamEntry>);
+
+/// Decodes an `XREADGROUP` reply for several streams: nil on timeout, else
+/// each stream that has entries, with its name.
+pub fn decode_read_streams(v: Value) -> Result<Vec<StreamEntries>, StoreError> {
+    let streams: Vec<(Value, Value)> = match v {
+        Value::Nil => return Ok(Vec::new()),
+        Value::Map(streams) => streams,
+        other => array(other)?
+            .into_iter()
+            .map(|stream| {
+                let mut parts = array(stream)?.into_iter();
+                Ok((parts.next().unwrap_or(Value::Nil), parts.next().unwrap_or(Value::Nil)))
+            })
+            .collect::<Result<_, StoreError>>()?,
+    };
+    streams.into_iter().map(|(name, entries)| Ok((bytes(name)?, decode_entries(entries)?))).collect()
+}
+
 /// Decodes an `XAUTOCLAIM` reply: `[next_cursor, entries, deleted_ids?]`.
 /// Ids of entries deleted from the stream (Redis 7 lists them separately and
 /// drops them from the pending list itself) are returned as entries without
@@ -125,5 +145,17 @@ mod tests {
         );
         assert_eq!(entries[1].fields, None);
         assert!(decode_read(Value::Nil).unwrap().is_empty());
+    }
+
+    #[test]
+    fn decodes_a_read_of_several_streams() {
+        let one = |id: &[u8]| Value::Array(vec![Value::Array(vec![bs(id), Value::Array(vec![bs(b"k"), bs(b"v")])])]);
+        let reply =
+            Value::Array(vec![Value::Array(vec![bs(b"a"), one(b"1-0")]), Value::Array(vec![bs(b"b"), one(b"2-0")])]);
+        let streams = decode_read_streams(reply).unwrap();
+        assert_eq!(streams.len(), 2);
+        assert_eq!(streams[1].0, b"b");
+        assert_eq!(streams[1].1[0].id, EntryId { ms: 2, seq: 0 });
+        assert!(decode_read_streams(Value::Nil).unwrap().is_empty());
     }
 }

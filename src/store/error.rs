@@ -20,6 +20,12 @@ pub enum StoreError {
     /// id. The message is for the user.
     #[error("{0}")]
     Rejected(String),
+    /// The namespace's layout disagrees with the configuration.
+    #[error(transparent)]
+    Layout(#[from] super::LayoutError),
+    /// This daemon no longer owns the partition it was working on.
+    #[error("this daemon no longer owns partition {0}")]
+    Deposed(u16),
 }
 
 impl StoreError {
@@ -65,7 +71,7 @@ impl StoreError {
     pub fn is_fatal(&self) -> bool {
         match self {
             StoreError::Redis(e) if e.kind() == redis::ErrorKind::InvalidClientConfig => true,
-            StoreError::TooOld(_) => true,
+            StoreError::TooOld(_) | StoreError::Layout(_) => true,
             _ => self.fault().is_fatal(),
         }
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{connect, Conn, ConnectOptions, Reconnect, StoreError};
+use super::{Conn, Endpoint, Reconnect, StoreError};
 use crate::core::RetryPolicy;
 
 /// Sets `key` to `holder` for `ttl`.
@@ -33,8 +33,7 @@ pub async fn alive(conn: &mut Conn, keys: &[String]) -> Result<Vec<bool>, StoreE
 /// the holder gone at once. Survives Redis outages: it reconnects on its own
 /// and logs an outage once.
 pub fn keep(
-    client: redis::Client,
-    opts: ConnectOptions,
+    redis: Endpoint,
     retry: RetryPolicy,
     key: String,
     holder: String,
@@ -48,7 +47,7 @@ pub fn keep(
         loop {
             let result = async {
                 if conn.is_none() {
-                    conn = Some(connect(&client, &opts, opts.response_timeout.min(ttl)).await?);
+                    conn = Some(redis.connect(redis.options().response_timeout.min(ttl)).await?);
                 }
                 let c = conn.as_mut().expect("connected above");
                 refresh(c, &key, &holder, ttl).await

@@ -2,10 +2,12 @@
 
 pub mod backlog;
 pub mod batch;
+pub mod endpoint;
 pub mod entries;
 pub mod error;
 pub mod keys;
 pub mod lease;
+pub mod meta;
 pub mod reader;
 pub mod reconnect;
 pub mod retention;
@@ -14,19 +16,17 @@ pub mod status;
 
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, Value};
+use redis::Value;
 
 pub use batch::{prepare, Prepared};
+pub use endpoint::{Conn, Endpoint, Mode};
 pub use entries::StreamEntry;
 pub use error::StoreError;
+pub use keys::Namespace;
 pub use keys::{Keys, INPUT_GROUP};
+pub use meta::LayoutError;
 pub use reconnect::Reconnect;
 pub use scripts::{ApplyOutcome, Scripts};
-
-/// A connection that commands and scripts are sent on (multiplexed: clones
-/// share it).
-pub type Conn = MultiplexedConnection;
 
 use crate::core::EntryId;
 
@@ -35,7 +35,7 @@ use crate::core::EntryId;
 pub const MIN_REDIS: (u32, u32) = (6, 2);
 
 /// How to reach Redis.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectOptions {
     /// Time allowed to establish a connection.
     pub connect_timeout: Duration,
@@ -43,22 +43,10 @@ pub struct ConnectOptions {
     pub response_timeout: Duration,
 }
 
-/// Opens a multiplexed connection whose replies time out after `response`.
-pub async fn connect(
-    client: &Client,
-    opts: &ConnectOptions,
-    response: Duration,
-) -> Result<MultiplexedConnection, StoreError> {
-    let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(opts.connect_timeout))
-        .set_response_timeout(Some(response));
-    Ok(client.get_multiplexed_async_connection_with_config(&config).await?)
-}
-
 /// Reads the server version from `INFO server` and refuses anything older
 /// than [`MIN_REDIS`]. Returns the version text.
-pub async fn check_version(conn: &mut MultiplexedConnection) -> Result<String, StoreError> {
-    let info: String = redis::cmd("INFO").arg("server").query_async(conn).await?;
+pub async fn check_version(conn: &mut Conn, key: &str) -> Result<String, StoreError> {
+    let info: String = conn.query_at(key, redis::cmd("INFO").arg("server")).await?;
     let version = info
         .lines()
         .find_map(|l| l.strip_prefix("redis_version:"))
@@ -78,7 +66,7 @@ fn parse_version(v: &str) -> (u32, u32) {
 /// Creates consumer group `group` on `stream` at id `0` (so entries written
 /// before the group existed are delivered too), creating the stream if
 /// needed. An existing group is left as it is.
-pub async fn ensure_group(conn: &mut MultiplexedConnection, stream: &str, group: &str) -> Result<bool, StoreError> {
+pub async fn ensure_group(conn: &mut Conn, stream: &str, group: &str) -> Result<bool, StoreError> {
     let created: Result<(), redis::RedisError> =
         redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(group).arg("0").arg("MKSTREAM").query_async(conn).await;
     match created {
@@ -91,7 +79,7 @@ pub async fn ensure_group(conn: &mut MultiplexedConnection, stream: &str, group:
 /// `XREADGROUP` of new input entries (`>`) in the input group, blocking up
 /// to `block`.
 pub async fn read_new(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     keys: &Keys,
     consumer: &str,
     count: usize,
@@ -103,7 +91,7 @@ pub async fn read_new(
 /// `XREADGROUP` of new entries (`>`) of `stream` in `group`, blocking up to
 /// `block`.
 pub async fn read_group(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     stream: &str,
     group: &str,
     consumer: &str,
@@ -128,7 +116,7 @@ pub async fn read_group(
 
 /// This consumer's own pending entries with ids above `after`.
 pub async fn read_own_pending(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     keys: &Keys,
     consumer: &str,
     after: EntryId,
@@ -151,7 +139,7 @@ pub async fn read_own_pending(
 /// `XAUTOCLAIM` of input entries idle for at least `min_idle`, from
 /// `cursor`. Returns the next cursor (`0-0` when the scan is complete).
 pub async fn autoclaim(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     keys: &Keys,
     consumer: &str,
     min_idle: Duration,
@@ -186,11 +174,7 @@ pub async fn ack_output(conn: &mut Conn, keys: &Keys, group: &str, ids: &[EntryI
 }
 
 /// Appends one entry to a stream and returns its id.
-pub async fn xadd(
-    conn: &mut MultiplexedConnection,
-    stream: &str,
-    fields: &[(&[u8], &[u8])],
-) -> Result<String, StoreError> {
+pub async fn xadd(conn: &mut Conn, stream: &str, fields: &[(&[u8], &[u8])]) -> Result<String, StoreError> {
     let mut cmd = redis::cmd("XADD");
     cmd.arg(stream).arg("*");
     for (k, v) in fields {

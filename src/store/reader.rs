@@ -13,13 +13,12 @@
 use std::io;
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
 use redis::{Client, ConnectionAddr, RedisConnectionInfo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::time::timeout;
 
-use super::{entries, ConnectOptions, StoreError, StreamEntry};
+use super::{entries, Conn, ConnectOptions, StoreError, StreamEntry};
 use crate::core::EntryId;
 
 /// Free buffer space asked of each socket read.
@@ -38,7 +37,7 @@ enum Inner {
     /// Plain TCP or a Unix socket, with the fast decoder.
     Raw(RawConn),
     /// TLS: redis-rs's connection and parser.
-    Redis(MultiplexedConnection),
+    Redis(Conn),
 }
 
 impl StreamReader {
@@ -56,7 +55,10 @@ impl StreamReader {
             ConnectionAddr::Unix(path) => {
                 Transport::Unix(with_timeout(opts.connect_timeout, UnixStream::connect(path)).await?)
             }
-            _ => return Ok(StreamReader { inner: Inner::Redis(super::connect(client, opts, response).await?) }),
+            _ => {
+                let conn = super::endpoint::single(client, opts, response).await?;
+                return Ok(StreamReader { inner: Inner::Redis(Conn::Single(conn)) });
+            }
         };
         let mut raw = RawConn { io: transport, buf: Vec::with_capacity(READ_CHUNK), response, broken: false };
         raw.handshake(info.redis_settings()).await?;

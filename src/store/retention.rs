@@ -173,9 +173,9 @@ async fn trim_loop(conn: &mut Conn, args: impl Fn(&mut redis::Cmd)) -> Result<u6
     Ok(total)
 }
 
-/// The Redis server's clock in milliseconds (`TIME`).
-pub async fn server_time_ms(conn: &mut Conn) -> Result<u64, StoreError> {
-    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await?;
+/// The clock in milliseconds (`TIME`) of the Redis server that holds `key`.
+pub async fn server_time_ms(conn: &mut Conn, key: &str) -> Result<u64, StoreError> {
+    let (secs, micros): (u64, u64) = conn.query_at(key, &redis::cmd("TIME")).await?;
     Ok(secs.saturating_mul(1000).saturating_add(micros / 1000))
 }
 

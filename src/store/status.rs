@@ -3,7 +3,7 @@
 use redis::Value;
 use serde::Serialize;
 
-use super::{lease, Conn, Keys, StoreError, INPUT_GROUP};
+use super::{lease, Conn, Keys, Namespace, StoreError, INPUT_GROUP};
 
 /// One consumer group as `XINFO GROUPS` reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -88,13 +88,43 @@ pub struct OutputInfo {
     pub groups: Vec<OutputGroup>,
 }
 
-/// Everything `tidemark status` shows.
+/// One partition's row (namespaces with more than one partition).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PartitionRow {
+    /// Which partition.
+    pub partition: u16,
+    /// Its watermark, if one has arrived.
+    pub watermark: Option<i64>,
+    /// Elements waiting in its schedule.
+    pub scheduled: u64,
+    /// Entries in its `:in`.
+    pub input_length: u64,
+    /// Its input entries no daemon has read yet.
+    pub input_lag: Option<u64>,
+    /// Entries in its `:out`.
+    pub output_length: u64,
+    /// Entries in its `:dead`.
+    pub dead_letters: u64,
+    /// The daemon that owns it (applies its input), if any.
+    pub owner: Option<String>,
+}
+
+/// Everything `tidemark status` shows: a namespace, with every partition's
+/// figures added up (the watermark is the lowest partition's).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Status {
     /// The namespace.
     pub namespace: String,
-    /// The watermark, if one has arrived.
+    /// How many partitions it has.
+    pub partitions: u16,
+    /// The watermark, if one has arrived: the lowest of the partitions'
+    /// (none until every partition has one).
     pub watermark: Option<i64>,
+    /// The highest partition watermark minus the lowest (0 with one
+    /// partition; absent until every partition has one).
+    pub watermark_spread: Option<i64>,
+    /// Live daemons (registered, lease not expired), by name.
+    pub daemons: Vec<String>,
     /// Elements waiting in the schedule.
     pub scheduled: u64,
     /// The smallest scheduled ts, if any.
@@ -105,6 +135,9 @@ pub struct Status {
     pub output: OutputInfo,
     /// Entries in `:dead`.
     pub dead_letters: u64,
+    /// Each partition's row (empty with one partition).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub by_partition: Vec<PartitionRow>,
 }
 
 fn text(v: &Value) -> Option<String> {
@@ -189,8 +222,117 @@ async fn output_group(conn: &mut Conn, keys: &Keys, g: GroupInfo) -> Result<Outp
     })
 }
 
-/// Takes a snapshot of namespace `keys`.
-pub async fn snapshot(conn: &mut Conn, keys: &Keys) -> Result<Status, StoreError> {
+/// Takes a snapshot of namespace `ns`: every partition at once, added up.
+pub async fn snapshot(conn: &mut Conn, ns: &Namespace) -> Result<Status, StoreError> {
+    let partitions = ns.all();
+    let parts = futures::future::join_all(partitions.iter().map(|keys| {
+        let mut c = conn.clone();
+        async move { partition_snapshot(&mut c, keys).await }
+    }))
+    .await
+    .into_iter()
+    .collect::<Result<Vec<_>, _>>()?;
+    let owners = futures::future::join_all(partitions.iter().map(|keys| {
+        let mut c = conn.clone();
+        async move { redis::cmd("GET").arg(keys.owner()).query_async::<Option<String>>(&mut c).await }
+    }))
+    .await
+    .into_iter()
+    .collect::<Result<Vec<_>, _>>()?;
+    let registered: Vec<(String, f64)> =
+        redis::cmd("ZRANGE").arg(ns.daemons()).arg(0).arg(-1).arg("WITHSCORES").query_async(conn).await?;
+    let now = super::retention::server_time_ms(conn, &ns.daemons()).await? as f64;
+    let daemons: Vec<String> = registered.into_iter().filter(|(_, until)| *until > now).map(|(d, _)| d).collect();
+    Ok(combine(ns, parts, owners, daemons))
+}
+
+/// Adds up the partitions' snapshots.
+fn combine(ns: &Namespace, parts: Vec<Status>, owners: Vec<Option<String>>, daemons: Vec<String>) -> Status {
+    let watermarks: Option<Vec<i64>> = parts.iter().map(|p| p.watermark).collect();
+    let (watermark, watermark_spread) = match watermarks {
+        Some(w) if !w.is_empty() => {
+            let (lo, hi) = (*w.iter().min().expect("non-empty"), *w.iter().max().expect("non-empty"));
+            (Some(lo), Some(hi - lo))
+        }
+        _ => (None, None),
+    };
+    let sum_opt = |f: &dyn Fn(&Status) -> Option<u64>| -> Option<u64> { parts.iter().map(f).sum() };
+    let mut groups: Vec<OutputGroup> = Vec::new();
+    for g in parts.iter().flat_map(|p| p.output.groups.iter()) {
+        match groups.iter_mut().find(|have| have.name == g.name) {
+            None => groups.push(g.clone()),
+            Some(have) => {
+                have.pending += g.pending;
+                have.lag = have.lag.zip(g.lag).map(|(a, b)| a + b);
+                if g.last_delivered_id > have.last_delivered_id {
+                    have.last_delivered_id = g.last_delivered_id.clone();
+                }
+                let older = match (&have.oldest_pending, &g.oldest_pending) {
+                    (Some(a), Some(b)) => b.idle_ms > a.idle_ms,
+                    (None, Some(_)) => true,
+                    _ => false,
+                };
+                if older {
+                    have.oldest_pending = g.oldest_pending.clone();
+                }
+                for c in &g.consumers {
+                    match have.consumers.iter_mut().find(|h| h.name == c.name) {
+                        None => have.consumers.push(c.clone()),
+                        Some(h) => {
+                            h.pending += c.pending;
+                            h.idle_ms = h.idle_ms.min(c.idle_ms);
+                            h.leased |= c.leased;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let owner_name = |o: &Option<String>| o.as_deref().map(|t| t.rsplit_once(':').map_or(t, |(n, _)| n).to_owned());
+    let by_partition = if parts.len() > 1 {
+        parts
+            .iter()
+            .zip(&owners)
+            .enumerate()
+            .map(|(p, (s, o))| PartitionRow {
+                partition: p as u16,
+                watermark: s.watermark,
+                scheduled: s.scheduled,
+                input_length: s.input.length,
+                input_lag: s.input.lag,
+                output_length: s.output.length,
+                dead_letters: s.dead_letters,
+                owner: owner_name(o),
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    // Daemons of versions without the registry show up in the input group.
+    let readers = parts.iter().map(|p| p.input.daemons).max().unwrap_or(0);
+    Status {
+        namespace: ns.name().to_owned(),
+        partitions: ns.partitions(),
+        watermark,
+        watermark_spread,
+        scheduled: parts.iter().map(|p| p.scheduled).sum(),
+        next_due_ts: parts.iter().filter_map(|p| p.next_due_ts).min(),
+        input: InputInfo {
+            length: parts.iter().map(|p| p.input.length).sum(),
+            pending: parts.iter().map(|p| p.input.pending).sum(),
+            lag: sum_opt(&|p| p.input.lag),
+            daemons: (daemons.len() as u64).max(readers),
+        },
+        output: OutputInfo { length: parts.iter().map(|p| p.output.length).sum(), groups },
+        dead_letters: parts.iter().map(|p| p.dead_letters).sum(),
+        daemons,
+        by_partition,
+    }
+}
+
+/// Takes a snapshot of one partition (`daemons` and the partition rows
+/// are left empty).
+pub async fn partition_snapshot(conn: &mut Conn, keys: &Keys) -> Result<Status, StoreError> {
     #[allow(clippy::type_complexity)]
     let (wm, scheduled, first, in_len, out_len, dead_len): (
         Option<String>,
@@ -217,9 +359,14 @@ pub async fn snapshot(conn: &mut Conn, keys: &Keys) -> Result<Status, StoreError
     for g in groups(conn, &keys.out).await? {
         out_groups.push(output_group(conn, keys, g).await?);
     }
+    let watermark = wm.and_then(|w| w.parse().ok());
     Ok(Status {
         namespace: keys.namespace.clone(),
-        watermark: wm.and_then(|w| w.parse().ok()),
+        partitions: 1,
+        watermark,
+        watermark_spread: watermark.map(|_| 0),
+        daemons: Vec::new(),
+        by_partition: Vec::new(),
         scheduled,
         next_due_ts: first.first().map(|(_, score)| *score as i64),
         input: InputInfo {
@@ -275,7 +422,28 @@ pub fn render(s: &Status) -> String {
         let _ = writeln!(out, "{label:<16}{value}");
     };
     row("namespace", s.namespace.clone());
-    row("watermark", s.watermark.map_or_else(|| "none yet (nothing is due)".into(), |w| w.to_string()));
+    if s.partitions > 1 {
+        row("partitions", s.partitions.to_string());
+    }
+    row(
+        "watermark",
+        match (s.watermark, s.watermark_spread) {
+            (None, _) if s.partitions > 1 => "none yet (not every partition has one; nothing is due)".into(),
+            (None, _) => "none yet (nothing is due)".into(),
+            (Some(w), Some(spread)) if s.partitions > 1 => {
+                format!("{w} (lowest partition; highest is {spread} ahead)")
+            }
+            (Some(w), _) => w.to_string(),
+        },
+    );
+    row(
+        "daemons",
+        if s.daemons.is_empty() {
+            "none: no daemon is serving this namespace (check the namespace name, and start `tidemark run`)".into()
+        } else {
+            s.daemons.join(", ")
+        },
+    );
     row(
         "scheduled",
         match s.next_due_ts {
@@ -332,6 +500,27 @@ pub fn render(s: &Status) -> String {
         row("  group", "(none: configure daemon.groups or run with --group)".into());
     }
     row("dead letters", thousands(s.dead_letters));
+    if !s.by_partition.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n{:>9}  {:>20}  {:>12}  {:>10}  {:>10}  {:>10}  {:>8}  owner",
+            "partition", "watermark", "scheduled", "input", "input lag", "output", "dead"
+        );
+        for p in &s.by_partition {
+            let _ = writeln!(
+                out,
+                "{:>9}  {:>20}  {:>12}  {:>10}  {:>10}  {:>10}  {:>8}  {}",
+                p.partition,
+                p.watermark.map_or_else(|| "-".into(), |w| w.to_string()),
+                thousands(p.scheduled),
+                thousands(p.input_length),
+                opt(p.input_lag),
+                thousands(p.output_length),
+                thousands(p.dead_letters),
+                p.owner.as_deref().unwrap_or("-")
+            );
+        }
+    }
     out
 }
 

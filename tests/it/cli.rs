@@ -267,7 +267,10 @@ fn status_of_an_empty_namespace_is_read_only() {
     let got = status_json(&redis.url());
     let want = json!({
         "namespace": "default",
+        "partitions": 1,
         "watermark": null,
+        "watermark_spread": null,
+        "daemons": [],
         "scheduled": 0,
         "next_due_ts": null,
         "input": {"length": 0, "pending": 0, "lag": 0, "daemons": 0},
@@ -341,7 +344,10 @@ fn status_reports_exact_numbers() {
     assert!(g1["consumers"][0]["idle_ms"].take().is_u64(), "{got}");
     let want = json!({
         "namespace": "default",
+        "partitions": 1,
         "watermark": 5,
+        "watermark_spread": 0,
+        "daemons": [],
         "scheduled": 2,
         "next_due_ts": 10,
         "input": {"length": 8, "pending": 1, "lag": 1, "daemons": 2},

@@ -183,9 +183,13 @@ fn explicit_watermark_ops_run_ahead_of_the_clock() {
 fn clock_continues_when_the_leader_is_killed() {
     let redis = RedisServer::start();
     let mut conn = redis.sync_conn();
-    let mut d1 = clock_daemon(&redis, "d1", &[]);
+    // The input of a dead daemon's partition moves within a lease lifetime
+    // (the element added after the kill is applied by d2 once it owns the
+    // partition): a short lease, like the clock's own lock.
+    let lease = [("TIDEMARK__LEASE__TTL", "1s")];
+    let mut d1 = clock_daemon(&redis, "d1", &lease);
     d1.wait_log("clock leader", WAIT);
-    let d2 = clock_daemon(&redis, "d2", &[]);
+    let d2 = clock_daemon(&redis, "d2", &lease);
     d2.wait_log("standing by", WAIT);
     let holder: String = redis::cmd("GET").arg(LOCK).query(&mut conn).expect("GET lock");
     assert!(holder.starts_with("d1:"), "the first daemon leads: {holder}");

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use redis::aio::MultiplexedConnection;
 use tidemark::consume::{ConsumerBuilder, Element};
+use tidemark::store::Conn;
 use tidemark::store::Keys;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -25,19 +25,19 @@ fn keys() -> Keys {
 }
 
 /// XADDs an element to `:out` in the output format; returns the entry id.
-async fn release(conn: &mut MultiplexedConnection, id: &[u8], ts: i64, payload: &[(&[u8], &[u8])]) -> String {
+async fn release(conn: &mut Conn, id: &[u8], ts: i64, payload: &[(&[u8], &[u8])]) -> String {
     let ts = ts.to_string();
     let mut fields: Vec<(&[u8], &[u8])> = vec![(b"id", id), (b"ts", ts.as_bytes())];
     fields.extend_from_slice(payload);
     harness::xadd_fields_async(conn, &keys().out, &fields).await
 }
 
-async fn create_group(conn: &mut MultiplexedConnection, group: &str) {
+async fn create_group(conn: &mut Conn, group: &str) {
     tidemark::store::ensure_group(conn, &keys().out, group).await.expect("XGROUP CREATE");
 }
 
 /// Entries pending in `group` (at `consumer`, if given).
-async fn pending(conn: &mut MultiplexedConnection, group: &str, consumer: Option<&str>) -> usize {
+async fn pending(conn: &mut Conn, group: &str, consumer: Option<&str>) -> usize {
     let mut cmd = redis::cmd("XPENDING");
     cmd.arg(keys().out).arg(group).arg("-").arg("+").arg(100_000);
     if let Some(c) = consumer {
@@ -48,7 +48,7 @@ async fn pending(conn: &mut MultiplexedConnection, group: &str, consumer: Option
 }
 
 /// Names of the consumers of `group`.
-async fn consumer_names(conn: &mut MultiplexedConnection, group: &str) -> BTreeSet<String> {
+async fn consumer_names(conn: &mut Conn, group: &str) -> BTreeSet<String> {
     let v: Vec<redis::Value> =
         redis::cmd("XINFO").arg("CONSUMERS").arg(keys().out).arg(group).query_async(conn).await.expect("XINFO");
     v.into_iter()
@@ -143,7 +143,7 @@ async fn two_groups_each_receive_every_element() {
             (b"n".to_vec(), n.into_bytes()),
         ]
     };
-    let xadd_input = |conn: &mut MultiplexedConnection, fields: Vec<(Vec<u8>, Vec<u8>)>| {
+    let xadd_input = |conn: &mut Conn, fields: Vec<(Vec<u8>, Vec<u8>)>| {
         let mut cmd = redis::cmd("XADD");
         cmd.arg(keys().input).arg("*");
         for (k, v) in fields {
@@ -623,7 +623,7 @@ async fn a_database_number_in_the_url_reaches_every_connection() {
         .expect("consumer");
     let running = Running::start(consumer);
 
-    let mut db3 = client.get_multiplexed_async_connection().await.expect("connect to db 3");
+    let mut db3 = Conn::Single(client.get_multiplexed_async_connection().await.expect("connect to db 3"));
     harness::xadd_fields_async(&mut db3, &keys().input, &[(b"op", b"add"), (b"id", b"e1"), (b"ts", b"5")]).await;
     harness::xadd_fields_async(&mut db3, &keys().input, &[(b"op", b"watermark"), (b"ts", b"10")]).await;
     wait_until_async("e1 handled and acknowledged on db 3", WAIT, || {

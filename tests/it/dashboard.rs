@@ -524,7 +524,7 @@ async fn backlog_buckets_count_every_scheduled_element_once() {
     let mut conn = redis.conn().await;
     let k = tidemark::store::Keys::new("tidemark", "default");
 
-    let empty = backlog(&mut conn, &k, Some(5), 20).await.expect("backlog");
+    let empty = backlog(&mut conn, &[(k.clone(), Some(5))], 20).await.expect("backlog");
     assert_eq!((empty.scheduled, empty.first_ts, empty.due, empty.buckets.len()), (0, None, 0, 0));
 
     // ts 0..=99, one element each, plus three more at 40: the watermark 42
@@ -538,7 +538,7 @@ async fn backlog_buckets_count_every_scheduled_element_once() {
     }
     let () = pipe.query_async(&mut conn).await.expect("ZADD");
 
-    let b = backlog(&mut conn, &k, Some(42), 20).await.expect("backlog");
+    let b = backlog(&mut conn, &[(k.clone(), Some(42))], 20).await.expect("backlog");
     assert_eq!((b.scheduled, b.first_ts, b.last_ts), (103, Some(0), Some(99)));
     assert_eq!(b.due, 46, "ts 0..=42 plus the three extras");
     assert_eq!(b.buckets.len(), 20);
@@ -553,7 +553,7 @@ async fn backlog_buckets_count_every_scheduled_element_once() {
     }
 
     // No watermark: nothing is due.
-    let b = backlog(&mut conn, &k, None, 4).await.expect("backlog");
+    let b = backlog(&mut conn, &[(k.clone(), None)], 4).await.expect("backlog");
     assert_eq!(b.due, 0);
     assert_eq!(
         b.buckets.iter().map(|x| (x.from, x.to, x.count, x.due)).collect::<Vec<_>>(),

@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
 use tidemark::core::op::Limits;
+use tidemark::store::Conn;
 use tidemark::store::{prepare, read_new, ApplyOutcome, Keys, Prepared, Scripts};
 
 use crate::harness::RedisServer;
@@ -17,7 +17,7 @@ use crate::order::{pending, setup};
 const CHUNK: usize = 100;
 
 /// `XADD` with an explicit entry id.
-async fn xadd(conn: &mut MultiplexedConnection, keys: &Keys, id: &str, fields: &[(&str, &str)]) {
+async fn xadd(conn: &mut Conn, keys: &Keys, id: &str, fields: &[(&str, &str)]) {
     let mut cmd = redis::cmd("XADD");
     cmd.arg(&keys.input).arg(id);
     for (k, v) in fields {
@@ -27,17 +27,17 @@ async fn xadd(conn: &mut MultiplexedConnection, keys: &Keys, id: &str, fields: &
     assert_eq!(written, id);
 }
 
-async fn read_as(conn: &mut MultiplexedConnection, keys: &Keys, consumer: &str, count: usize) -> Vec<Prepared> {
+async fn read_as(conn: &mut Conn, keys: &Keys, consumer: &str, count: usize) -> Vec<Prepared> {
     let entries = read_new(conn, keys, consumer, count, Duration::from_millis(100)).await.expect("XREADGROUP");
     entries.iter().map(|e| prepare(e, &Limits::default())).collect()
 }
 
-async fn apply(conn: &mut MultiplexedConnection, keys: &Keys, batch: &[&Prepared]) -> ApplyOutcome {
+async fn apply(conn: &mut Conn, keys: &Keys, batch: &[&Prepared]) -> ApplyOutcome {
     Scripts::new().apply(conn, keys, batch, CHUNK).await.expect("apply.lua")
 }
 
 /// The input group's pending entry ids, oldest first.
-async fn pending_ids(conn: &mut MultiplexedConnection, keys: &Keys) -> Vec<String> {
+async fn pending_ids(conn: &mut Conn, keys: &Keys) -> Vec<String> {
     pending(conn, keys).await.into_iter().map(|(id, _)| id).collect()
 }
 

@@ -159,13 +159,16 @@ impl RedisServer {
         redis::Client::open(self.url()).expect("open redis client")
     }
 
-    /// A multiplexed async connection with a 30 s response timeout.
-    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+    /// A multiplexed async connection with a 30 s response timeout, as
+    /// tidemark's store functions take it.
+    pub async fn conn(&self) -> tidemark::store::Conn {
         let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(30)));
-        self.client()
+        let conn = self
+            .client()
             .get_multiplexed_async_connection_with_config(&config)
             .await
-            .unwrap_or_else(|e| panic!("connect to {}: {e}", self.url()))
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", self.url()));
+        tidemark::store::Conn::Single(conn)
     }
 
     /// A blocking connection.

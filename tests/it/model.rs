@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use redis::aio::MultiplexedConnection;
+use tidemark::store::Conn;
 
 use crate::harness::{self, Daemon, RedisServer};
 
@@ -234,14 +234,14 @@ pub fn assert_output_matches(context: &str, actual: &[harness::StreamEntry], mod
 // ---------------------------------------------------------------------------
 
 /// (pending, last-delivered-id) of the input group `tidemark`.
-pub async fn input_group(conn: &mut MultiplexedConnection, input: &str) -> (u64, String) {
+pub async fn input_group(conn: &mut Conn, input: &str) -> (u64, String) {
     let groups = tidemark::store::status::groups(conn, input).await.expect("XINFO GROUPS");
     let g = groups.into_iter().find(|g| g.name == tidemark::store::INPUT_GROUP);
     g.map_or((0, "0-0".into()), |g| (g.pending, g.last_delivered_id))
 }
 
 /// The id of the newest entry of a stream, `0-0` if empty.
-pub async fn last_entry_id(conn: &mut MultiplexedConnection, stream: &str) -> String {
+pub async fn last_entry_id(conn: &mut Conn, stream: &str) -> String {
     let v: redis::Value = redis::cmd("XREVRANGE")
         .arg(stream)
         .arg("+")
@@ -255,27 +255,27 @@ pub async fn last_entry_id(conn: &mut MultiplexedConnection, stream: &str) -> St
 }
 
 /// True once every input entry was delivered and acknowledged.
-pub async fn input_drained(conn: &mut MultiplexedConnection, input: &str) -> bool {
+pub async fn input_drained(conn: &mut Conn, input: &str) -> bool {
     let (pending, delivered) = input_group(conn, input).await;
     pending == 0 && delivered == last_entry_id(conn, input).await
 }
 
-pub async fn xlen(conn: &mut MultiplexedConnection, key: &str) -> u64 {
+pub async fn xlen(conn: &mut Conn, key: &str) -> u64 {
     redis::cmd("XLEN").arg(key).query_async(conn).await.expect("XLEN")
 }
 
 /// The schedule as (member, score) pairs in sorted-set order.
-pub async fn schedule(conn: &mut MultiplexedConnection, sched: &str) -> Vec<(Vec<u8>, i64)> {
+pub async fn schedule(conn: &mut Conn, sched: &str) -> Vec<(Vec<u8>, i64)> {
     let raw: Vec<(Vec<u8>, f64)> =
         redis::cmd("ZRANGE").arg(sched).arg(0).arg(-1).arg("WITHSCORES").query_async(conn).await.expect("ZRANGE");
     raw.into_iter().map(|(m, s)| (m, s as i64)).collect()
 }
 
-pub async fn hlen(conn: &mut MultiplexedConnection, key: &str) -> u64 {
+pub async fn hlen(conn: &mut Conn, key: &str) -> u64 {
     redis::cmd("HLEN").arg(key).query_async(conn).await.expect("HLEN")
 }
 
-pub async fn get_wm(conn: &mut MultiplexedConnection, key: &str) -> Option<String> {
+pub async fn get_wm(conn: &mut Conn, key: &str) -> Option<String> {
     redis::cmd("GET").arg(key).query_async(conn).await.expect("GET wm")
 }
 
@@ -417,11 +417,24 @@ fn random_op(rng: &mut StdRng, pool: &[Vec<u8>], level: i64) -> Payload {
 /// One producer: writes `OPS_PER_PRODUCER` random ops to `:in`, sometimes one
 /// by one, sometimes as a burst in one pipeline (non-atomic), so producers
 /// interleave finely. `written` counts the ops of all producers.
-async fn produce(mut conn: MultiplexedConnection, input: String, seed: u64, producer: u64, written: Arc<AtomicUsize>) {
+async fn produce(
+    mut conn: Conn,
+    input: String,
+    seed: u64,
+    producer: u64,
+    written: Arc<AtomicUsize>,
+    halfway: Arc<tokio::sync::Semaphore>,
+) {
     let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(producer));
     let pool = id_pool();
     let mut done = 0;
+    let mut paused = false;
     while done < OPS_PER_PRODUCER {
+        if !paused && done >= OPS_PER_PRODUCER / 2 {
+            // The second half waits until the test has frozen the owner.
+            halfway.acquire().await.expect("halfway semaphore").forget();
+            paused = true;
+        }
         let burst = if rng.random_bool(0.7) { 1 } else { rng.random_range(2..=12) }.min(OPS_PER_PRODUCER - done);
         let level = written.load(Ordering::SeqCst) as i64;
         let mut pipe = redis::pipe();
@@ -444,7 +457,7 @@ async fn produce(mut conn: MultiplexedConnection, input: String, seed: u64, prod
 /// Watches the namespace while the daemons run: in every atomic snapshot of
 /// (watermark, new output entries) no released element is ahead of the
 /// watermark. Returns the number of output entries checked.
-async fn watch_never_early(mut conn: MultiplexedConnection, keys: harness::Keys, stop: Arc<AtomicBool>) -> usize {
+async fn watch_never_early(mut conn: Conn, keys: harness::Keys, stop: Arc<AtomicBool>) -> usize {
     let mut after = "-".to_string();
     let mut checked = 0;
     loop {
@@ -496,6 +509,7 @@ async fn randomized_run(seed: u64) {
         ("TIDEMARK__DAEMON__RELEASE_CHUNK", chunk.as_str()),
         ("TIDEMARK__DAEMON__CLAIM_IDLE", "1s"),
         ("TIDEMARK__DAEMON__BLOCK", "200ms"),
+        ("TIDEMARK__LEASE__TTL", "1s"),
         ("RUST_LOG", "info,tidemark=debug"),
     ];
     let mut env1 = common.to_vec();
@@ -510,14 +524,32 @@ async fn randomized_run(seed: u64) {
 
     let started = Instant::now();
     let written = Arc::new(AtomicUsize::new(0));
+    let halfway = Arc::new(tokio::sync::Semaphore::new(0));
     let mut producers = Vec::new();
     for p in 0..PRODUCERS {
         let conn = redis.conn().await;
-        producers.push(tokio::spawn(produce(conn, keys.input.clone(), seed, p, written.clone())));
+        producers.push(tokio::spawn(produce(conn, keys.input.clone(), seed, p, written.clone(), halfway.clone())));
     }
+    // One daemon owns the partition and applies the first half. It is
+    // frozen (SIGSTOP) while it works: the other daemon takes the
+    // partition over within about a lease lifetime and applies the second
+    // half; then the frozen one wakes up, deposed, and must apply nothing
+    // more (its calls are fenced by the owner token).
+    harness::wait_until(&format!("{ctx}: the owner applied some input"), Duration::from_secs(30), || {
+        applied_entries(&d1) + applied_entries(&d2) > 0
+    });
+    let owner_is_d1 = applied_entries(&d1) > 0;
+    let (owner, standby) = if owner_is_d1 { (&d1, &d2) } else { (&d2, &d1) };
+    owner.signal("STOP");
+    let frozen_at = applied_entries(owner);
+    halfway.add_permits(PRODUCERS as usize);
     for p in producers {
         p.await.expect("producer task");
     }
+    harness::wait_until(&format!("{ctx}: the standby took the partition over"), Duration::from_secs(30), || {
+        applied_entries(standby) > 0
+    });
+    owner.signal("CONT");
     let produced = started.elapsed();
     let mut conn = redis.conn().await;
     let final_wm = FINAL_WM.to_string();
@@ -551,9 +583,24 @@ async fn randomized_run(seed: u64) {
     let checked_live = watcher.await.expect("never-early watcher");
 
     assert!(d1.is_running() && d2.is_running(), "{ctx}: a daemon exited");
-    // Both daemons did part of the work, so their batches interleaved.
+    // Both daemons did part of the work: the partition changed owners.
     let (n1, n2) = (applied_entries(&d1), applied_entries(&d2));
     assert!(n1 > 0 && n2 > 0, "{ctx}: both daemons applied input (d1 {n1}, d2 {n2})");
+    // The deposed owner applied nothing after it woke up: only the calls
+    // already in flight when it froze (at most two batches, applied by
+    // Redis before the takeover) may be reported late, plus one whose log
+    // line raced the signal.
+    let (owner, owner_batch) = if owner_is_d1 { (&d1, 7) } else { (&d2, 50) };
+    let late = applied_entries(owner) - frozen_at;
+    assert!(
+        late <= 3 * owner_batch,
+        "{ctx}: the deposed owner applied {late} entries after it woke up:\n{}",
+        owner.log()
+    );
+    harness::wait_until(&format!("{ctx}: the deposed owner noticed"), Duration::from_secs(30), || {
+        let log = owner.log();
+        log.contains("ownership of the partition ended here") || log.contains("lost the ownership of a partition")
+    });
     let out = harness::read_stream_async(&mut conn, &keys.out).await;
     assert_output_matches(&ctx, &out, &model);
 

@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
 use tidemark::core::op::Limits;
 use tidemark::store::entries::decode_entries;
+use tidemark::store::Conn;
 use tidemark::store::{ensure_group, prepare, read_new, ApplyOutcome, Keys, Prepared, Scripts, INPUT_GROUP};
 
 use crate::harness::{self, RedisServer};
@@ -15,7 +15,7 @@ const CHUNK: usize = 100;
 
 /// A connection to `redis` and the default namespace's keys, with the
 /// input group created.
-pub async fn setup(redis: &RedisServer) -> (MultiplexedConnection, Keys) {
+pub async fn setup(redis: &RedisServer) -> (Conn, Keys) {
     let mut conn = redis.conn().await;
     let keys = Keys::new("tidemark", "default");
     ensure_group(&mut conn, &keys.input, INPUT_GROUP).await.expect("create input group");
@@ -23,12 +23,12 @@ pub async fn setup(redis: &RedisServer) -> (MultiplexedConnection, Keys) {
 }
 
 /// Reads up to `count` new entries as `consumer` and prepares them.
-async fn read_as(conn: &mut MultiplexedConnection, keys: &Keys, consumer: &str, count: usize) -> Vec<Prepared> {
+async fn read_as(conn: &mut Conn, keys: &Keys, consumer: &str, count: usize) -> Vec<Prepared> {
     let entries = read_new(conn, keys, consumer, count, Duration::from_millis(100)).await.expect("XREADGROUP");
     entries.iter().map(|e| prepare(e, &Limits::default())).collect()
 }
 
-async fn apply(conn: &mut MultiplexedConnection, keys: &Keys, batch: &[&Prepared]) -> ApplyOutcome {
+async fn apply(conn: &mut Conn, keys: &Keys, batch: &[&Prepared]) -> ApplyOutcome {
     Scripts::new().apply(conn, keys, batch, CHUNK).await.expect("apply.lua")
 }
 
@@ -37,7 +37,7 @@ fn ids(batch: &[Prepared]) -> Vec<String> {
 }
 
 /// The input group's pending list as (entry id, consumer), oldest first.
-pub async fn pending(conn: &mut MultiplexedConnection, keys: &Keys) -> Vec<(String, String)> {
+pub async fn pending(conn: &mut Conn, keys: &Keys) -> Vec<(String, String)> {
     let raw: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
         .arg(&keys.input)
         .arg(INPUT_GROUP)
@@ -55,7 +55,7 @@ fn owned(list: &[(&str, &str)]) -> Vec<(String, String)> {
 }
 
 /// The state a test can observe: schedule, body count, output, watermark.
-async fn state(conn: &mut MultiplexedConnection, keys: &Keys) -> (Vec<(Vec<u8>, i64)>, u64, u64, Option<String>) {
+async fn state(conn: &mut Conn, keys: &Keys) -> (Vec<(Vec<u8>, i64)>, u64, u64, Option<String>) {
     (
         schedule(conn, &keys.sched).await,
         hlen(conn, &keys.body).await,

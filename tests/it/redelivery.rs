@@ -5,8 +5,8 @@
 
 use std::time::{Duration, Instant};
 
-use redis::aio::MultiplexedConnection;
 use tidemark::core::op::Limits;
+use tidemark::store::Conn;
 use tidemark::store::{ensure_group, prepare, read_new, ApplyOutcome, Keys, Prepared, Scripts, INPUT_GROUP};
 
 use crate::harness::{self, Daemon, RedisServer};
@@ -15,19 +15,19 @@ use crate::model::{
     poll_until, schedule, spawn_daemon, xlen, Model, Payload,
 };
 
-async fn setup(redis: &RedisServer) -> (MultiplexedConnection, Keys) {
+async fn setup(redis: &RedisServer) -> (Conn, Keys) {
     let mut conn = redis.conn().await;
     let keys = Keys::new("tidemark", "default");
     ensure_group(&mut conn, &keys.input, INPUT_GROUP).await.expect("create input group");
     (conn, keys)
 }
 
-async fn read_as(conn: &mut MultiplexedConnection, keys: &Keys, consumer: &str, count: usize) -> Vec<Prepared> {
+async fn read_as(conn: &mut Conn, keys: &Keys, consumer: &str, count: usize) -> Vec<Prepared> {
     let entries = read_new(conn, keys, consumer, count, Duration::from_millis(100)).await.expect("XREADGROUP");
     entries.iter().map(|e| prepare(e, &Limits::default())).collect()
 }
 
-async fn apply(conn: &mut MultiplexedConnection, keys: &Keys, batch: &[Prepared]) -> ApplyOutcome {
+async fn apply(conn: &mut Conn, keys: &Keys, batch: &[Prepared]) -> ApplyOutcome {
     let refs: Vec<&Prepared> = batch.iter().collect();
     Scripts::new().apply(conn, keys, &refs, 1000).await.expect("apply.lua")
 }
@@ -53,7 +53,7 @@ fn bulk_add(i: usize) -> Payload {
 }
 
 /// XADDs `ops` in pipelines of 1000; returns the entry ids.
-async fn xadd_all(conn: &mut MultiplexedConnection, input: &str, ops: &[Payload]) -> Vec<String> {
+async fn xadd_all(conn: &mut Conn, input: &str, ops: &[Payload]) -> Vec<String> {
     let mut ids = Vec::with_capacity(ops.len());
     for chunk in ops.chunks(1000) {
         let mut pipe = redis::pipe();
@@ -70,7 +70,7 @@ async fn xadd_all(conn: &mut MultiplexedConnection, input: &str, ops: &[Payload]
 }
 
 /// How many input entries `consumer` holds pending.
-async fn pending_of(conn: &mut MultiplexedConnection, input: &str, consumer: &str) -> usize {
+async fn pending_of(conn: &mut Conn, input: &str, consumer: &str) -> usize {
     let v: Vec<redis::Value> = redis::cmd("XPENDING")
         .arg(input)
         .arg(INPUT_GROUP)
@@ -86,7 +86,7 @@ async fn pending_of(conn: &mut MultiplexedConnection, input: &str, consumer: &st
 
 /// Waits until the input group is drained and `:out` holds `out_len`
 /// entries; on timeout, panics with who holds what.
-async fn wait_drained(conn: &MultiplexedConnection, keys: &Keys, out_len: u64, timeout: Duration, what: &str) {
+async fn wait_drained(conn: &Conn, keys: &Keys, out_len: u64, timeout: Duration, what: &str) {
     let done = poll_until(timeout, || {
         let mut c = conn.clone();
         let (input, out) = (keys.input.clone(), keys.out.clone());
@@ -110,7 +110,7 @@ async fn wait_drained(conn: &MultiplexedConnection, keys: &Keys, out_len: u64, t
 
 /// Checks the output stream against the model of the whole input stream,
 /// plus that no element id appears twice.
-async fn assert_released_exactly_once(conn: &mut MultiplexedConnection, keys: &Keys, context: &str) -> Model {
+async fn assert_released_exactly_once(conn: &mut Conn, keys: &Keys, context: &str) -> Model {
     let input = harness::read_stream_async(conn, &keys.input).await;
     let model = Model::run(&input);
     let out = harness::read_stream_async(conn, &keys.out).await;

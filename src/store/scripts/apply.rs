@@ -30,6 +30,9 @@ pub struct ApplyOutcome {
     pub dead: u64,
     /// `add`s that were already due and went straight to `:out`.
     pub late: u64,
+    /// Nothing was done: the partition's owner lock does not hold the
+    /// caller's token (ownership moved to another daemon).
+    pub fenced: bool,
 }
 
 impl ApplyOutcome {
@@ -76,18 +79,22 @@ impl ApplyOutcome {
                     o.late = n;
                     256
                 }
+                "fenced" => {
+                    o.fenced = value == 1;
+                    512
+                }
                 other => return Err(StoreError::Reply(format!("apply.lua: unknown reply field {other:?}"))),
             };
             seen |= bit;
         }
-        if seen != 511 {
+        if seen != 1023 {
             return Err(StoreError::Reply(format!("apply.lua: reply fields missing (got mask {seen:#x})")));
         }
         Ok(o)
     }
 }
 
-/// `apply.lua`'s ARGV[6]: per entry of `batch` (sorted by id), `1` where
+/// `apply.lua`'s ARGV[7]: per entry of `batch` (sorted by id), `1` where
 /// some other entry id could lie between it and the previous entry, `0`
 /// where the two ids are adjacent. The script checks the pending list for
 /// other entries only at the `1`s, so a `0` must never be wrong.
@@ -106,11 +113,11 @@ fn gaps(batch: &[&Prepared]) -> Vec<u8> {
 /// varargs, and Lua's C stack holds at most 8000 values.
 const BULK_MAX: usize = 2000;
 
-/// How the batch travels to `apply.lua` (ARGV[7] names the form). Either
+/// How the batch travels to `apply.lua` (ARGV[8] names the form). Either
 /// way it is encoded once.
 #[derive(Debug, PartialEq, Eq)]
 enum Form {
-    /// `E`: ARGV[8] holds every entry's id and step, in order, as one
+    /// `E`: ARGV[9] holds every entry's id and step, in order, as one
     /// MessagePack array of `str` objects. One argument instead of
     /// thousands spares Redis parsing, allocating and freeing each one;
     /// `cmsgpack` builds the Lua table directly.
@@ -128,19 +135,19 @@ enum Form {
 /// per-entry view from these lists.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Bulk {
-    /// ARGV[8]: the smallest ts of the batch, as text.
+    /// ARGV[9]: the smallest ts of the batch, as text.
     min_ts: Vec<u8>,
-    /// ARGV[9]: `ZADD` arguments: ts, element id, …
+    /// ARGV[10]: `ZADD` arguments: ts, element id, …
     zadd: Vec<u8>,
-    /// ARGV[10]: `HSET` arguments: element id, payload blob, … for adds
+    /// ARGV[11]: `HSET` arguments: element id, payload blob, … for adds
     /// with a payload.
     hset: Vec<u8>,
-    /// ARGV[11]: element ids of the adds without a payload (`HDEL` of
+    /// ARGV[12]: element ids of the adds without a payload (`HDEL` of
     /// older bodies).
     bare: Vec<u8>,
-    /// ARGV[12]: the input entry ids (`XACK`).
+    /// ARGV[13]: the input entry ids (`XACK`).
     acks: Vec<u8>,
-    /// ARGV[13]: pairs of neighbouring entry ids between which another id
+    /// ARGV[14]: pairs of neighbouring entry ids between which another id
     /// could lie.
     gaps: Vec<u8>,
 }
@@ -186,7 +193,7 @@ impl Bulk {
 }
 
 /// The per-entry form: each entry as `<entry id> <code> <arguments…>`
-/// (see `lua/apply.lua`, ARGV[8]).
+/// (see `lua/apply.lua`, ARGV[9]).
 fn entries(batch: &[&Prepared]) -> Vec<u8> {
     let items: usize = batch
         .iter()
@@ -272,12 +279,20 @@ impl Scripts {
         batch: &[&Prepared],
         chunk: usize,
     ) -> Result<ApplyOutcome, StoreError> {
-        self.apply_call(keys, batch, chunk).invoke(conn).await
+        self.apply_call(keys, batch, chunk, None).invoke(conn).await
     }
 
     /// [`Scripts::apply`] in two steps: the call, with every argument
-    /// encoded (it no longer borrows `batch`), to be invoked later.
-    pub fn apply_call(&self, keys: &Keys, batch: &[&Prepared], chunk: usize) -> ApplyCall<'static> {
+    /// encoded (it no longer borrows `batch`), to be invoked later. With a
+    /// `fence` token, the call does nothing (and says `fenced`) unless the
+    /// partition's owner lock holds that token.
+    pub fn apply_call(
+        &self,
+        keys: &Keys,
+        batch: &[&Prepared],
+        chunk: usize,
+        fence: Option<&str>,
+    ) -> ApplyCall<'static> {
         let mut inv = self.sources.apply.prepare_invoke();
         inv.key(&keys.input)
             .key(&keys.wm)
@@ -286,11 +301,13 @@ impl Scripts {
             .key(&keys.out)
             .key(&keys.dead)
             .key(keys.clock_next())
+            .key(keys.owner())
             .arg(INPUT_GROUP)
             .arg(chunk)
             .arg(batch.len())
             .arg(if self.clock_mode { "1" } else { "0" })
             .arg(keys.wake_channel())
+            .arg(fence.unwrap_or(""))
             .arg(gaps(batch));
         match Form::of(batch) {
             Form::Entries(packed) => {
@@ -384,6 +401,7 @@ mod tests {
             ("cancels", 5),
             ("watermarks", 6),
             ("dead", 7),
+            ("fenced", 0),
         ] {
             items.push(bs(name));
             items.push(redis::Value::Int(v));
@@ -400,7 +418,8 @@ mod tests {
                 cancels: 5,
                 watermarks: 6,
                 dead: 7,
-                late: 9
+                late: 9,
+                fenced: false
             }
         );
         assert!(ApplyOutcome::decode(redis::Value::Array(items[2..].to_vec())).is_err(), "a missing field");

@@ -1,7 +1,4 @@
-//! Clock mode's scripts: `clock.lua` (the tick) and `clock_lock.lua` (the
-//! leader's lock).
-
-use std::time::Duration;
+//! Clock mode's tick, `clock.lua`.
 
 use super::Scripts;
 use crate::store::{Conn, Keys, StoreError};
@@ -45,20 +42,5 @@ impl Scripts {
             next_due: (has_next == 1).then_some(next),
             now_ms: now,
         })
-    }
-
-    /// The clock leader's lock `key`: takes it if free or extends it if
-    /// `token` holds it (`Some(ttl)`), or releases it if `token` holds it
-    /// (`None`). Returns whether `token` holds (or held) it.
-    pub async fn clock_lock(
-        &self,
-        conn: &mut Conn,
-        key: &str,
-        token: &str,
-        ttl: Option<Duration>,
-    ) -> Result<bool, StoreError> {
-        let ms = ttl.map_or(0, |t| t.as_millis().max(1) as u64);
-        let held: i64 = self.sources.clock_lock.key(key).arg(token).arg(ms).invoke_async(conn).await?;
-        Ok(held == 1)
     }
 }

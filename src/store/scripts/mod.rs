@@ -10,6 +10,7 @@
 
 mod apply;
 mod clock;
+mod lock;
 mod output;
 mod release;
 mod replay;
@@ -35,8 +36,10 @@ struct Sources {
     release: Script,
     /// `clock.lua`: clock mode's tick.
     clock: Script,
-    /// `clock_lock.lua`: the clock leader's lock.
-    clock_lock: Script,
+    /// `lock.lua`: lease locks (the clock leader, partition owners).
+    lock: Script,
+    /// `registry.lua`: the namespace's live daemons.
+    registry: Script,
     /// `claim_out.lua`: a consumer's claims, dead-lettering the exhausted.
     claim_out: Script,
     /// `dead_out.lua`: a consumer's dead letters.
@@ -53,7 +56,8 @@ static SOURCES: LazyLock<Sources> = LazyLock::new(|| {
         apply: with_prelude(include_str!("../../../lua/apply.lua")),
         release: with_prelude(include_str!("../../../lua/release.lua")),
         clock: with_prelude(include_str!("../../../lua/clock.lua")),
-        clock_lock: with_prelude(include_str!("../../../lua/clock_lock.lua")),
+        lock: with_prelude(include_str!("../../../lua/lock.lua")),
+        registry: with_prelude(include_str!("../../../lua/registry.lua")),
         claim_out: with_prelude(include_str!("../../../lua/claim_out.lua")),
         dead_out: with_prelude(include_str!("../../../lua/dead_out.lua")),
         touch_out: with_prelude(include_str!("../../../lua/touch_out.lua")),
@@ -99,7 +103,7 @@ impl Scripts {
     pub async fn load(&self, conn: &mut Conn) -> Result<(), StoreError> {
         let s = self.sources;
         for script in
-            [&s.apply, &s.release, &s.clock, &s.clock_lock, &s.claim_out, &s.dead_out, &s.touch_out, &s.replay]
+            [&s.apply, &s.release, &s.clock, &s.lock, &s.registry, &s.claim_out, &s.dead_out, &s.touch_out, &s.replay]
         {
             let _: String = script.prepare_invoke().load_async(conn).await?;
         }

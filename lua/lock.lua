@@ -1,5 +1,6 @@
--- clock_lock.lua: the clock leader's lease lock. Only the holder (the one
--- whose token the key holds) extends or releases it.
+-- lock.lua: a lease lock: the clock leader's, and each partition's owner
+-- (whose token apply.lua checks). Only the holder (the one whose token the
+-- key holds) extends or releases it.
 --
 -- KEYS[1]: the lock (string: the holder's token)
 -- ARGV[1]: the caller's token

@@ -1,0 +1,284 @@
+//! How to reach Redis: one server, or a Redis Cluster found from any of its
+//! nodes. The one place where connections are opened.
+//!
+//! - [`Conn`]: the connection commands and scripts go on. For one server a
+//!   multiplexed connection; for a cluster, redis-rs's cluster connection,
+//!   which routes each command by its first key (every script's keys share
+//!   one slot), follows `MOVED`/`ASK` and refreshes its slot map.
+//! - [`Endpoint::reader`]: a connection of its own for blocking reads of one
+//!   stream, to the node that serves the stream's slot (a blocking read on
+//!   the shared connection would hold up everything behind it). A reader
+//!   that meets `MOVED` is dropped and opened again, which finds the new
+//!   node.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster_async::ClusterConnection;
+use redis::{AsyncConnectionConfig, Client, ConnectionAddr, RedisFuture, TlsCertificates, Value};
+
+use super::reader::StreamReader;
+use super::{ConnectOptions, StoreError};
+use crate::core::route::key_slot;
+
+/// Which kind of deployment `redis.url` points at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Ask the server (`INFO cluster`).
+    Auto,
+    /// One server (or a Sentinel-managed master).
+    Standalone,
+    /// A Redis Cluster; the URL names any node.
+    Cluster,
+}
+
+/// A connection commands and scripts are sent on. Clones share it.
+#[derive(Clone)]
+pub enum Conn {
+    /// One server.
+    Single(MultiplexedConnection),
+    /// A cluster: each command goes to the node of its first key's slot.
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+impl Conn {
+    /// Runs a keyless command (`INFO`, `TIME`, `CONFIG GET`) on the master
+    /// that serves `key`, so that its answer is about the node that holds
+    /// that key's data.
+    pub async fn query_at<T: redis::FromRedisValue>(&mut self, key: &str, cmd: &redis::Cmd) -> Result<T, StoreError> {
+        match self {
+            Conn::Single(c) => Ok(cmd.query_async(c).await?),
+            Conn::Cluster(c) => {
+                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+                let route = Route::new(key_slot(key.as_bytes()), SlotAddr::Master);
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+                let value = c.route_command(cmd.clone(), routing).await?;
+                redis::from_redis_value(value).map_err(|e| StoreError::Reply(e.to_string()))
+            }
+        }
+    }
+
+    /// Whether this is a cluster connection.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Conn::Cluster(_))
+    }
+}
+
+/// How to reach Redis (see the module docs). Cheap to clone; clones share
+/// what was learnt about the deployment.
+#[derive(Clone)]
+pub struct Endpoint {
+    /// The configured node (password and database applied).
+    client: Client,
+    /// Custom TLS material (`redis.tls_*`), for the cluster's nodes too.
+    certs: Option<TlsCertificates>,
+    /// As configured.
+    mode: Mode,
+    /// Timeouts.
+    opts: ConnectOptions,
+    /// The deployment's kind once known, and the cluster client.
+    learnt: Arc<Mutex<Option<Learnt>>>,
+}
+
+#[derive(Clone)]
+enum Learnt {
+    Standalone,
+    Cluster(Box<ClusterClient>),
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("addr", &self.client.get_connection_info().addr().to_string())
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Endpoint {
+    /// An endpoint for the server `client` points at (a cluster node, if
+    /// `mode` says so or the server does).
+    pub fn new(client: Client, certs: Option<TlsCertificates>, mode: Mode, opts: ConnectOptions) -> Self {
+        let learnt = match mode {
+            Mode::Standalone => Some(Learnt::Standalone),
+            Mode::Auto | Mode::Cluster => None,
+        };
+        Endpoint { client, certs, mode, opts, learnt: Arc::new(Mutex::new(learnt)) }
+    }
+
+    /// The configured node's client.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The timeouts.
+    pub fn options(&self) -> &ConnectOptions {
+        &self.opts
+    }
+
+    /// Whether this is a cluster (asks the server on first use in `auto`
+    /// mode).
+    pub async fn is_cluster(&self) -> Result<bool, StoreError> {
+        Ok(matches!(self.learn().await?, Learnt::Cluster(_)))
+    }
+
+    /// The cluster client, if this is a cluster (for rslock).
+    pub async fn cluster_client(&self) -> Result<Option<ClusterClient>, StoreError> {
+        Ok(match self.learn().await? {
+            Learnt::Cluster(c) => Some(*c),
+            Learnt::Standalone => None,
+        })
+    }
+
+    async fn learn(&self) -> Result<Learnt, StoreError> {
+        if let Some(l) = self.learnt.lock().unwrap_or_else(PoisonError::into_inner).clone() {
+            return Ok(l);
+        }
+        let cluster = match self.mode {
+            Mode::Cluster => true,
+            Mode::Standalone => false,
+            Mode::Auto => {
+                let mut c = single(&self.client, &self.opts, self.opts.response_timeout).await?;
+                let info: String = redis::cmd("INFO").arg("cluster").query_async(&mut c).await?;
+                info.lines().any(|l| l.trim() == "cluster_enabled:1")
+            }
+        };
+        let learnt =
+            if cluster { Learnt::Cluster(Box::new(self.cluster_builder()?.build()?)) } else { Learnt::Standalone };
+        *self.learnt.lock().unwrap_or_else(PoisonError::into_inner) = Some(learnt.clone());
+        Ok(learnt)
+    }
+
+    fn cluster_builder(&self) -> Result<ClusterClientBuilder, StoreError> {
+        let mut b = ClusterClientBuilder::new(vec![self.client.get_connection_info().clone()])
+            .connection_timeout(self.opts.connect_timeout)
+            .response_timeout(self.opts.response_timeout)
+            // A failover or slot migration settles within seconds: retry
+            // soon and a few times, then let the caller's policy take over.
+            .retries(6)
+            .min_retry_wait(50)
+            .max_retry_wait(1000);
+        if let Some(certs) = &self.certs {
+            b = b.certs(certs.clone());
+        }
+        Ok(b)
+    }
+
+    /// A connection for commands and scripts whose replies time out after
+    /// `response`.
+    pub async fn connect(&self, response: Duration) -> Result<Conn, StoreError> {
+        match self.learn().await? {
+            Learnt::Standalone => Ok(Conn::Single(single(&self.client, &self.opts, response).await?)),
+            Learnt::Cluster(_) => {
+                let client = self.cluster_builder()?.response_timeout(response).build()?;
+                let conn = tokio::time::timeout(self.opts.connect_timeout * 2, client.get_async_connection())
+                    .await
+                    .map_err(|_| StoreError::io(std::io::ErrorKind::TimedOut, "connecting to the cluster"))??;
+                Ok(Conn::Cluster(conn))
+            }
+        }
+    }
+
+    /// A client for the server that serves `key` (the configured one, or
+    /// the cluster master of its slot).
+    pub async fn client_for(&self, key: &str) -> Result<Client, StoreError> {
+        match self.learn().await? {
+            Learnt::Standalone => Ok(self.client.clone()),
+            Learnt::Cluster(_) => {
+                let mut conn = self.connect(self.opts.response_timeout).await?;
+                let (host, port) = master_of(&mut conn, key_slot(key.as_bytes())).await?;
+                Ok(self.node_client(host, port)?)
+            }
+        }
+    }
+
+    /// A dedicated connection for blocking reads of stream `key`, to the
+    /// server that serves it; replies time out after `response` (a blocking
+    /// read should add its block time).
+    pub async fn reader(&self, key: &str, response: Duration) -> Result<StreamReader, StoreError> {
+        let client = self.client_for(key).await?;
+        StreamReader::connect(&client, &self.opts, response).await
+    }
+
+    /// The configured client pointed at another node (same credentials,
+    /// database and TLS).
+    fn node_client(&self, host: String, port: u16) -> Result<Client, StoreError> {
+        let info = self.client.get_connection_info().clone();
+        let addr = match info.addr() {
+            ConnectionAddr::TcpTls { insecure, tls_params, .. } => {
+                ConnectionAddr::TcpTls { host, port, insecure: *insecure, tls_params: tls_params.clone() }
+            }
+            _ => ConnectionAddr::Tcp(host, port),
+        };
+        Ok(Client::open(info.set_addr(addr))?)
+    }
+}
+
+/// A multiplexed connection to one server whose replies time out after
+/// `response`.
+pub async fn single(
+    client: &Client,
+    opts: &ConnectOptions,
+    response: Duration,
+) -> Result<MultiplexedConnection, StoreError> {
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(opts.connect_timeout))
+        .set_response_timeout(Some(response));
+    Ok(client.get_multiplexed_async_connection_with_config(&config).await?)
+}
+
+/// The address of the master serving `slot`, from `CLUSTER SLOTS`.
+async fn master_of(conn: &mut Conn, slot: u16) -> Result<(String, u16), StoreError> {
+    let reply: Value = redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await?;
+    let bad = |what: &str| StoreError::Reply(format!("CLUSTER SLOTS: {what}"));
+    let Value::Array(ranges) = reply else { return Err(bad("not an array")) };
+    for range in ranges {
+        let Value::Array(parts) = range else { continue };
+        let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(master))) =
+            (parts.first(), parts.get(1), parts.get(2))
+        else {
+            continue;
+        };
+        if (*start..=*end).contains(&i64::from(slot)) {
+            let host = match master.first() {
+                Some(Value::BulkString(h)) => String::from_utf8_lossy(h).into_owned(),
+                Some(Value::SimpleString(h)) => h.clone(),
+                _ => return Err(bad("no master host")),
+            };
+            let Some(Value::Int(port)) = master.get(1) else { return Err(bad("no master port")) };
+            let port = u16::try_from(*port).map_err(|_| bad("bad port"))?;
+            return Ok((host, port));
+        }
+    }
+    Err(StoreError::io(std::io::ErrorKind::NotConnected, "no cluster node serves the slot (CLUSTERDOWN?)"))
+}
