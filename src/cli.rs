@@ -76,8 +76,9 @@ pub enum Command {
     ///
     /// Exit 0 acknowledges the element. Any other exit, or running past --timeout (its
     /// process group is killed), is a failure retried after --claim-idle; the failure of
-    /// delivery --max-deliveries moves it to the dead-letter stream. Its stdout and stderr
-    /// are logged line by line, tagged with the element id. SIGTERM/SIGINT: stop reading,
+    /// delivery --max-deliveries moves it to the dead-letter stream, its detail ending with
+    /// the last lines the command wrote to stderr. Its stdout and stderr are logged line by
+    /// line, tagged with the element id. SIGTERM/SIGINT: stop reading,
     /// let running commands finish within consume.shutdown_grace, then exit 0.
     #[command(verbatim_doc_comment)]
     Consume(ConsumeArgs),

@@ -603,7 +603,9 @@ pub(crate) fn consumer_name(configured: &str, env: &dyn Env) -> String {
 }
 
 /// Masks the password of a Redis URL: `redis://user:***@host:6379/0`, and
-/// the `pass` query parameter of a `unix://` URL.
+/// the `pass` query parameter of a `unix://` URL. A URL that does not parse
+/// is shown as written, with only what could be a password masked, so that
+/// the typo stays visible.
 pub fn redact_url(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut u) => {
@@ -622,8 +624,51 @@ pub fn redact_url(url: &str) -> String {
             }
             u.to_string()
         }
-        Err(_) => "<unparseable url>".into(),
+        Err(_) => redact_unparsed(url),
     }
+}
+
+/// [`redact_url`] for text that is not a URL: the userinfo's part after
+/// the first `:` (up to the last `@`) and every `pass=`/`password=` query
+/// value become `***`; everything else is kept.
+fn redact_unparsed(text: &str) -> String {
+    let (scheme, rest) = match text.find("://") {
+        Some(i) => text.split_at(i + 3),
+        None => ("", text),
+    };
+    let mut out = scheme.to_owned();
+    let rest = match rest.rfind('@') {
+        Some(at) => {
+            let (userinfo, host) = rest.split_at(at);
+            match userinfo.find(':') {
+                Some(colon) => {
+                    out.push_str(&userinfo[..=colon]);
+                    out.push_str("***");
+                }
+                // No scheme: no telling a user from a password.
+                None if scheme.is_empty() => out.push_str("***"),
+                None => out.push_str(userinfo),
+            }
+            host
+        }
+        None => rest,
+    };
+    match rest.split_once('?') {
+        Some((path, query)) => {
+            out.push_str(path);
+            out.push('?');
+            let pairs: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((k, _)) if k == "pass" || k == "password" => format!("{k}=***"),
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            out.push_str(&pairs.join("&"));
+        }
+        None => out.push_str(rest),
+    }
+    out
 }
 
 /// The environment variable that may hold the Redis password (for example
@@ -975,7 +1020,25 @@ mod tests {
         assert!(s.redis_display.contains("app:***@"));
         let msg = bad_key(&[("REDIS_URL", "redis://app:s3cret@[bad/0")]);
         assert!(!msg.contains("s3cret"), "{msg}");
+        // The typo stays visible; only the password is masked.
+        assert!(msg.contains("redis://app:***@[bad/0"), "{msg}");
         assert_eq!(redact_url("unix:///run/redis.sock?db=2&pass=s3cret"), "unix:///run/redis.sock?db=2&pass=***");
+    }
+
+    #[test]
+    fn unparseable_urls_are_shown_with_only_the_password_masked() {
+        for (written, shown) in [
+            ("redis://app:s3cret@[bad/0", "redis://app:***@[bad/0"),
+            ("redis://:s3:cr@et@127.0.0.1:63 79", "redis://:***@127.0.0.1:63 79"),
+            ("redis://127.0.0.1:port", "redis://127.0.0.1:port"),
+            ("redis://app@[::1:6379", "redis://app@[::1:6379"),
+            ("unix:///run/redis.sock?pass=s3cret&db=x y", "unix:///run/redis.sock?pass=***&db=x y"),
+            ("s3cret@host", "***@host"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redact_unparsed(written), shown, "{written}");
+        }
+        assert_eq!(redact_url("redis://app:s3cret@[bad/0"), "redis://app:***@[bad/0");
     }
 
     #[test]

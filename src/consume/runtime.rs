@@ -25,7 +25,7 @@ use crate::store::scripts::{ClaimFrom, ClaimOutcome, Condemned};
 use crate::store::{self, lease, Conn, Reconnect, Scripts, StoreError, StreamEntry};
 
 /// Longest `detail` written to `:dead` (a handler's error can be huge).
-const MAX_DETAIL: usize = 2000;
+pub(super) const MAX_DETAIL: usize = 2000;
 /// Most claim calls per idle-claim tick, so a huge pending list cannot
 /// hold the loop for long.
 const CLAIM_PAGES_PER_TICK: usize = 10;

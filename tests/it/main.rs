@@ -8,6 +8,7 @@ mod dashboard;
 mod dead;
 mod deploy;
 mod fast_paths;
+mod first_hour;
 mod harness;
 mod harness_selftest;
 mod housekeeping;
