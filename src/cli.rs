@@ -1,5 +1,7 @@
 //! The command-line surface (DESIGN.md §6), parsed with clap.
 
+pub mod fields;
+
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
@@ -164,6 +166,10 @@ pub struct RunArgs {
 
 /// `tidemark add`
 #[derive(Debug, Args)]
+#[command(after_help = "The payload's fields keep the order in which --field, --field-file and --json \
+                        are given. Values are sent byte for byte: a file's trailing newline is part of \
+                        its value. The command line holds at most about 128 KiB per argument; bigger \
+                        values go through --field-file or --json.")]
 pub struct AddArgs {
     /// Element id
     #[arg(long)]
@@ -171,9 +177,20 @@ pub struct AddArgs {
     /// Timestamp: an integer within ±(2^53-1)
     #[arg(long, allow_hyphen_values = true)]
     pub ts: String,
-    /// Payload field (repeatable, kept in order)
+    /// Payload field (repeatable)
     #[arg(long = "field", value_name = "KEY=VALUE")]
     pub fields: Vec<String>,
+    /// Payload field whose value is the content of PATH, byte for byte; `-` reads stdin
+    /// (repeatable)
+    #[arg(long = "field-file", value_name = "KEY=PATH")]
+    pub field_files: Vec<String>,
+    /// Payload fields from a JSON object in FILE (`-`: stdin), in its order:
+    /// {"customer": "7", "raw": {"base64": "AP8="}, "tag": ["a", "b"]}
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// The payload gathered from the three options above (filled after parsing).
+    #[arg(skip)]
+    pub payload: Vec<tidemark::core::op::Field>,
 }
 
 /// `tidemark cancel`

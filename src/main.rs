@@ -7,7 +7,7 @@ mod cli;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use futures::StreamExt;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use tokio_util::sync::CancellationToken;
@@ -25,13 +25,25 @@ use tidemark::store::{self, status, StoreError};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    let parsed = Cli::command().try_get_matches().and_then(|m| Cli::from_arg_matches(&m).map(|cli| (cli, m)));
+    let (mut cli, matches) = match parsed {
+        Ok(parsed) => parsed,
         Err(e) => {
             let _ = e.print();
             return if e.use_stderr() { ExitCode::from(EXIT_CONFIG) } else { ExitCode::SUCCESS };
         }
     };
+    // The payload of `add`: files and stdin are read now, before anything
+    // connects, in the order the options were given.
+    if let (Command::Add(a), Some(m)) = (&mut cli.command, matches.subcommand_matches("add")) {
+        match cli::fields::gather(&cli::fields::sources(m), std::io::stdin().lock()) {
+            Ok(payload) => a.payload = payload,
+            Err(e) => {
+                eprintln!("tidemark: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    }
     let mut overrides = Overrides::default();
     overrides.config_file = cli.global.config.clone();
     overrides.redis_url = cli.global.redis_url.clone();
@@ -102,18 +114,8 @@ fn validate_command(command: &Command) -> Result<(), String> {
             if a.id.is_empty() {
                 return Err("--id must not be empty".into());
             }
-            ts(&a.ts)?;
-            for f in &a.fields {
-                match f.split_once('=') {
-                    Some(("", _)) => return Err(format!("--field {f:?}: the key is empty")),
-                    Some((k, _)) if matches!(k, "op" | "id" | "ts") => {
-                        return Err(format!("--field {f:?}: `{k}` is reserved"))
-                    }
-                    Some(_) => {}
-                    None => return Err(format!("--field {f:?} is not KEY=VALUE")),
-                }
-            }
-            Ok(())
+            ts(&a.ts)
+            // Fields were checked while gathering the payload.
         }
         Command::Cancel(c) if c.id.is_empty() => Err("--id must not be empty".into()),
         Command::Watermark(w) => ts(&w.ts),
@@ -278,12 +280,23 @@ async fn one_shot(settings: &Settings, command: Command) -> Result<(), StoreErro
     let id = match command {
         Command::Add(a) => {
             let ts = parse_ts(a.ts.as_bytes()).expect("validated").to_string();
-            let mut fields: Vec<(&[u8], &[u8])> =
-                vec![(b"op", b"add"), (b"id", a.id.as_bytes()), (b"ts", ts.as_bytes())];
-            for f in &a.fields {
-                let (k, v) = f.split_once('=').expect("validated");
-                fields.push((k.as_bytes(), v.as_bytes()));
+            let mut entry: Vec<tidemark::core::op::Field> = vec![
+                (b"op".to_vec(), b"add".to_vec()),
+                (b"id".to_vec(), a.id.into_bytes()),
+                (b"ts".to_vec(), ts.into()),
+            ];
+            entry.extend(a.payload);
+            // The daemons judge the entry by their own limits; these are
+            // ours, which are usually theirs.
+            if let Err(rejection) = tidemark::core::op::parse(&entry, &settings.daemon.limits) {
+                eprintln!(
+                    "tidemark: warning: a daemon with this configuration's limits (limits.*) will dead-letter \
+                     this entry as {}: {}",
+                    rejection.reason.code(),
+                    rejection.detail
+                );
             }
+            let fields: Vec<(&[u8], &[u8])> = entry.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
             store::xadd(&mut conn, &keys.input, &fields).await?
         }
         Command::Cancel(c) => {

@@ -102,3 +102,114 @@ fn dead_letters_of_consume_end_with_the_commands_stderr() {
     assert!(row(&noisy).ends_with("the last word"), "{table}");
     assert!(row(&hello).contains("delivery 2 of 2 failed"), "{table}");
 }
+
+/// Runs `tidemark ARGS` with `input` on stdin, in a clean environment (as
+/// `run_cli` does), and returns its output.
+fn run_cli_with_stdin(args: &[&str], input: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut cmd = Command::new(crate::harness::bin_path());
+    cmd.args(args).current_dir(std::env::temp_dir());
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if matches!(&*k, "REDIS_URL" | "REDIS_PASSWORD" | "POD_NAME" | "TIDEMARK_CONFIG") || k.starts_with("TIDEMARK__")
+        {
+            cmd.env_remove(&key);
+        }
+    }
+    let mut child =
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn tidemark");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let input = input.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let out = child.wait_with_output().expect("wait for tidemark");
+    writer.join().expect("stdin writer");
+    out
+}
+
+/// 1 MiB values go in through `--field-file` and `--json -` (the command
+/// line holds at most 128 KiB per argument) and come out of `:out` byte for
+/// byte, in command-line order; over the configured limit, `add` warns that
+/// the daemons will dead-letter the entry, and they do.
+#[test]
+fn big_payloads_from_files_and_stdin() {
+    const MIB: usize = 1 << 20;
+    let redis = RedisServer::start();
+    let mut conn = redis.sync_conn();
+    let url = redis.url();
+    let k = keys("default");
+    let _daemon = Daemon::spawn(
+        &["run", "--redis-url", &url, "--consumer", "d1"],
+        &[("TIDEMARK__LIMITS__MAX_PAYLOAD_BYTES", "4194304")],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    // 1 MiB of binary, every byte value, and a newline at the end.
+    let blob: Vec<u8> = (0..MIB).map(|i| (i * 7 % 256) as u8).collect();
+    let blob_path = dir.path().join("blob.bin");
+    std::fs::write(&blob_path, &blob).unwrap();
+    let blob_arg = format!("blob={}", blob_path.display());
+
+    let big_limit = [("TIDEMARK__LIMITS__MAX_PAYLOAD_BYTES", "4194304")];
+    let out = run_cli(
+        &[
+            "--redis-url",
+            &url,
+            "add",
+            "--id",
+            "from-file",
+            "--ts",
+            "1",
+            "--field",
+            "a=1",
+            "--field-file",
+            &blob_arg,
+            "--field",
+            "z=2",
+        ],
+        &big_limit,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).is_empty(), "no warning within the limit: {}", stderr(&out));
+
+    // A JSON object on stdin: a 1 MiB text value, a binary one, a repeat.
+    let text: String = "grüße ".repeat(MIB / 8);
+    let json = serde_json::json!({"note": text, "raw": {"base64": "AP8="}, "tag": ["x", "y"]});
+    let out = run_cli_with_stdin(
+        &["--redis-url", &url, "add", "--id", "from-stdin", "--ts", "2", "--field", "first=0", "--json", "-"],
+        json.to_string().as_bytes(),
+    );
+    // run_cli_with_stdin does not set the limit: the default 1 MiB applies
+    // to the CLI's check, and this payload is over it.
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("warning: a daemon with this configuration's limits"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("too_large"), "{}", stderr(&out));
+
+    let out = run_cli(&["--redis-url", &url, "watermark", "2"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_until("both elements are released", WAIT, || read_stream(&mut conn, &k.out).len() == 2);
+    let released = read_stream(&mut conn, &k.out);
+    let names = |fields: &[(Vec<u8>, Vec<u8>)]| -> Vec<String> {
+        fields.iter().map(|(n, _)| String::from_utf8_lossy(n).into_owned()).collect()
+    };
+    let file_el = &released[0].1;
+    assert_eq!(names(file_el), ["id", "ts", "a", "blob", "z"]);
+    assert_eq!(field(file_el, "blob"), Some(blob.as_slice()), "the file's bytes, exactly");
+    let stdin_el = &released[1].1;
+    assert_eq!(names(stdin_el), ["id", "ts", "first", "note", "raw", "tag", "tag"]);
+    assert_eq!(field(stdin_el, "note"), Some(text.as_bytes()));
+    assert_eq!(field(stdin_el, "raw"), Some(&[0u8, 0xff][..]));
+    assert_eq!(stdin_el[6].1, b"y");
+
+    // Over the daemon's limit too: the warning was right.
+    let mut over = br#"{"big": ""#.to_vec();
+    over.extend(std::iter::repeat_n(b'x', 4 * MIB));
+    over.extend(br#""}"#);
+    let out = run_cli_with_stdin(&["--redis-url", &url, "add", "--id", "too-big", "--ts", "1", "--json", "-"], &over);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("too_large"), "{}", stderr(&out));
+    wait_until("the oversized entry is dead-lettered", WAIT, || read_stream(&mut conn, &k.dead).len() == 1);
+    let dead = read_stream(&mut conn, &k.dead);
+    assert_eq!(field(&dead[0].1, "reason"), Some(&b"too_large"[..]));
+}
