@@ -45,7 +45,7 @@ pub struct GlobalArgs {
     #[arg(long, global = true, value_name = "FORMAT")]
     pub log_format: Option<String>,
     /// For run and consume: serve /healthz, /readyz, /metrics and the dashboard on
-    /// IP:PORT, or "off" [default: 127.0.0.1:9464]
+    /// IP:PORT, or "off" [default: 127.0.0.1:9464, or a free port when it is taken]
     #[arg(long, global = true, value_name = "ADDR")]
     pub http: Option<String>,
 }

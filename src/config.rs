@@ -266,20 +266,17 @@ impl Default for RawLog {
 }
 
 /// `[http]`: `/healthz`, `/readyz`, `/metrics` and the dashboard.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawHttp {
     /// `IP:PORT` to listen on (`run` and `consume`); `off` or empty: none.
-    pub addr: String,
+    /// Unset: [`DEFAULT_HTTP_ADDR`], or a free port when it is taken.
+    pub addr: Option<String>,
 }
 
-impl Default for RawHttp {
-    fn default() -> Self {
-        RawHttp { addr: DEFAULT_HTTP_ADDR.into() }
-    }
-}
-
-/// Where `run` and `consume` serve HTTP unless configured otherwise.
+/// Where `run` and `consume` serve HTTP unless configured otherwise; when
+/// it is taken (another tidemark process on the host), a free port of the
+/// same IP instead.
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:9464";
 
 /// The configuration as read, before validation.
@@ -555,6 +552,10 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Where to serve HTTP (`None`: off).
     pub http_addr: Option<std::net::SocketAddr>,
+    /// Whether `http_addr` is the built-in default rather than configured
+    /// (flag, environment or file): the default gives way to a free port
+    /// when it is taken, a configured address that is taken is an error.
+    pub http_addr_is_default: bool,
 }
 
 /// Hard upper bound on `batch_size`: the apply script unpacks two values
@@ -869,7 +870,7 @@ impl Settings {
             "json" => LogFormat::Json,
             other => return Err(invalid("log.format", format!("{other:?} is not one of text, json"))),
         };
-        let http_addr = parse_http_addr(&raw.http.addr)?;
+        let http_addr = parse_http_addr(raw.http.addr.as_deref().unwrap_or(DEFAULT_HTTP_ADDR))?;
         Ok(Settings {
             client,
             redis_display: redact_url(url),
@@ -881,6 +882,7 @@ impl Settings {
             housekeeping,
             log_format,
             http_addr,
+            http_addr_is_default: raw.http.addr.is_none(),
         })
     }
 }
@@ -993,8 +995,13 @@ mod tests {
     fn http_addr_default_env_flag_and_off() {
         let s = settings(&[("POD_NAME", "p")], Overrides::default()).unwrap();
         assert_eq!(s.http_addr, Some("127.0.0.1:9464".parse().unwrap()));
+        assert!(s.http_addr_is_default);
         let s = settings(&[("POD_NAME", "p"), ("TIDEMARK__HTTP__ADDR", "0.0.0.0:8080")], Overrides::default()).unwrap();
         assert_eq!(s.http_addr, Some("0.0.0.0:8080".parse().unwrap()));
+        assert!(!s.http_addr_is_default);
+        // The default address, written out, is configured: taken, it is an error.
+        let o = Overrides { http_addr: Some(DEFAULT_HTTP_ADDR.into()), ..Overrides::default() };
+        assert!(!settings(&[("POD_NAME", "p")], o).unwrap().http_addr_is_default);
         for off in ["off", "OFF", ""] {
             let o = Overrides { http_addr: Some(off.into()), ..Overrides::default() };
             let s = settings(&[("POD_NAME", "p"), ("TIDEMARK__HTTP__ADDR", "0.0.0.0:8080")], o).unwrap();

@@ -219,8 +219,10 @@ async fn run_daemon(settings: Settings) -> ExitCode {
     code
 }
 
-/// Starts the HTTP server if `http.addr` is set, with the Prometheus
-/// recorder installed. A taken address is a startup error (exit 1).
+/// Starts the HTTP server unless `http.addr` is off, with the Prometheus
+/// recorder installed. A configured address that is taken is a startup
+/// error (exit 1); the built-in default gives way to a free port, so that
+/// any number of processes share a host.
 async fn start_http(settings: &Settings, mut endpoints: Endpoints) -> Result<Option<http::Server>, ExitCode> {
     let Some(addr) = settings.http_addr else {
         return Ok(None);
@@ -229,7 +231,20 @@ async fn start_http(settings: &Settings, mut endpoints: Endpoints) -> Result<Opt
         Ok(handle) => endpoints = endpoints.prometheus(handle),
         Err(e) => warn!(error = %e, "serving /metrics without script latency, dead-letter and consumer metrics"),
     }
-    match http::Server::start(addr, endpoints).await {
+    let started = match http::Server::start(addr, endpoints.clone()).await {
+        Err(http::HttpError::Bind { source, .. })
+            if settings.http_addr_is_default && source.kind() == std::io::ErrorKind::AddrInUse =>
+        {
+            info!(
+                taken = %addr,
+                "the default HTTP address is taken (another tidemark on this host?): serving on a free port; \
+                 set http.addr or --http to choose one"
+            );
+            http::Server::start(std::net::SocketAddr::new(addr.ip(), 0), endpoints).await
+        }
+        other => other,
+    };
+    match started {
         Ok(server) => Ok(Some(server)),
         Err(e) => {
             error!(error = %e, "cannot start: choose another address with --http IP:PORT (or --http off)");

@@ -213,3 +213,129 @@ fn big_payloads_from_files_and_stdin() {
     let dead = read_stream(&mut conn, &k.dead);
     assert_eq!(field(&dead[0].1, "reason"), Some(&b"too_large"[..]));
 }
+
+/// A `tidemark` process started with the built-in HTTP default (the
+/// harness turns HTTP off unless asked, which is what this checks), its
+/// output in a log file; killed on drop.
+struct DefaultHttp {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl DefaultHttp {
+    fn spawn(args: &[&str]) -> DefaultHttp {
+        use std::process::{Command, Stdio};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("tidemark.log");
+        let out = std::fs::File::create(&log).expect("log file");
+        let mut cmd = Command::new(crate::harness::bin_path());
+        // Its own directory: no config/tidemark.toml, no developer's environment.
+        cmd.args(args).current_dir(dir.path()).env("RUST_LOG", "info");
+        for (key, _) in std::env::vars_os() {
+            let k = key.to_string_lossy();
+            if matches!(&*k, "REDIS_URL" | "REDIS_PASSWORD" | "POD_NAME" | "TIDEMARK_CONFIG")
+                || k.starts_with("TIDEMARK__")
+            {
+                cmd.env_remove(&key);
+            }
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out.try_clone().expect("clone log")))
+            .stderr(Stdio::from(out))
+            .spawn()
+            .expect("spawn tidemark");
+        DefaultHttp { child, log, _dir: dir }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The address it serves HTTP on, from its log.
+    fn addr(&self) -> String {
+        const LINE: &str = "over HTTP addr=";
+        wait_until("the process serves HTTP", WAIT, || self.log().contains(LINE));
+        let log = self.log();
+        let at = log.find(LINE).expect("the line") + LINE.len();
+        log[at..].split_whitespace().next().expect("an address").to_owned()
+    }
+}
+
+impl Drop for DefaultHttp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("----- {} -----\n{}", self.log.display(), self.log());
+        }
+    }
+}
+
+/// With default settings, two daemons and a `tidemark consume` share one
+/// host: each serves HTTP (the first free one on 127.0.0.1:9464, the others
+/// on free ports, said in the log) and answers its probes; an explicitly
+/// configured address that is taken stays an error, from the flag, the
+/// environment or a file, before Redis is touched.
+#[test]
+fn several_processes_share_a_host_with_default_settings() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let a = DefaultHttp::spawn(&["run", "--redis-url", &url, "--consumer", "a"]);
+    let b = DefaultHttp::spawn(&["run", "--redis-url", &url, "--consumer", "b"]);
+    let c = DefaultHttp::spawn(&["consume", "--redis-url", &url, "--group", "g", "--consumer", "c", "--", "true"]);
+    let addrs = [a.addr(), b.addr(), c.addr()];
+    let mut distinct = addrs.to_vec();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 3, "three addresses: {addrs:?}");
+    for (p, addr) in [&a, &b, &c].into_iter().zip(&addrs) {
+        assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+        let (code, body) = crate::deploy::http_get(addr, "/healthz").expect("GET /healthz");
+        assert_eq!((code, body.as_str()), (200, "ok\n"), "{}", p.log());
+        wait_until(&format!("{addr}: /readyz 200"), WAIT, || {
+            matches!(crate::deploy::http_get(addr, "/readyz"), Ok((200, _)))
+        });
+    }
+    // Those that did not get the default port said so.
+    let moved = [&a, &b, &c].iter().filter(|p| p.log().contains("the default HTTP address is taken")).count();
+    let on_default = addrs.iter().filter(|a| a.as_str() == tidemark::config::DEFAULT_HTTP_ADDR).count();
+    assert_eq!(moved + on_default, 3, "{addrs:?}");
+
+    // Configured explicitly, a taken address is an error (exit 1).
+    let fresh = RedisServer::start();
+    let fresh_url = fresh.url();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tidemark.toml");
+    std::fs::write(&file, format!("[http]\naddr = \"{taken_addr}\"\n")).unwrap();
+    let file = file.to_str().unwrap();
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>);
+    let cases: [Case; 2] = [
+        (vec!["--http", &taken_addr, "run"], vec![]),
+        (vec!["consume", "--group", "g", "--", "true"], vec![("TIDEMARK__HTTP__ADDR", &taken_addr)]),
+    ];
+    for (args, envs) in cases {
+        let mut all = vec!["--redis-url", fresh_url.as_str()];
+        all.extend(args.iter().copied());
+        let out = run_cli(&all, &envs);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(&format!("cannot listen for HTTP on {taken_addr}")), "{}", stderr(&out));
+    }
+    // From a file (run_cli would add `--http off`, which beats the file).
+    let mut from_file = DefaultHttp::spawn(&["--redis-url", &fresh_url, "--config", file, "run"]);
+    let deadline = std::time::Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = from_file.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "still running: {}", from_file.log());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(1), "{}", from_file.log());
+    assert!(from_file.log().contains(&format!("cannot listen for HTTP on {taken_addr}")), "{}", from_file.log());
+    let dbsize: i64 = redis::cmd("DBSIZE").query(&mut fresh.sync_conn()).unwrap();
+    assert_eq!(dbsize, 0, "Redis was not touched");
+}
