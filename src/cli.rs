@@ -92,7 +92,7 @@ pub enum Command {
 /// `tidemark consume`
 #[derive(Debug, Args)]
 pub struct ConsumeArgs {
-    /// Output consumer group to read (created at id 0 if missing)
+    /// Output consumer group to read (created if missing; see --from)
     #[arg(long, value_name = "G")]
     pub group: String,
     /// Consumer name in the group [default: $POD_NAME, then the host name]
@@ -110,6 +110,11 @@ pub struct ConsumeArgs {
     /// Kill the command after this long, e.g. 5m; counts as a failure [default: 5m]
     #[arg(long, value_name = "DUR")]
     pub timeout: Option<String>,
+    /// Where the group starts if it does not exist yet: "start" (every element still in
+    /// the output stream) or "new" (only elements released from now on); an existing
+    /// group is left as it is [default: start]
+    #[arg(long, value_name = "WHERE", value_parser = ["start", "new"])]
+    pub from: Option<String>,
     /// The command and its arguments (after `--`)
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<String>,

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::core::backoff::Backoff;
 use crate::core::op::{Limits, HARD_MAX_PAYLOAD_FIELDS};
 use crate::core::RetryPolicy;
-use crate::store::{ConnectOptions, Keys};
+use crate::store::{ConnectOptions, GroupStart, Keys};
 
 /// The configuration file read when `--config` is not given, if it exists.
 pub const DEFAULT_CONFIG_PATH: &str = "config/tidemark.toml";
@@ -156,6 +156,9 @@ pub struct RawConsume {
     /// Time allowed for in-flight handlers after SIGTERM/SIGINT.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Where a group that does not exist yet starts: `start` (every entry
+    /// still in `:out`) or `new` (only what is released from now on).
+    pub from: String,
 }
 
 impl Default for RawConsume {
@@ -170,6 +173,7 @@ impl Default for RawConsume {
             max_deliveries: 5,
             timeout: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(10),
+            from: "start".into(),
         }
     }
 }
@@ -333,6 +337,8 @@ pub struct Overrides {
     pub consume_claim_idle: Option<String>,
     /// `consume --timeout` (as written)
     pub consume_timeout: Option<String>,
+    /// `consume --from` (`start` or `new`)
+    pub consume_from: Option<String>,
     /// `--http` (`run` and `consume`)
     pub http_addr: Option<String>,
 }
@@ -430,6 +436,9 @@ impl RawConfig {
         if let Some(d) = &overrides.consume_timeout {
             builder = builder.set_override("consume.timeout", d.as_str())?;
         }
+        if let Some(f) = &overrides.consume_from {
+            builder = builder.set_override("consume.from", f.as_str())?;
+        }
         if let Some(a) = &overrides.http_addr {
             builder = builder.set_override("http.addr", a.as_str())?;
         }
@@ -498,6 +507,8 @@ pub struct ConsumeSettings {
     pub timeout: Duration,
     /// Drain deadline on shutdown.
     pub shutdown_grace: Duration,
+    /// Where a group that does not exist yet starts reading.
+    pub from: GroupStart,
 }
 
 /// Liveness lease settings.
@@ -844,6 +855,8 @@ impl Settings {
             max_deliveries: range("consume.max_deliveries", c.max_deliveries as usize, 1, 1_000_000)? as u64,
             timeout: positive("consume.timeout", c.timeout)?,
             shutdown_grace: positive("consume.shutdown_grace", c.shutdown_grace)?,
+            from: GroupStart::parse(c.from.trim())
+                .ok_or_else(|| invalid("consume.from", format!("{:?} is not one of start, new", c.from)))?,
         };
         valid_name("consume.consumer", &consume.consumer)?;
         let lease = LeaseSettings {
@@ -984,6 +997,7 @@ mod tests {
             ("TIDEMARK__DAEMON__BLOCK", "soon", "block"),
             ("TIDEMARK__NAMESPACE", "a}b", "namespace"),
             ("TIDEMARK__DAEMON__NOPE", "1", "nope"),
+            ("TIDEMARK__CONSUME__FROM", "end", "consume.from"),
         ];
         for (k, v, key) in cases {
             let msg = bad_key(&[(k, v), ("POD_NAME", "p")]);

@@ -62,6 +62,7 @@ fn main() -> ExitCode {
             overrides.consume_max_deliveries = c.max_deliveries;
             overrides.consume_claim_idle = c.claim_idle.clone();
             overrides.consume_timeout = c.timeout.clone();
+            overrides.consume_from = c.from.clone();
         }
         _ => {}
     }

@@ -68,7 +68,7 @@ use crate::config::{consumer_name, ProcessEnv, Settings, MAX_BATCH_SIZE};
 use crate::core::backoff::Backoff;
 use crate::core::RetryPolicy;
 use crate::health::Readiness;
-use crate::store::{ConnectOptions, Keys, StoreError};
+use crate::store::{ConnectOptions, GroupStart, Keys, StoreError};
 
 /// Time the binary allows after `shutdown_grace` for the last
 /// acknowledgements and for deleting the lease.
@@ -146,6 +146,7 @@ struct Options {
     ack_interval: Duration,
     retry: RetryPolicy,
     readiness: Readiness,
+    from: GroupStart,
 }
 
 /// Builds a [`Consumer`]. Defaults are those of `config/tidemark.toml`.
@@ -194,6 +195,7 @@ impl ConsumerBuilder {
                         .expect("the built-in reconnect bounds are valid"),
                 ),
                 readiness: Readiness::default(),
+                from: GroupStart::Start,
             },
         }
     }
@@ -223,6 +225,7 @@ impl ConsumerBuilder {
                 ack_interval: Duration::from_millis(5),
                 retry: settings.daemon.retry,
                 readiness: Readiness::default(),
+                from: c.from,
             },
         }
     }
@@ -321,6 +324,15 @@ impl ConsumerBuilder {
     /// class allows: see [`RetryPolicy`]).
     pub fn backoff(mut self, backoff: Backoff) -> Self {
         self.opts.retry = RetryPolicy::new(backoff);
+        self
+    }
+
+    /// Where the group starts reading if it does not exist yet (default
+    /// [`GroupStart::Start`]: every entry still in `:out`; [`GroupStart::New`]:
+    /// only what is released from now on). An existing group is left as
+    /// it is.
+    pub fn start_from(mut self, from: GroupStart) -> Self {
+        self.opts.from = from;
         self
     }
 

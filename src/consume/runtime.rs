@@ -153,8 +153,8 @@ impl<H: Handler> Runtime<H> {
         let o = &c.opts;
         let mut conn = store::connect(&c.client, &c.connect, c.connect.response_timeout).await?;
         let version = store::check_version(&mut conn).await?;
-        if store::ensure_group(&mut conn, &c.keys.out, &c.group).await? {
-            info!(group = %c.group, stream = %c.keys.out, "created output group at id 0");
+        if store::ensure_group_from(&mut conn, &c.keys.out, &c.group, o.from).await? {
+            info!(group = %c.group, stream = %c.keys.out, at = %o.from.id(), "created output group");
         }
         self.scripts.load(&mut conn).await?;
         // The reader's blocking XREADGROUP would hold up every other command

@@ -5,6 +5,7 @@
 //! with the default HTTP settings, `consume --from new`, the daemon's
 //! periodic summary, and `make run`'s script stopping on SIGTERM.
 
+use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
 use crate::harness::{field, keys, read_stream, run_cli, wait_until, Daemon, RedisServer};
@@ -338,4 +339,208 @@ fn several_processes_share_a_host_with_default_settings() {
     assert!(from_file.log().contains(&format!("cannot listen for HTTP on {taken_addr}")), "{}", from_file.log());
     let dbsize: i64 = redis::cmd("DBSIZE").query(&mut fresh.sync_conn()).unwrap();
     assert_eq!(dbsize, 0, "Redis was not touched");
+}
+
+/// The repository's root.
+fn repo() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Fails, naming the fix, unless `program` runs.
+fn require(program: &str, why: &str) {
+    let found = std::process::Command::new(program)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(found, "{program} is needed {why}: run `make test` (it installs it), or install it yourself");
+}
+
+/// Runs one line of `make run`'s banner with `sh -c` and returns its output.
+fn banner_line(line: &str) -> std::process::Output {
+    std::process::Command::new("sh").arg("-c").arg(line).output().expect("run sh")
+}
+
+/// `make run` started in the background by a script (so SIGINT is ignored,
+/// which no trap can undo): the banner says so and how to stop it; every
+/// line it prints works as printed, the README's examples included (the
+/// output group `billing` exists, `examples/remind.py` handles the banner's
+/// `hello` element and the README's `order-42`); SIGTERM stops the daemon
+/// and the private Redis cleanly.
+#[test]
+fn make_run_banner_lines_work_and_sigterm_stops_it() {
+    require("redis-cli", "to paste make run's banner lines");
+    require("python3", "to run examples/remind.py, the README's consumer");
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("make-run.log");
+    let pidfile = dir.path().join("pid");
+    let mut cmd = std::process::Command::new("bash");
+    // As a script does it: `scripts/run-local.sh &` in a non-interactive shell.
+    cmd.arg("-c")
+        .arg(r#""$RUN_LOCAL" >"$LOG" 2>&1 & echo $! >"$PIDFILE"; wait $!"#)
+        .env("RUN_LOCAL", repo().join("scripts/run-local.sh"))
+        .env("LOG", &log)
+        .env("PIDFILE", &pidfile)
+        .env("TIDEMARK_BIN", crate::harness::bin_path())
+        .env("RUST_LOG", "info")
+        .current_dir(repo());
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if matches!(&*k, "REDIS_URL" | "REDIS_PASSWORD" | "POD_NAME" | "TIDEMARK_CONFIG") || k.starts_with("TIDEMARK__")
+        {
+            cmd.env_remove(&key);
+        }
+    }
+    let mut shell = cmd.spawn().expect("start bash");
+    struct Stop(Option<String>);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            if let Some(pid) = &self.0 {
+                let _ = std::process::Command::new("kill")
+                    .args(["-TERM", pid])
+                    .stderr(std::process::Stdio::null())
+                    .status();
+            }
+        }
+    }
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_until("run-local.sh started", WAIT, || std::fs::read_to_string(&pidfile).is_ok_and(|p| !p.trim().is_empty()));
+    let pid = std::fs::read_to_string(&pidfile).unwrap().trim().to_owned();
+    let _stop = Stop(Some(pid.clone()));
+    wait_until("the daemon is connected", Duration::from_secs(60), || read_log().contains("connected to Redis"));
+    let banner = read_log();
+    assert!(banner.contains(r#"Output group "billing" created"#), "{banner}");
+    assert!(
+        banner.contains(&format!("Stop with: kill {pid}   (SIGTERM; SIGINT is ignored here")),
+        "the banner says how to stop it:\n{banner}"
+    );
+    let lines: Vec<&str> =
+        banner.lines().map(str::trim).filter(|l| l.starts_with("redis-cli ") || l.starts_with("REDIS_URL=")).collect();
+    let consume_line = *lines.iter().find(|l| l.contains(" consume ")).expect("a consume line in the banner");
+    let port = lines[0].split_whitespace().nth(2).expect("redis-cli -p PORT").to_owned();
+
+    // Every one-shot line as printed, in order: hello is added, released,
+    // and read in group billing.
+    for line in lines.iter().filter(|l| !l.contains(" consume ")) {
+        let out = banner_line(line);
+        let text = format!("{}{}", stdout(&out), stderr(&out));
+        assert!(out.status.success(), "{line}: {text}");
+        assert!(!text.contains("ERR") && !text.contains("NOGROUP"), "{line}: {text}");
+        if line.contains("XRANGE") {
+            wait_until("hello is released", WAIT, || stdout(&banner_line(line)).contains("hello"));
+        }
+        if line.contains("XREADGROUP") {
+            // hello is in :out by now (the XRANGE line waited for it).
+            assert!(text.contains("hello") && text.contains("world"), "{line}: {text}");
+        }
+        if line.contains(" status") {
+            assert!(text.contains("billing"), "{line}: {text}");
+        }
+    }
+    // The README's order-42, as its wire-format section writes it.
+    for readme in [
+        "redis-cli XADD 'tidemark:{default}:in' '*' op add id order-42 ts 1700000000000 customer 7 total 19.90",
+        "redis-cli XADD 'tidemark:{default}:in' '*' op watermark ts 1700000001000",
+    ] {
+        let line = readme.replacen("redis-cli ", &format!("redis-cli -p {port} "), 1);
+        let out = banner_line(&line);
+        assert!(out.status.success(), "{line}: {}", stderr(&out));
+    }
+    // The consumer from the banner: both elements handled and acknowledged.
+    let consumer_log = dir.path().join("consume.log");
+    let mut consumer = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{consume_line} >'{}' 2>&1", consumer_log.display()))
+        .process_group(0)
+        .spawn()
+        .expect("start the banner's consume line");
+    let consumer_group = format!("-{}", consumer.id());
+    let consumer_text = || std::fs::read_to_string(&consumer_log).unwrap_or_default();
+    let handled = || {
+        let t = consumer_text();
+        t.contains("hello: no customer field, nothing to remind") && t.contains("reminding customer 7 of order-42")
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    while !handled() {
+        assert!(std::time::Instant::now() < deadline, "remind.py did not handle both elements:\n{}", consumer_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::process::Command::new("kill").args(["-TERM", "--", &consumer_group]).status();
+    let _ = consumer.wait();
+    assert!(!consumer_text().contains("KeyError"), "{}", consumer_text());
+    let dead = banner_line(&format!("redis-cli -p {port} XLEN 'tidemark:{{default}}:dead'"));
+    assert_eq!(stdout(&dead).trim(), "0", "no dead letters:\n{}", consumer_text());
+
+    // SIGTERM, as the banner says: the daemon stops, then Redis, cleanly.
+    let status = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + WAIT;
+    let exit = loop {
+        if let Some(exit) = shell.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(std::time::Instant::now() < deadline, "make run did not stop on SIGTERM:\n{}", read_log());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = read_log();
+    assert_eq!(exit.code(), Some(0), "{text}");
+    assert!(text.contains("tidemark exited with status 0"), "{text}");
+    assert!(text.contains("stopped the private redis-server"), "{text}");
+    let ping = banner_line(&format!("redis-cli -p {port} PING"));
+    assert!(!stdout(&ping).contains("PONG"), "the private Redis is gone");
+}
+
+/// `consume --from new` creates a missing group at `$`: only elements
+/// released from then on; the default (`start`) creates it at `0`: every
+/// element still in `:out`; a group that exists keeps its place whatever
+/// `--from` says.
+#[test]
+fn consume_from_new_skips_the_history_of_a_new_group() {
+    let redis = RedisServer::start();
+    let mut conn = redis.sync_conn();
+    let url = redis.url();
+    for id in ["old-1", "old-2", "old-3"] {
+        release(&mut conn, id);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let seen = |name: &str| dir.path().join(name);
+    let record = r#"echo "$TIDEMARK_ID" >> "$SEEN""#;
+    let consume = |group: &str, consumer: &str, from: Option<&str>, file: &std::path::Path| {
+        let mut args = vec!["consume", "--redis-url", &url, "--group", group, "--consumer", consumer];
+        if let Some(from) = from {
+            args.extend(["--from", from]);
+        }
+        args.extend(["--", "sh", "-c", record]);
+        let d = Daemon::spawn(&args, &[("SEEN", file.to_str().unwrap())]);
+        d.wait_log("consuming", WAIT);
+        d
+    };
+    let lines = |file: &std::path::Path| -> Vec<String> {
+        std::fs::read_to_string(file).map(|t| t.lines().map(str::to_owned).collect()).unwrap_or_default()
+    };
+    let fresh = consume("fresh", "c1", Some("new"), &seen("fresh"));
+    let _replay = consume("replay", "c2", None, &seen("replay"));
+    assert!(fresh.log().contains("created output group") && fresh.log().contains("at=$"), "{}", fresh.log());
+    release(&mut conn, "new-1");
+    wait_until("both groups handled new-1", WAIT, || {
+        lines(&seen("fresh")).contains(&"new-1".to_owned()) && lines(&seen("replay")).len() == 4
+    });
+    assert_eq!(lines(&seen("fresh")), ["new-1"], "--from new: nothing from before");
+    let mut replayed = lines(&seen("replay"));
+    replayed.sort();
+    assert_eq!(replayed, ["new-1", "old-1", "old-2", "old-3"], "the default starts at the beginning");
+    drop(fresh);
+
+    // An existing group goes on where it is: --from start does not rewind it.
+    release(&mut conn, "new-2");
+    let again = consume("fresh", "c3", Some("start"), &seen("fresh"));
+    wait_until("the existing group handled new-2", WAIT, || lines(&seen("fresh")).len() == 2);
+    assert_eq!(lines(&seen("fresh")), ["new-1", "new-2"]);
+    assert!(!again.log().contains("created output group"), "{}", again.log());
+
+    // Anything else is refused before connecting.
+    let out = run_cli(&["--redis-url", &url, "consume", "--group", "g", "--from", "end", "--", "true"], &[]);
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    assert!(stderr(&out).contains("end"), "{}", stderr(&out));
 }

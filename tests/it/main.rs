@@ -7,6 +7,7 @@ mod crash;
 mod dashboard;
 mod dead;
 mod deploy;
+mod docs;
 mod fast_paths;
 mod first_hour;
 mod harness;
