@@ -340,5 +340,24 @@ async fn one_shot(settings: &Settings, command: Command) -> Result<(), StoreErro
         Command::Run(_) | Command::Consume(_) => unreachable!("long-running commands are handled above"),
     };
     println!("{id}");
+    warn_if_nobody_serves(&mut conn, keys).await;
     Ok(())
+}
+
+/// After writing to `:in`: a warning on stderr when no daemon serves the
+/// namespace (a mistyped `--namespace`, or the daemons are down), naming
+/// the namespaces that are served. The entry stays written; a failure to
+/// tell is not an error.
+async fn warn_if_nobody_serves(conn: &mut redis::aio::MultiplexedConnection, keys: &store::Keys) {
+    use tidemark::store::serving;
+    match serving::live_daemons(conn, keys).await {
+        Ok(0) => {
+            let served = serving::served_namespaces(conn, keys).await.unwrap_or_default();
+            eprintln!("tidemark: warning: {}", serving::nobody_serves(keys, &served));
+        }
+        Ok(_) => {}
+        Err(e) => {
+            eprintln!("tidemark: warning: cannot tell whether a daemon serves namespace {:?}: {e}", keys.namespace)
+        }
+    }
 }

@@ -18,6 +18,8 @@ pub struct Keys {
     pub dead: String,
     /// The namespace these keys belong to.
     pub namespace: String,
+    /// The prefix of every key (normally `tidemark`).
+    prefix: String,
     /// `<prefix>:{NS}`: the stem of internal keys.
     stem: String,
 }
@@ -34,6 +36,7 @@ impl Keys {
             out: key("out"),
             dead: key("dead"),
             namespace: ns.to_owned(),
+            prefix: prefix.to_owned(),
             stem: format!("{prefix}:{{{ns}}}"),
         }
     }
@@ -42,6 +45,26 @@ impl Keys {
     /// (`"in"` or `"out"`): `<prefix>:{NS}:lease:<stream>:<group>:<consumer>`.
     pub fn lease(&self, stream: &str, group: &str, consumer: &str) -> String {
         format!("{}:lease:{stream}:{group}:{consumer}", self.stem)
+    }
+
+    /// A `SCAN … MATCH` pattern for the daemons' liveness leases of every
+    /// namespace under this prefix: `<prefix>:{*}:lease:in:tidemark:*`.
+    pub fn daemon_leases_everywhere(&self) -> String {
+        let mut prefix = String::new();
+        for c in self.prefix.chars() {
+            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                prefix.push('\\');
+            }
+            prefix.push(c);
+        }
+        format!("{prefix}:{{*}}:lease:in:{INPUT_GROUP}:*")
+    }
+
+    /// The namespace of a key matched by [`Keys::daemon_leases_everywhere`].
+    pub fn namespace_of_daemon_lease<'k>(&self, key: &'k str) -> Option<&'k str> {
+        let rest = key.strip_prefix(self.prefix.as_str())?.strip_prefix(":{")?;
+        let (ns, tail) = rest.split_once('}')?;
+        tail.starts_with(&format!(":lease:in:{INPUT_GROUP}:")).then_some(ns)
     }
 
     /// A lock named `name`: `<prefix>:{NS}:lock:<name>` (e.g. `housekeeping`, `clock`).
@@ -80,5 +103,11 @@ mod tests {
         assert_eq!(k.lock("housekeeping"), "tidemark:{default}:lock:housekeeping");
         assert_eq!(k.clock_next(), "tidemark:{default}:clock:next");
         assert_eq!(k.wake_channel(), "tidemark:{default}:wake");
+        assert_eq!(k.daemon_leases_everywhere(), "tidemark:{*}:lease:in:tidemark:*");
+        let lease = Keys::new("tidemark", "orders").lease("in", INPUT_GROUP, "pod-1");
+        assert_eq!(k.namespace_of_daemon_lease(&lease), Some("orders"));
+        assert_eq!(k.namespace_of_daemon_lease("tidemark:{orders}:lease:out:g:pod-1"), None);
+        assert_eq!(k.namespace_of_daemon_lease("other:{orders}:lease:in:tidemark:pod-1"), None);
+        assert_eq!(Keys::new("a*b", "x").daemon_leases_everywhere(), "a\\*b:{*}:lease:in:tidemark:*");
     }
 }

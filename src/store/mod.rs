@@ -10,6 +10,7 @@ pub mod reader;
 pub mod reconnect;
 pub mod retention;
 pub mod scripts;
+pub mod serving;
 pub mod status;
 
 use std::time::Duration;

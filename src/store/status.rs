@@ -32,6 +32,9 @@ pub struct InputInfo {
     pub lag: Option<u64>,
     /// Daemons known to the input group.
     pub daemons: u64,
+    /// Daemons holding a liveness lease: 0 means nothing serves the
+    /// namespace (its input is never applied).
+    pub live_daemons: u64,
 }
 
 /// A consumer of an output group.
@@ -213,6 +216,10 @@ pub async fn snapshot(conn: &mut Conn, keys: &Keys) -> Result<Status, StoreError
         .query_async(conn)
         .await?;
     let input_group = groups(conn, &keys.input).await?.into_iter().find(|g| g.name == INPUT_GROUP);
+    let live_daemons = match input_group {
+        Some(_) => super::serving::live_daemons(conn, keys).await?,
+        None => 0,
+    };
     let mut out_groups = Vec::new();
     for g in groups(conn, &keys.out).await? {
         out_groups.push(output_group(conn, keys, g).await?);
@@ -230,6 +237,7 @@ pub async fn snapshot(conn: &mut Conn, keys: &Keys) -> Result<Status, StoreError
                 None => Some(in_len),
             },
             daemons: input_group.as_ref().map_or(0, |g| g.consumers),
+            live_daemons,
         },
         output: OutputInfo { length: out_len, groups: out_groups },
         dead_letters: dead_len,
@@ -286,13 +294,24 @@ pub fn render(s: &Status) -> String {
     row(
         "input",
         format!(
-            "length {}  pending {}  lag {}  daemons {}",
+            "length {}  pending {}  lag {}  daemons {} ({} alive)",
             thousands(s.input.length),
             thousands(s.input.pending),
             opt(s.input.lag),
-            s.input.daemons
+            s.input.daemons,
+            s.input.live_daemons
         ),
     );
+    if s.input.live_daemons == 0 {
+        row(
+            "serving",
+            format!(
+                "NO DAEMON serves namespace {:?}: nothing is applied or released until one runs \
+                 (tidemark --namespace {} run)",
+                s.namespace, s.namespace
+            ),
+        );
+    }
     row("output", format!("length {}", thousands(s.output.length)));
     let width = s.output.groups.iter().map(|g| g.name.len()).max().unwrap_or(0);
     for g in &s.output.groups {

@@ -544,3 +544,208 @@ fn consume_from_new_skips_the_history_of_a_new_group() {
     assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
     assert!(stderr(&out).contains("end"), "{}", stderr(&out));
 }
+
+/// A mistyped namespace: `add` (and `cancel`, `watermark`) still write the
+/// entry and exit 0, but warn on stderr that no daemon serves it, naming
+/// the namespaces that are served; `status` and the dashboard (served by a
+/// `consume` of that namespace) say plainly that nothing serves it. In the
+/// served namespace nothing is said.
+#[test]
+fn a_namespace_no_daemon_serves_is_reported() {
+    let redis = RedisServer::start();
+    let mut conn = redis.sync_conn();
+    let url = redis.url();
+    let daemon = Daemon::spawn(&["run", "--redis-url", &url, "--consumer", "d1"], &[]);
+    daemon.wait_log("connected to Redis", WAIT);
+
+    let out = run_cli(&["--redis-url", &url, "add", "--id", "a", "--ts", "1"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "", "served: no warning");
+
+    for args in [
+        &["--namespace", "nosuch", "add", "--id", "a", "--ts", "1"][..],
+        &["--namespace", "nosuch", "cancel", "--id", "a"][..],
+        &["--namespace", "nosuch", "watermark", "5"][..],
+    ] {
+        let mut all = vec!["--redis-url", url.as_str()];
+        all.extend_from_slice(args);
+        let out = run_cli(&all, &[]);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        assert!(!stdout(&out).trim().is_empty(), "the entry id is printed");
+        let err = stderr(&out);
+        assert!(
+            err.contains("warning: no daemon is serving namespace \"nosuch\"")
+                && err.contains("tidemark --namespace nosuch run")
+                && err.contains("namespaces with a daemon: default"),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(read_stream(&mut conn, &keys("nosuch").input).len(), 3, "the entries are written");
+
+    // status, in text and JSON.
+    let out = run_cli(&["--redis-url", &url, "--namespace", "nosuch", "status"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("NO DAEMON serves namespace \"nosuch\": nothing is applied or released"),
+        "{}",
+        stdout(&out)
+    );
+    let out = run_cli(&["--redis-url", &url, "--namespace", "nosuch", "status", "--json"], &[]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(json["input"]["live_daemons"], 0, "{json}");
+    let out = run_cli(&["--redis-url", &url, "status", "--json"], &[]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(json["input"]["live_daemons"], 1, "{json}");
+    let out = run_cli(&["--redis-url", &url, "status"], &[]);
+    assert!(!stdout(&out).contains("NO DAEMON"), "{}", stdout(&out));
+
+    // The dashboard of a consumer in that namespace.
+    crate::dashboard::chromium();
+    let consumer = Daemon::spawn(
+        &[
+            "consume",
+            "--redis-url",
+            &url,
+            "--namespace",
+            "nosuch",
+            "--group",
+            "g",
+            "--http",
+            "127.0.0.1:0",
+            "--",
+            "true",
+        ],
+        &[],
+    );
+    let addr: std::net::SocketAddr = crate::deploy::http_addr(&consumer).parse().unwrap();
+    let dom = crate::dashboard::rendered(addr, "ok");
+    let notice = crate::dashboard::one(&dom, "#no-daemon");
+    assert!(notice.value().attr("hidden").is_none(), "the notice is shown:\n{}", dom.html());
+    assert_eq!(
+        crate::dashboard::text(notice),
+        "No daemon is serving namespace nosuch: nothing is applied or released until one runs \
+         (tidemark --namespace nosuch run)."
+    );
+    assert_eq!(crate::dashboard::shown(&dom, "input-live-daemons"), ("0".into(), "0".into()));
+}
+
+/// Serves `page` at `/` with `script` added before `</body>`, and proxies
+/// `/api/dashboard` to the real process at `upstream`: a way to measure the
+/// real page's layout in Chromium (whose `--dump-dom` shows what the added
+/// script wrote). Returns the proxy's address.
+fn measuring_proxy(upstream: String, script: &'static str) -> std::net::SocketAddr {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut first = String::new();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            if reader.read_line(&mut first).is_err() {
+                continue;
+            }
+            // The rest of the head.
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                line.clear();
+            }
+            let path = first.split_whitespace().nth(1).unwrap_or("/").to_owned();
+            let (code, kind, body) = match path.as_str() {
+                "/" => {
+                    let (code, page) = crate::deploy::http_get(&upstream, "/").unwrap_or((502, String::new()));
+                    (
+                        code,
+                        "text/html; charset=utf-8",
+                        page.replace("</body>", &format!("<script>{script}</script></body>")),
+                    )
+                }
+                p if p.starts_with("/api/dashboard") => {
+                    let (code, json) =
+                        crate::deploy::http_get(&upstream, "/api/dashboard").unwrap_or((502, String::new()));
+                    (code, "application/json", json)
+                }
+                _ => (404, "text/plain", String::new()),
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {code} X\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    addr
+}
+
+/// Measures, once the page shows data: every number in the overview cards
+/// must lie on one line, and no big value may overflow its card.
+const MEASURE: &str = r#"
+(function measure() {
+  if (document.body.dataset.state !== "ok") { setTimeout(measure, 50); return; }
+  var broken = [], overflowing = [];
+  var walker = document.createTreeWalker(document.querySelector(".cards"), NodeFilter.SHOW_TEXT);
+  for (var node = walker.nextNode(); node; node = walker.nextNode()) {
+    var re = /\d[\d,]*\d/g, m;
+    while ((m = re.exec(node.data)) !== null) {
+      var range = document.createRange();
+      range.setStart(node, m.index);
+      range.setEnd(node, m.index + m[0].length);
+      var tops = {};
+      Array.prototype.forEach.call(range.getClientRects(), function (r) {
+        if (r.width > 0) { tops[Math.round(r.top)] = true; }
+      });
+      if (Object.keys(tops).length > 1) { broken.push(m[0]); }
+    }
+  }
+  Array.prototype.forEach.call(document.querySelectorAll(".card .big"), function (el) {
+    if (el.scrollWidth > el.clientWidth + 1) { overflowing.push(el.id + ": " + el.textContent); }
+  });
+  document.body.dataset.layout = JSON.stringify({ broken: broken, overflowing: overflowing,
+    width: window.innerWidth, watermarkTime: document.getElementById("watermark-time").textContent });
+})();
+"#;
+
+/// A watermark in milliseconds since the epoch (13 digits with separators)
+/// stays on one line on a desktop and on a phone, and is shown as a UTC
+/// time too, as is the next due ts.
+#[test]
+fn dashboard_keeps_numbers_on_one_line_and_shows_epoch_ms_as_utc() {
+    crate::dashboard::chromium();
+    let redis = RedisServer::start();
+    let mut conn = redis.sync_conn();
+    let url = redis.url();
+    let k = keys("default");
+    let daemon = Daemon::spawn(&["run", "--redis-url", &url, "--consumer", "d1", "--http", "127.0.0.1:0"], &[]);
+    let upstream = crate::deploy::http_addr(&daemon);
+    // 2027-01-15 08:00:00 UTC, and an element a minute later.
+    crate::harness::xadd_fields(&mut conn, &k.input, &[(b"op", b"watermark"), (b"ts", b"1800000000000")]);
+    crate::harness::xadd_fields(&mut conn, &k.input, &[(b"op", b"add"), (b"id", b"later"), (b"ts", b"1800000060000")]);
+    wait_until("applied", WAIT, || {
+        let n: i64 = redis::cmd("ZCARD").arg(&k.sched).query(&mut conn).unwrap();
+        n == 1
+    });
+    let proxy = measuring_proxy(upstream, MEASURE);
+    for (width, height) in [(1280, 900), (1024, 768), (500, 900)] {
+        let window = format!("--window-size={width},{height}");
+        let deadline = std::time::Instant::now() + WAIT;
+        let (layout, dom) = loop {
+            let dom = scraper::Html::parse_document(&crate::dashboard::browse(
+                &format!("http://{proxy}/"),
+                &["--dump-dom", &window],
+            ));
+            let layout = crate::dashboard::one(&dom, "body").value().attr("data-layout").map(str::to_owned);
+            if let Some(layout) = layout {
+                break (serde_json::from_str::<serde_json::Value>(&layout).unwrap(), dom);
+            }
+            assert!(std::time::Instant::now() < deadline, "the page never showed data:\n{}", dom.html());
+        };
+        assert_eq!(layout["width"], width, "{layout}");
+        assert_eq!(layout["broken"], serde_json::json!([]), "numbers wrapped at {width}px: {layout}");
+        assert_eq!(layout["overflowing"], serde_json::json!([]), "values overflow their card at {width}px: {layout}");
+        let wm = crate::dashboard::shown(&dom, "watermark");
+        assert_eq!(wm, ("1800000000000".into(), "1,800,000,000,000".into()));
+        assert_eq!(layout["watermarkTime"], "2027-01-15 08:00:00.000 UTC (as Unix ms)", "{layout}");
+        let next = crate::dashboard::shown(&dom, "next-due").1;
+        assert!(next.ends_with(" · 2027-01-15 08:01:00.000 UTC"), "{next}");
+    }
+}
