@@ -261,11 +261,15 @@ impl Default for RawLimits {
 pub struct RawLog {
     /// `text` or `json`.
     pub format: String,
+    /// How often the daemon logs a one-line summary of its work, when
+    /// something changed (`0s`: never).
+    #[serde(with = "humantime_serde")]
+    pub summary_interval: Duration,
 }
 
 impl Default for RawLog {
     fn default() -> Self {
-        RawLog { format: "text".into() }
+        RawLog { format: "text".into(), summary_interval: Duration::from_secs(10) }
     }
 }
 
@@ -561,6 +565,8 @@ pub struct Settings {
     pub housekeeping: HousekeepingSettings,
     /// Log format.
     pub log_format: LogFormat,
+    /// Period of the daemon's summary line (`None`: off).
+    pub log_summary_interval: Option<Duration>,
     /// Where to serve HTTP (`None`: off).
     pub http_addr: Option<std::net::SocketAddr>,
     /// Whether `http_addr` is the built-in default rather than configured
@@ -894,6 +900,7 @@ impl Settings {
             lease,
             housekeeping,
             log_format,
+            log_summary_interval: (!raw.log.summary_interval.is_zero()).then_some(raw.log.summary_interval),
             http_addr,
             http_addr_is_default: raw.http.addr.is_none(),
         })
@@ -1003,6 +1010,21 @@ mod tests {
             let msg = bad_key(&[(k, v), ("POD_NAME", "p")]);
             assert!(msg.contains(key), "{k}={v}: {msg:?} does not name {key}");
         }
+    }
+
+    #[test]
+    fn summary_interval_default_and_off() {
+        let s = settings(&[("POD_NAME", "p")], Overrides::default()).unwrap();
+        assert_eq!(s.log_summary_interval, Some(Duration::from_secs(10)));
+        let s =
+            settings(&[("POD_NAME", "p"), ("TIDEMARK__LOG__SUMMARY_INTERVAL", "1m")], Overrides::default()).unwrap();
+        assert_eq!(s.log_summary_interval, Some(Duration::from_secs(60)));
+        let s =
+            settings(&[("POD_NAME", "p"), ("TIDEMARK__LOG__SUMMARY_INTERVAL", "0s")], Overrides::default()).unwrap();
+        assert_eq!(s.log_summary_interval, None);
+        assert!(
+            bad_key(&[("POD_NAME", "p"), ("TIDEMARK__LOG__SUMMARY_INTERVAL", "often")]).contains("summary_interval")
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 pub mod clock;
 pub mod housekeeping;
+pub mod summary;
 mod window;
 
 use std::collections::BTreeMap;
@@ -61,6 +62,7 @@ pub async fn run(settings: Settings, stats: Arc<Stats>, shutdown: CancellationTo
     if settings.daemon.clock {
         side.push(tokio::spawn(clock::run(settings.clone(), stats.clone(), stop_side.clone())));
     }
+    side.extend(summary::spawn(&settings, &stats, &stop_side));
     let result = ingest(&settings, &stats, &shutdown).await;
     stats.readiness.set_shutting_down();
     stop_side.cancel();

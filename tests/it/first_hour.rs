@@ -749,3 +749,58 @@ fn dashboard_keeps_numbers_on_one_line_and_shows_epoch_ms_as_utc() {
         assert!(next.ends_with(" · 2027-01-15 08:01:00.000 UTC"), "{next}");
     }
 }
+
+/// The JSON log lines of a process whose message is `message`.
+fn log_events(log: &str, message: &str) -> Vec<serde_json::Value> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["message"] == message)
+        .collect()
+}
+
+/// The daemon logs a periodic summary at info: what it ingested (by op),
+/// released, late and dead-lettered since the last line, the watermark
+/// (also as UTC when it reads as epoch ms), input lag and scheduled count;
+/// the lines add up to exactly what was done.
+#[test]
+fn the_daemon_logs_a_periodic_summary() {
+    let redis = RedisServer::start();
+    let mut conn = redis.sync_conn();
+    let url = redis.url();
+    let k = keys("default");
+    let daemon = Daemon::spawn(
+        &["--log-format", "json", "run", "--redis-url", &url, "--consumer", "d1"],
+        &[("TIDEMARK__LOG__SUMMARY_INTERVAL", "200ms"), ("RUST_LOG", "info")],
+    );
+    daemon.wait_log("connected to Redis", WAIT);
+    let add = |conn: &mut redis::Connection, id: &str, ts: &str| {
+        crate::harness::xadd_fields(conn, &k.input, &[(b"op", b"add"), (b"id", id.as_bytes()), (b"ts", ts.as_bytes())]);
+    };
+    crate::harness::xadd_fields(&mut conn, &k.input, &[(b"op", b"watermark"), (b"ts", b"1800000000000")]);
+    add(&mut conn, "late", "1799999999000");
+    add(&mut conn, "a", "1800000001000");
+    add(&mut conn, "b", "1800000002000");
+    crate::harness::xadd_fields(&mut conn, &k.input, &[(b"op", b"cancel"), (b"id", b"b")]);
+    crate::harness::xadd_fields(&mut conn, &k.input, &[(b"op", b"bogus")]);
+    crate::harness::xadd_fields(&mut conn, &k.input, &[(b"op", b"watermark"), (b"ts", b"1800000001500")]);
+
+    let total = |field: &str| -> u64 {
+        log_events(&daemon.log(), "summary").iter().map(|e| e[field].as_u64().unwrap_or(0)).sum()
+    };
+    wait_until("the summaries add up to the work", WAIT, || {
+        total("ingested") == 7 && total("released") == 2 && {
+            let lines = log_events(&daemon.log(), "summary");
+            lines.last().is_some_and(|l| l["scheduled"] == "0" && l["watermark"] == "1800000001500")
+        }
+    });
+    let lines = log_events(&daemon.log(), "summary");
+    for (field, want) in [("adds", 3), ("cancels", 1), ("watermarks", 2), ("dead", 1), ("released", 2), ("late", 1)] {
+        assert_eq!(total(field), want, "{field}: {lines:#?}");
+    }
+    let last = lines.last().unwrap();
+    assert_eq!(last["level"], "INFO", "{last}");
+    assert_eq!(last["target"], "tidemark::daemon::summary", "{last}");
+    assert_eq!(last["watermark_utc"], "2027-01-15T08:00:01.500Z", "{last}");
+    assert_eq!(last["input_lag"], "0", "{last}");
+    assert_eq!(last["every"], "200ms", "{last}");
+}
