@@ -1,5 +1,6 @@
 //! The single integration-test binary (`cargo test --test it`).
 
+mod alerts;
 mod cli;
 mod clock;
 mod consume;
