@@ -647,8 +647,9 @@ pub fn redact_url(url: &str) -> String {
 }
 
 /// [`redact_url`] for text that is not a URL: the userinfo's part after
-/// the first `:` (up to the last `@`) and every `pass=`/`password=` query
-/// value become `***`; everything else is kept.
+/// the first `:` (up to the last `@`; without an `@`, a "port" that is not
+/// a number) and every `pass=`/`password=` query value become `***`;
+/// everything else is kept.
 fn redact_unparsed(text: &str) -> String {
     let (scheme, rest) = match text.find("://") {
         Some(i) => text.split_at(i + 3),
@@ -669,7 +670,19 @@ fn redact_unparsed(text: &str) -> String {
             }
             host
         }
-        None => rest,
+        // `user:password` without `@host`: a "port" that is not a number
+        // may be a password.
+        None => {
+            let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            match rest[..end].rfind(':') {
+                Some(colon) if !rest[colon + 1..end].chars().all(|c| c.is_ascii_digit()) => {
+                    out.push_str(&rest[..=colon]);
+                    out.push_str("***");
+                    &rest[end..]
+                }
+                _ => rest,
+            }
+        }
     };
     match rest.split_once('?') {
         Some((path, query)) => {
@@ -1073,7 +1086,9 @@ mod tests {
         for (written, shown) in [
             ("redis://app:s3cret@[bad/0", "redis://app:***@[bad/0"),
             ("redis://:s3:cr@et@127.0.0.1:63 79", "redis://:***@127.0.0.1:63 79"),
-            ("redis://127.0.0.1:port", "redis://127.0.0.1:port"),
+            ("redis://[::1:6379/0", "redis://[::1:6379/0"),
+            ("redis://127.0.0.1:99999", "redis://127.0.0.1:99999"),
+            ("redis://app:s3cret/0", "redis://app:***/0"),
             ("redis://app@[::1:6379", "redis://app@[::1:6379"),
             ("unix:///run/redis.sock?pass=s3cret&db=x y", "unix:///run/redis.sock?pass=***&db=x y"),
             ("s3cret@host", "***@host"),

@@ -115,8 +115,8 @@ fn validate_command(command: &Command) -> Result<(), String> {
             if a.id.is_empty() {
                 return Err("--id must not be empty".into());
             }
+            // The payload's fields were checked while gathering them.
             ts(&a.ts)
-            // Fields were checked while gathering the payload.
         }
         Command::Cancel(c) if c.id.is_empty() => Err("--id must not be empty".into()),
         Command::Watermark(w) => ts(&w.ts),
