@@ -8,7 +8,7 @@ ARGS ?=
 BIN := target/release/tidemark
 
 .DEFAULT_GOAL := help
-.PHONY: help build run test lint fmt demo bench clean ensure-redis ensure-chromium shellcheck
+.PHONY: help build run test lint fmt demo bench clean ensure-redis ensure-chromium ensure-prometheus ensure-python3 shellcheck
 
 help: ## List the targets
 	@echo "tidemark developer targets:"
@@ -22,7 +22,7 @@ build: ## cargo build --release (target/release/tidemark)
 run: build ## Run the daemon in the foreground with a private Redis (ARGS="..." go to `tidemark run`)
 	scripts/run-local.sh $(ARGS)
 
-test: ensure-redis ensure-chromium ## All tests (unit, integration, doc); installs Redis and Chromium if missing
+test: ensure-redis ensure-chromium ensure-prometheus ensure-python3 ## All tests (unit, integration, doc); installs Redis, Chromium, Prometheus and Python 3 if missing
 	$(CARGO) test --all-targets
 	$(CARGO) test --doc
 
@@ -50,6 +50,12 @@ ensure-redis: ## Check for redis-server/redis-cli >= 6.2, install them on Debian
 
 ensure-chromium: ## Check for Chromium (the dashboard test's browser), install it on Debian/Ubuntu
 	@scripts/ensure-chromium.sh
+
+ensure-prometheus: ## Check for prometheus and promtool (the alert tests), install them on Debian/Ubuntu
+	@scripts/ensure-prometheus.sh
+
+ensure-python3: ## Check for python3 (the README's consumer example), install it on Debian/Ubuntu
+	@scripts/ensure-python3.sh
 
 shellcheck: ## Check the shell scripts (needs shellcheck)
 	shellcheck -x scripts/*.sh .ci/run

@@ -10,7 +10,14 @@
 # on a free port (data in a temp dir), prints ready-to-paste redis-cli lines,
 # runs the daemon against it and, when the daemon exits (Ctrl-C / SIGTERM are
 # forwarded to it), stops that Redis and removes the temp dir. The exit status
-# is the daemon's.
+# is the daemon's. Unless groups are chosen (--group, TIDEMARK__DAEMON__GROUPS
+# or daemon.groups in the config file), the daemon creates the output group
+# "billing" that the README's examples read.
+#
+# Started in the background from a script (`make run &`), the shell starts it
+# with SIGINT ignored, which no trap can undo: stop it with SIGTERM instead
+# (`kill PID`, the banner prints the PID; `kill` of make works too, make
+# passes SIGTERM on).
 #
 # Environment: TIDEMARK_BIN (default target/release/tidemark),
 #              TIDEMARK_CONFIG (default config/tidemark.toml).
@@ -74,6 +81,32 @@ redis_start
 export REDIS_URL=$REDIS_LOCAL_URL
 P=$REDIS_PORT
 
+# The output group the README's examples read, unless groups are chosen.
+GROUP_ARGS=()
+GROUP_NOTE="Output groups: as configured (--group, TIDEMARK__DAEMON__GROUPS or daemon.groups)."
+chosen=false
+[[ -n "${TIDEMARK__DAEMON__GROUPS:-}" ]] && chosen=true
+for arg in "$@"; do
+  case "$arg" in
+    --group | --group=*) chosen=true ;;
+  esac
+done
+if [[ -f "$CONFIG" ]] && grep -Eq '^[[:space:]]*groups[[:space:]]*=[[:space:]]*\[[[:space:]]*[^][:space:]]' "$CONFIG"; then
+  chosen=true
+fi
+if [[ "$chosen" == false ]]; then
+  GROUP_ARGS=(--group billing)
+  GROUP_NOTE="Output group \"billing\" created on 'tidemark:{default}:out' (make run ARGS=\"--group G\" to choose others)."
+fi
+
+# SIGINT ignored on entry (started in the background by a script) cannot be
+# trapped: say how to stop instead.
+if [[ "$(trap -p INT)" == "trap -- '' SIGINT" ]]; then
+  STOP="Stop with: kill $$   (SIGTERM; SIGINT is ignored here: started in the background by a script)"
+else
+  STOP="Stop with Ctrl-C, or from another shell: kill $$   (SIGTERM)"
+fi
+
 # The HTTP endpoint (dashboard, /metrics, /healthz, /readyz) on a free port
 # too, unless the caller chose an address.
 HTTP_ARGS=()
@@ -87,13 +120,16 @@ fi
 cat <<BANNER
 ------------------------------------------------------------------------------
 tidemark: private Redis at $REDIS_URL (data in $REDIS_DIR, removed on exit)
+$GROUP_NOTE
 Try, in another terminal:
   redis-cli -p $P XADD 'tidemark:{default}:in' '*' op add id hello ts 1 msg world
   redis-cli -p $P XADD 'tidemark:{default}:in' '*' op watermark ts 1
   redis-cli -p $P XRANGE 'tidemark:{default}:out' - +
+  redis-cli -p $P XREADGROUP GROUP billing worker-1 COUNT 10 STREAMS 'tidemark:{default}:out' '>'
   REDIS_URL=$REDIS_URL $BIN status
+  REDIS_URL=$REDIS_URL $BIN consume --group reminders -- python3 $ROOT/examples/remind.py
 $DASHBOARD
-Stop with Ctrl-C.
+$STOP
 ------------------------------------------------------------------------------
 BANNER
 
@@ -101,9 +137,11 @@ BANNER
 # (the EXIT trap stops Redis). In its own session where setsid exists, so a
 # terminal Ctrl-C reaches it exactly once: forwarded by the trap below.
 if command -v setsid >/dev/null 2>&1; then
-  setsid "$BIN" ${CONFIG_ARGS[@]+"${CONFIG_ARGS[@]}"} ${HTTP_ARGS[@]+"${HTTP_ARGS[@]}"} run "$@" </dev/null &
+  setsid "$BIN" ${CONFIG_ARGS[@]+"${CONFIG_ARGS[@]}"} ${HTTP_ARGS[@]+"${HTTP_ARGS[@]}"} run \
+    ${GROUP_ARGS[@]+"${GROUP_ARGS[@]}"} "$@" </dev/null &
 else
-  "$BIN" ${CONFIG_ARGS[@]+"${CONFIG_ARGS[@]}"} ${HTTP_ARGS[@]+"${HTTP_ARGS[@]}"} run "$@" </dev/null &
+  "$BIN" ${CONFIG_ARGS[@]+"${CONFIG_ARGS[@]}"} ${HTTP_ARGS[@]+"${HTTP_ARGS[@]}"} run \
+    ${GROUP_ARGS[@]+"${GROUP_ARGS[@]}"} "$@" </dev/null &
 fi
 DAEMON_PID=$!
 

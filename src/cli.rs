@@ -1,5 +1,7 @@
 //! The command-line surface (DESIGN.md §6), parsed with clap.
 
+pub mod fields;
+
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
@@ -46,7 +48,7 @@ pub struct GlobalArgs {
     #[arg(long, global = true, value_name = "FORMAT")]
     pub log_format: Option<String>,
     /// For run and consume: serve /healthz, /readyz, /metrics and the dashboard on
-    /// IP:PORT, or "off" [default: 127.0.0.1:9464]
+    /// IP:PORT, or "off" [default: 127.0.0.1:9464, or a free port when it is taken]
     #[arg(long, global = true, value_name = "ADDR")]
     pub http: Option<String>,
 }
@@ -79,8 +81,9 @@ pub enum Command {
     ///
     /// Exit 0 acknowledges the element. Any other exit, or running past --timeout (its
     /// process group is killed), is a failure retried after --claim-idle; the failure of
-    /// delivery --max-deliveries moves it to the dead-letter stream. Its stdout and stderr
-    /// are logged line by line, tagged with the element id. SIGTERM/SIGINT: stop reading,
+    /// delivery --max-deliveries moves it to the dead-letter stream, its detail ending with
+    /// the last lines the command wrote to stderr. Its stdout and stderr are logged line by
+    /// line, tagged with the element id. SIGTERM/SIGINT: stop reading,
     /// let running commands finish within consume.shutdown_grace, then exit 0.
     #[command(verbatim_doc_comment)]
     Consume(ConsumeArgs),
@@ -92,7 +95,7 @@ pub enum Command {
 /// `tidemark consume`
 #[derive(Debug, Args)]
 pub struct ConsumeArgs {
-    /// Output consumer group to read (created at id 0 if missing)
+    /// Output consumer group to read (created if missing; see --from)
     #[arg(long, value_name = "G")]
     pub group: String,
     /// Consumer name in the group [default: $POD_NAME, then the host name]
@@ -110,6 +113,11 @@ pub struct ConsumeArgs {
     /// Kill the command after this long, e.g. 5m; counts as a failure [default: 5m]
     #[arg(long, value_name = "DUR")]
     pub timeout: Option<String>,
+    /// Where the group starts if it does not exist yet: "start" (every element still in
+    /// the output stream) or "new" (only elements released from now on); an existing
+    /// group is left as it is [default: start]
+    #[arg(long, value_name = "WHERE", value_parser = ["start", "new"])]
+    pub from: Option<String>,
     /// The command and its arguments (after `--`)
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<String>,
@@ -166,6 +174,10 @@ pub struct RunArgs {
 
 /// `tidemark add`
 #[derive(Debug, Args)]
+#[command(after_help = "The payload's fields keep the order in which --field, --field-file and --json \
+                        are given. Values are sent byte for byte: a file's trailing newline is part of \
+                        its value. The command line holds at most about 128 KiB per argument; bigger \
+                        values go through --field-file or --json.")]
 pub struct AddArgs {
     /// Element id
     #[arg(long)]
@@ -173,9 +185,20 @@ pub struct AddArgs {
     /// Timestamp: an integer within ±(2^53-1)
     #[arg(long, allow_hyphen_values = true)]
     pub ts: String,
-    /// Payload field (repeatable, kept in order)
+    /// Payload field (repeatable)
     #[arg(long = "field", value_name = "KEY=VALUE")]
     pub fields: Vec<String>,
+    /// Payload field whose value is the content of PATH, byte for byte; `-` reads stdin
+    /// (repeatable)
+    #[arg(long = "field-file", value_name = "KEY=PATH")]
+    pub field_files: Vec<String>,
+    /// Payload fields from a JSON object in FILE (`-`: stdin), in its order:
+    /// {"customer": "7", "raw": {"base64": "AP8="}, "tag": ["a", "b"]}
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// The payload gathered from the three options above (filled after parsing).
+    #[arg(skip)]
+    pub payload: Vec<tidemark::core::op::Field>,
 }
 
 /// `tidemark cancel`

@@ -12,7 +12,7 @@ use crate::core::op::{Limits, HARD_MAX_PAYLOAD_FIELDS};
 use crate::core::route::MAX_PARTITIONS;
 use crate::core::RetryPolicy;
 use crate::store::keys::{invalid_namespace, Namespace};
-use crate::store::{ConnectOptions, Endpoint, Mode};
+use crate::store::{ConnectOptions, Endpoint, GroupStart, Mode};
 
 /// The configuration file read when `--config` is not given, if it exists.
 pub const DEFAULT_CONFIG_PATH: &str = "config/tidemark.toml";
@@ -162,6 +162,9 @@ pub struct RawConsume {
     /// Time allowed for in-flight handlers after SIGTERM/SIGINT.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Where a group that does not exist yet starts: `start` (every entry
+    /// still in `:out`) or `new` (only what is released from now on).
+    pub from: String,
 }
 
 impl Default for RawConsume {
@@ -176,6 +179,7 @@ impl Default for RawConsume {
             max_deliveries: 5,
             timeout: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(10),
+            from: "start".into(),
         }
     }
 }
@@ -263,29 +267,30 @@ impl Default for RawLimits {
 pub struct RawLog {
     /// `text` or `json`.
     pub format: String,
+    /// How often the daemon logs a one-line summary of its work, when
+    /// something changed (`0s`: never).
+    #[serde(with = "humantime_serde")]
+    pub summary_interval: Duration,
 }
 
 impl Default for RawLog {
     fn default() -> Self {
-        RawLog { format: "text".into() }
+        RawLog { format: "text".into(), summary_interval: Duration::from_secs(10) }
     }
 }
 
 /// `[http]`: `/healthz`, `/readyz`, `/metrics` and the dashboard.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawHttp {
     /// `IP:PORT` to listen on (`run` and `consume`); `off` or empty: none.
-    pub addr: String,
+    /// Unset: [`DEFAULT_HTTP_ADDR`], or a free port when it is taken.
+    pub addr: Option<String>,
 }
 
-impl Default for RawHttp {
-    fn default() -> Self {
-        RawHttp { addr: DEFAULT_HTTP_ADDR.into() }
-    }
-}
-
-/// Where `run` and `consume` serve HTTP unless configured otherwise.
+/// Where `run` and `consume` serve HTTP unless configured otherwise; when
+/// it is taken (another tidemark process on the host), a free port of the
+/// same IP instead.
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:9464";
 
 /// The configuration as read, before validation.
@@ -348,6 +353,8 @@ pub struct Overrides {
     pub consume_claim_idle: Option<String>,
     /// `consume --timeout` (as written)
     pub consume_timeout: Option<String>,
+    /// `consume --from` (`start` or `new`)
+    pub consume_from: Option<String>,
     /// `--http` (`run` and `consume`)
     pub http_addr: Option<String>,
 }
@@ -448,6 +455,9 @@ impl RawConfig {
         if let Some(d) = &overrides.consume_timeout {
             builder = builder.set_override("consume.timeout", d.as_str())?;
         }
+        if let Some(f) = &overrides.consume_from {
+            builder = builder.set_override("consume.from", f.as_str())?;
+        }
         if let Some(a) = &overrides.http_addr {
             builder = builder.set_override("http.addr", a.as_str())?;
         }
@@ -516,6 +526,8 @@ pub struct ConsumeSettings {
     pub timeout: Duration,
     /// Drain deadline on shutdown.
     pub shutdown_grace: Duration,
+    /// Where a group that does not exist yet starts reading.
+    pub from: GroupStart,
 }
 
 /// Liveness lease settings.
@@ -571,8 +583,14 @@ pub struct Settings {
     pub housekeeping: HousekeepingSettings,
     /// Log format.
     pub log_format: LogFormat,
+    /// Period of the daemon's summary line (`None`: off).
+    pub log_summary_interval: Option<Duration>,
     /// Where to serve HTTP (`None`: off).
     pub http_addr: Option<std::net::SocketAddr>,
+    /// Whether `http_addr` is the built-in default rather than configured
+    /// (flag, environment or file): the default gives way to a free port
+    /// when it is taken, a configured address that is taken is an error.
+    pub http_addr_is_default: bool,
 }
 
 /// Hard upper bound on `batch_size`: the apply script unpacks two values
@@ -621,7 +639,9 @@ pub(crate) fn consumer_name(configured: &str, env: &dyn Env) -> String {
 }
 
 /// Masks the password of a Redis URL: `redis://user:***@host:6379/0`, and
-/// the `pass` query parameter of a `unix://` URL.
+/// the `pass` query parameter of a `unix://` URL. A URL that does not parse
+/// is shown as written, with only what could be a password masked, so that
+/// the typo stays visible.
 pub fn redact_url(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut u) => {
@@ -640,8 +660,64 @@ pub fn redact_url(url: &str) -> String {
             }
             u.to_string()
         }
-        Err(_) => "<unparseable url>".into(),
+        Err(_) => redact_unparsed(url),
     }
+}
+
+/// [`redact_url`] for text that is not a URL: the userinfo's part after
+/// the first `:` (up to the last `@`; without an `@`, a "port" that is not
+/// a number) and every `pass=`/`password=` query value become `***`;
+/// everything else is kept.
+fn redact_unparsed(text: &str) -> String {
+    let (scheme, rest) = match text.find("://") {
+        Some(i) => text.split_at(i + 3),
+        None => ("", text),
+    };
+    let mut out = scheme.to_owned();
+    let rest = match rest.rfind('@') {
+        Some(at) => {
+            let (userinfo, host) = rest.split_at(at);
+            match userinfo.find(':') {
+                Some(colon) => {
+                    out.push_str(&userinfo[..=colon]);
+                    out.push_str("***");
+                }
+                // No scheme: no telling a user from a password.
+                None if scheme.is_empty() => out.push_str("***"),
+                None => out.push_str(userinfo),
+            }
+            host
+        }
+        // `user:password` without `@host`: a "port" that is not a number
+        // may be a password.
+        None => {
+            let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            match rest[..end].rfind(':') {
+                Some(colon) if !rest[colon + 1..end].chars().all(|c| c.is_ascii_digit()) => {
+                    out.push_str(&rest[..=colon]);
+                    out.push_str("***");
+                    &rest[end..]
+                }
+                _ => rest,
+            }
+        }
+    };
+    match rest.split_once('?') {
+        Some((path, query)) => {
+            out.push_str(path);
+            out.push('?');
+            let pairs: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((k, _)) if k == "pass" || k == "password" => format!("{k}=***"),
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            out.push_str(&pairs.join("&"));
+        }
+        None => out.push_str(rest),
+    }
+    out
 }
 
 /// The environment variable that may hold the Redis password (for example
@@ -832,6 +908,8 @@ impl Settings {
             max_deliveries: range("consume.max_deliveries", c.max_deliveries as usize, 1, 1_000_000)? as u64,
             timeout: positive("consume.timeout", c.timeout)?,
             shutdown_grace: positive("consume.shutdown_grace", c.shutdown_grace)?,
+            from: GroupStart::parse(c.from.trim())
+                .ok_or_else(|| invalid("consume.from", format!("{:?} is not one of start, new", c.from)))?,
         };
         valid_name("consume.consumer", &consume.consumer)?;
         let lease = LeaseSettings {
@@ -858,7 +936,7 @@ impl Settings {
             "json" => LogFormat::Json,
             other => return Err(invalid("log.format", format!("{other:?} is not one of text, json"))),
         };
-        let http_addr = parse_http_addr(&raw.http.addr)?;
+        let http_addr = parse_http_addr(raw.http.addr.as_deref().unwrap_or(DEFAULT_HTTP_ADDR))?;
         Ok(Settings {
             redis: Endpoint::new(client, certs, mode, connect.clone()),
             redis_display: redact_url(url),
@@ -870,7 +948,9 @@ impl Settings {
             lease,
             housekeeping,
             log_format,
+            log_summary_interval: (!raw.log.summary_interval.is_zero()).then_some(raw.log.summary_interval),
             http_addr,
+            http_addr_is_default: raw.http.addr.is_none(),
         })
     }
 }
@@ -973,6 +1053,7 @@ mod tests {
             ("TIDEMARK__DAEMON__BLOCK", "soon", "block"),
             ("TIDEMARK__NAMESPACE", "a}b", "namespace"),
             ("TIDEMARK__DAEMON__NOPE", "1", "nope"),
+            ("TIDEMARK__CONSUME__FROM", "end", "consume.from"),
         ];
         for (k, v, key) in cases {
             let msg = bad_key(&[(k, v), ("POD_NAME", "p")]);
@@ -981,11 +1062,31 @@ mod tests {
     }
 
     #[test]
+    fn summary_interval_default_and_off() {
+        let s = settings(&[("POD_NAME", "p")], Overrides::default()).unwrap();
+        assert_eq!(s.log_summary_interval, Some(Duration::from_secs(10)));
+        let s =
+            settings(&[("POD_NAME", "p"), ("TIDEMARK__LOG__SUMMARY_INTERVAL", "1m")], Overrides::default()).unwrap();
+        assert_eq!(s.log_summary_interval, Some(Duration::from_secs(60)));
+        let s =
+            settings(&[("POD_NAME", "p"), ("TIDEMARK__LOG__SUMMARY_INTERVAL", "0s")], Overrides::default()).unwrap();
+        assert_eq!(s.log_summary_interval, None);
+        assert!(
+            bad_key(&[("POD_NAME", "p"), ("TIDEMARK__LOG__SUMMARY_INTERVAL", "often")]).contains("summary_interval")
+        );
+    }
+
+    #[test]
     fn http_addr_default_env_flag_and_off() {
         let s = settings(&[("POD_NAME", "p")], Overrides::default()).unwrap();
         assert_eq!(s.http_addr, Some("127.0.0.1:9464".parse().unwrap()));
+        assert!(s.http_addr_is_default);
         let s = settings(&[("POD_NAME", "p"), ("TIDEMARK__HTTP__ADDR", "0.0.0.0:8080")], Overrides::default()).unwrap();
         assert_eq!(s.http_addr, Some("0.0.0.0:8080".parse().unwrap()));
+        assert!(!s.http_addr_is_default);
+        // The default address, written out, is configured: taken, it is an error.
+        let o = Overrides { http_addr: Some(DEFAULT_HTTP_ADDR.into()), ..Overrides::default() };
+        assert!(!settings(&[("POD_NAME", "p")], o).unwrap().http_addr_is_default);
         for off in ["off", "OFF", ""] {
             let o = Overrides { http_addr: Some(off.into()), ..Overrides::default() };
             let s = settings(&[("POD_NAME", "p"), ("TIDEMARK__HTTP__ADDR", "0.0.0.0:8080")], o).unwrap();
@@ -1011,7 +1112,27 @@ mod tests {
         assert!(s.redis_display.contains("app:***@"));
         let msg = bad_key(&[("REDIS_URL", "redis://app:s3cret@[bad/0")]);
         assert!(!msg.contains("s3cret"), "{msg}");
+        // The typo stays visible; only the password is masked.
+        assert!(msg.contains("redis://app:***@[bad/0"), "{msg}");
         assert_eq!(redact_url("unix:///run/redis.sock?db=2&pass=s3cret"), "unix:///run/redis.sock?db=2&pass=***");
+    }
+
+    #[test]
+    fn unparseable_urls_are_shown_with_only_the_password_masked() {
+        for (written, shown) in [
+            ("redis://app:s3cret@[bad/0", "redis://app:***@[bad/0"),
+            ("redis://:s3:cr@et@127.0.0.1:63 79", "redis://:***@127.0.0.1:63 79"),
+            ("redis://[::1:6379/0", "redis://[::1:6379/0"),
+            ("redis://127.0.0.1:99999", "redis://127.0.0.1:99999"),
+            ("redis://app:s3cret/0", "redis://app:***/0"),
+            ("redis://app@[::1:6379", "redis://app@[::1:6379"),
+            ("unix:///run/redis.sock?pass=s3cret&db=x y", "unix:///run/redis.sock?pass=***&db=x y"),
+            ("s3cret@host", "***@host"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redact_unparsed(written), shown, "{written}");
+        }
+        assert_eq!(redact_url("redis://app:s3cret@[bad/0"), "redis://app:***@[bad/0");
     }
 
     #[test]

@@ -158,6 +158,23 @@ pub fn cell(b: &[u8], max: usize) -> String {
     cut
 }
 
+/// Like [`cell`], but a long value keeps its start and its end, cut in the
+/// middle: a detail's end says why (e.g. the last line of a failing
+/// command's stderr).
+pub fn cell_ends(b: &[u8], max: usize) -> String {
+    let text = cell(b, usize::MAX);
+    let count = text.chars().count();
+    if count <= max {
+        return text;
+    }
+    let head = max.saturating_sub(1) / 2;
+    let tail = max.saturating_sub(1) - head;
+    let mut cut: String = text.chars().take(head).collect();
+    cut.push('…');
+    cut.extend(text.chars().skip(count - tail));
+    cut
+}
+
 /// Renders dead letters as an aligned table with a header line.
 pub fn render_table(letters: &[DeadLetter]) -> String {
     let header = ["ENTRY ID", "REASON", "ORIGIN", "ORIGIN ID", "ELEMENT", "DETAIL"];
@@ -170,7 +187,7 @@ pub fn render_table(letters: &[DeadLetter]) -> String {
                 cell(&l.origin, 32),
                 cell(&l.origin_id, 32),
                 l.element_id().map_or_else(|| "-".to_owned(), |e| cell(e, ELEMENT_WIDTH)),
-                cell(&l.detail, DETAIL_WIDTH),
+                cell_ends(&l.detail, DETAIL_WIDTH),
             ]
         })
         .collect();
@@ -465,6 +482,9 @@ mod tests {
         assert_eq!(cell(b"say \"hi\"", 20), "say \"hi\"");
         assert_eq!(cell(b"abcdefghij", 5), "abcd…");
         assert_eq!(cell(b"", 5), "-", "an empty cell keeps the columns readable");
+        assert_eq!(cell_ends(b"abcdefghij", 5), "ab…ij");
+        assert_eq!(cell_ends(b"failed; stderr:\nKeyError", 12), "faile…yError");
+        assert_eq!(cell_ends(b"short", 5), "short");
         let table = render_table(&[letter()]);
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 2, "{table}");

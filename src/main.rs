@@ -7,7 +7,7 @@ mod cli;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use futures::StreamExt;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use tokio_util::sync::CancellationToken;
@@ -26,13 +26,25 @@ use tidemark::store::{self, status, StoreError};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    let parsed = Cli::command().try_get_matches().and_then(|m| Cli::from_arg_matches(&m).map(|cli| (cli, m)));
+    let (mut cli, matches) = match parsed {
+        Ok(parsed) => parsed,
         Err(e) => {
             let _ = e.print();
             return if e.use_stderr() { ExitCode::from(EXIT_CONFIG) } else { ExitCode::SUCCESS };
         }
     };
+    // The payload of `add`: files and stdin are read now, before anything
+    // connects, in the order the options were given.
+    if let (Command::Add(a), Some(m)) = (&mut cli.command, matches.subcommand_matches("add")) {
+        match cli::fields::gather(&cli::fields::sources(m), std::io::stdin().lock()) {
+            Ok(payload) => a.payload = payload,
+            Err(e) => {
+                eprintln!("tidemark: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    }
     let mut overrides = Overrides::default();
     overrides.config_file = cli.global.config.clone();
     overrides.redis_url = cli.global.redis_url.clone();
@@ -52,6 +64,7 @@ fn main() -> ExitCode {
             overrides.consume_max_deliveries = c.max_deliveries;
             overrides.consume_claim_idle = c.claim_idle.clone();
             overrides.consume_timeout = c.timeout.clone();
+            overrides.consume_from = c.from.clone();
         }
         _ => {}
     }
@@ -108,18 +121,8 @@ fn validate_command(command: &Command) -> Result<(), String> {
             if a.id.is_empty() {
                 return Err("--id must not be empty".into());
             }
-            ts(&a.ts)?;
-            for f in &a.fields {
-                match f.split_once('=') {
-                    Some(("", _)) => return Err(format!("--field {f:?}: the key is empty")),
-                    Some((k, _)) if matches!(k, "op" | "id" | "ts") => {
-                        return Err(format!("--field {f:?}: `{k}` is reserved"))
-                    }
-                    Some(_) => {}
-                    None => return Err(format!("--field {f:?} is not KEY=VALUE")),
-                }
-            }
-            Ok(())
+            // The payload's fields were checked while gathering them.
+            ts(&a.ts)
         }
         Command::Cancel(c) if c.id.is_empty() => Err("--id must not be empty".into()),
         Command::Watermark(w) => ts(&w.ts),
@@ -228,8 +231,10 @@ async fn run_daemon(settings: Settings) -> ExitCode {
     code
 }
 
-/// Starts the HTTP server if `http.addr` is set, with the Prometheus
-/// recorder installed. A taken address is a startup error (exit 1).
+/// Starts the HTTP server unless `http.addr` is off, with the Prometheus
+/// recorder installed. A configured address that is taken is a startup
+/// error (exit 1); the built-in default gives way to a free port, so that
+/// any number of processes share a host.
 async fn start_http(settings: &Settings, mut endpoints: Endpoints) -> Result<Option<http::Server>, ExitCode> {
     let Some(addr) = settings.http_addr else {
         return Ok(None);
@@ -238,7 +243,20 @@ async fn start_http(settings: &Settings, mut endpoints: Endpoints) -> Result<Opt
         Ok(handle) => endpoints = endpoints.prometheus(handle),
         Err(e) => warn!(error = %e, "serving /metrics without script latency, dead-letter and consumer metrics"),
     }
-    match http::Server::start(addr, endpoints).await {
+    let started = match http::Server::start(addr, endpoints.clone()).await {
+        Err(http::HttpError::Bind { source, .. })
+            if settings.http_addr_is_default && source.kind() == std::io::ErrorKind::AddrInUse =>
+        {
+            info!(
+                taken = %addr,
+                "the default HTTP address is taken (another tidemark on this host?): serving on a free port; \
+                 set http.addr or --http to choose one"
+            );
+            http::Server::start(std::net::SocketAddr::new(addr.ip(), 0), endpoints).await
+        }
+        other => other,
+    };
+    match started {
         Ok(server) => Ok(Some(server)),
         Err(e) => {
             error!(error = %e, "cannot start: choose another address with --http IP:PORT (or --http off)");
@@ -294,14 +312,23 @@ async fn one_shot(settings: &Settings, command: Command) -> Result<(), StoreErro
     let id = match command {
         Command::Add(a) => {
             let ts = parse_ts(a.ts.as_bytes()).expect("validated");
-            let fields: Vec<(&[u8], &[u8])> = a
-                .fields
-                .iter()
-                .map(|f| {
-                    let (k, v) = f.split_once('=').expect("validated");
-                    (k.as_bytes(), v.as_bytes())
-                })
-                .collect();
+            let mut entry: Vec<tidemark::core::op::Field> = vec![
+                (b"op".to_vec(), b"add".to_vec()),
+                (b"id".to_vec(), a.id.clone().into_bytes()),
+                (b"ts".to_vec(), ts.to_string().into()),
+            ];
+            entry.extend(a.payload);
+            // The daemons judge the entry by their own limits; these are
+            // ours, which are usually theirs.
+            if let Err(rejection) = tidemark::core::op::parse(&entry, &settings.daemon.limits) {
+                eprintln!(
+                    "tidemark: warning: a daemon with this configuration's limits (limits.*) will dead-letter \
+                     this entry as {}: {}",
+                    rejection.reason.code(),
+                    rejection.detail
+                );
+            }
+            let fields: Vec<(&[u8], &[u8])> = entry[3..].iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
             producer.add(a.id.as_bytes(), ts, &fields).await?
         }
         Command::Cancel(c) => producer.cancel(c.id.as_bytes()).await?,
@@ -331,5 +358,25 @@ async fn one_shot(settings: &Settings, command: Command) -> Result<(), StoreErro
         Command::Run(_) | Command::Consume(_) => unreachable!("long-running commands are handled above"),
     };
     println!("{id}");
+    warn_if_nobody_serves(&mut conn, &ns).await;
     Ok(())
+}
+
+/// After writing to `:in`: a warning on stderr when no daemon serves the
+/// namespace (a mistyped `--namespace`, or the daemons are down), naming
+/// the namespaces that are served. The entry stays written; a failure to
+/// tell is not an error.
+async fn warn_if_nobody_serves(conn: &mut store::Conn, ns: &store::Namespace) {
+    use tidemark::store::serving;
+    let keys = &ns.partition(0);
+    match serving::live_daemons(conn, ns).await {
+        Ok(0) => {
+            let served = serving::served_namespaces(conn, keys).await.unwrap_or_default();
+            eprintln!("tidemark: warning: {}", serving::nobody_serves(keys, &served));
+        }
+        Ok(_) => {}
+        Err(e) => {
+            eprintln!("tidemark: warning: cannot tell whether a daemon serves namespace {:?}: {e}", keys.namespace)
+        }
+    }
 }

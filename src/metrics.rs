@@ -43,6 +43,8 @@ pub const INPUT_PENDING: &str = "tidemark_input_pending";
 pub const INPUT_LAG: &str = "tidemark_input_lag";
 /// Gauge: daemons in the input group.
 pub const INPUT_DAEMONS: &str = "tidemark_input_daemons";
+/// Gauge: daemons holding a liveness lease (0: nothing serves the namespace).
+pub const INPUT_LIVE_DAEMONS: &str = "tidemark_input_live_daemons";
 /// Gauge: entries in `:out`.
 pub const OUTPUT_LENGTH: &str = "tidemark_output_length";
 /// Gauge: entries in `:dead`.

@@ -2,13 +2,17 @@
 //! element. The element arrives as one JSON object on stdin (see
 //! [`super::element_json`]) with its metadata in `TIDEMARK_*` variables;
 //! exit 0 acknowledges, any other end is a failure retried later. The
-//! command runs in its own process group, killed whole on timeout.
+//! command runs in its own process group, killed whole on timeout. A
+//! failure's message ends with the last lines the command wrote to stderr,
+//! so a dead letter says why.
 
+use std::collections::VecDeque;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use rustix::process::{kill_process_group, Pid, Signal};
@@ -27,6 +31,14 @@ const MAX_LINE: u64 = 16 * 1024;
 /// After the command exits, how long its output may take to reach the log
 /// (a background process it started may hold the pipes open for longer).
 const OUTPUT_DRAIN: Duration = Duration::from_millis(500);
+/// Longest failure message: how the command ended, then the end of its
+/// stderr. The dead letter's detail puts `delivery N of M failed: ` before
+/// it and is cut at the runtime's bound, which must never cut the end off.
+const MAX_FAILURE: usize = super::runtime::MAX_DETAIL - 100;
+/// Most stderr kept per run (its last lines), before fitting the message.
+const STDERR_KEPT: usize = 4 * 1024;
+/// Between how the command ended and the end of its stderr.
+const STDERR_HEADER: &str = "; last lines of stderr:\n";
 
 /// Runs `program` once per element of `group` until `shutdown`, reporting
 /// its connection state to `readiness`.
@@ -63,10 +75,77 @@ fn on_path(command: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(command).is_file()))
 }
 
-/// Why one run of the command failed.
+/// Why one run of the command failed: how it ended, then (if it wrote any)
+/// the last lines of its stderr, at most about 1.9 KB in all.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct CommandFailure(String);
+
+impl CommandFailure {
+    /// This failure followed by the end of `stderr`, within [`MAX_FAILURE`].
+    fn with_stderr(self, stderr: &StderrTail) -> CommandFailure {
+        let room = MAX_FAILURE.saturating_sub(self.0.len() + STDERR_HEADER.len());
+        match stderr.text(room) {
+            Some(tail) => CommandFailure(format!("{}{STDERR_HEADER}{tail}", self.0)),
+            None => self,
+        }
+    }
+}
+
+/// The last lines a command wrote to stderr, at most [`STDERR_KEPT`] bytes.
+#[derive(Debug, Default)]
+struct StderrTail {
+    /// The lines, oldest first, without their line ends.
+    lines: VecDeque<String>,
+    /// Their total length in bytes.
+    bytes: usize,
+    /// Whether earlier output was dropped.
+    cut: bool,
+}
+
+impl StderrTail {
+    fn push(&mut self, line: &str) {
+        self.bytes += line.len();
+        self.lines.push_back(line.to_owned());
+        while self.bytes > STDERR_KEPT && self.lines.len() > 1 {
+            let dropped = self.lines.pop_front().expect("more than one line");
+            self.bytes -= dropped.len();
+            self.cut = true;
+        }
+    }
+
+    /// The kept lines joined with `\n`, trailing blank lines left out,
+    /// fitted into `room` bytes by dropping the oldest lines (and the start
+    /// of a line too long on its own); `…` marks output left out. `None`
+    /// when there is nothing to show.
+    fn text(&self, room: usize) -> Option<String> {
+        let end = self.lines.iter().rposition(|l| !l.trim().is_empty())?;
+        let mut kept: Vec<&str> = Vec::new();
+        let mut used = 0;
+        let mut cut = self.cut;
+        for line in self.lines.iter().take(end + 1).rev() {
+            // Each line costs a separator, and a cut costs the `…` line.
+            let cost = line.len() + 1;
+            if used + cost + '…'.len_utf8() + 1 > room {
+                cut = true;
+                if kept.is_empty() {
+                    let budget = room.saturating_sub('…'.len_utf8());
+                    let mut start = line.len().saturating_sub(budget);
+                    while !line.is_char_boundary(start) {
+                        start += 1;
+                    }
+                    return (budget > 0).then(|| format!("…{}", &line[start..]));
+                }
+                break;
+            }
+            used += cost;
+            kept.push(line);
+        }
+        kept.reverse();
+        let joined = kept.join("\n");
+        Some(if cut { format!("…\n{joined}") } else { joined })
+    }
+}
 
 /// Runs a command per element.
 #[derive(Debug, Clone)]
@@ -123,9 +202,12 @@ impl Handler for CommandHandler {
             CommandFailure(format!("cannot run {:?}: {e}", self.program))
         })?;
         let mut child = Group(child);
+        let stderr = Arc::new(Mutex::new(StderrTail::default()));
         let pumps = [
-            child.0.stdout.take().map(|out| tokio::spawn(log_lines(out, "stdout", id.clone(), entry.clone()))),
-            child.0.stderr.take().map(|err| tokio::spawn(log_lines(err, "stderr", id.clone(), entry.clone()))),
+            child.0.stdout.take().map(|out| tokio::spawn(log_lines(out, "stdout", id.clone(), entry.clone(), None))),
+            child.0.stderr.take().map(|err| {
+                tokio::spawn(log_lines(err, "stderr", id.clone(), entry.clone(), Some(Arc::clone(&stderr))))
+            }),
         ];
         // Fed from its own task: a command that never reads stdin (or a
         // background process holding it) must not hold up its exit.
@@ -150,7 +232,7 @@ impl Handler for CommandHandler {
             feed.abort();
         }
         drain(pumps).await;
-        result
+        result.map_err(|failure| failure.with_stderr(&stderr.lock().unwrap_or_else(PoisonError::into_inner)))
     }
 }
 
@@ -174,8 +256,15 @@ async fn drain(pumps: [Option<JoinHandle<()>>; 2]) {
     let _ = tokio::time::timeout(OUTPUT_DRAIN, all).await;
 }
 
-/// Logs `stream` line by line, tagged with the element.
-async fn log_lines(stream: impl AsyncRead + Unpin, name: &'static str, id: String, entry: String) {
+/// Logs `stream` line by line, tagged with the element, keeping the last
+/// lines in `tail` if given.
+async fn log_lines(
+    stream: impl AsyncRead + Unpin,
+    name: &'static str,
+    id: String,
+    entry: String,
+    tail: Option<Arc<Mutex<StderrTail>>>,
+) {
     let mut reader = BufReader::new(stream);
     let mut line = Vec::new();
     loop {
@@ -186,6 +275,9 @@ async fn log_lines(stream: impl AsyncRead + Unpin, name: &'static str, id: Strin
                 let text = String::from_utf8_lossy(line.strip_suffix(b"\n").unwrap_or(&line));
                 let text = text.strip_suffix('\r').unwrap_or(&text);
                 info!(id = %id, entry = %entry, stream = %name, "{text}");
+                if let Some(tail) = &tail {
+                    tail.lock().unwrap_or_else(PoisonError::into_inner).push(text);
+                }
             }
         }
     }
@@ -220,6 +312,48 @@ mod tests {
         assert!(describe(ExitStatus::from_raw(0)).is_ok());
         assert_eq!(describe(ExitStatus::from_raw(1 << 8)).unwrap_err().to_string(), "exited with status 1");
         assert_eq!(describe(ExitStatus::from_raw(9)).unwrap_err().to_string(), "was killed by signal 9");
+    }
+
+    fn tail(lines: &[&str]) -> StderrTail {
+        let mut t = StderrTail::default();
+        for l in lines {
+            t.push(l);
+        }
+        t
+    }
+
+    #[test]
+    fn failure_ends_with_the_last_lines_of_stderr() {
+        let failure = || CommandFailure("exited with status 1".into());
+        assert_eq!(failure().with_stderr(&tail(&[])).to_string(), "exited with status 1");
+        assert_eq!(failure().with_stderr(&tail(&["", "  "])).to_string(), "exited with status 1");
+        let t = tail(&["Traceback (most recent call last):", "  File \"remind.py\"", "KeyError: 'customer'", ""]);
+        assert_eq!(
+            failure().with_stderr(&t).to_string(),
+            "exited with status 1; last lines of stderr:\nTraceback (most recent call last):\n  File \"remind.py\"\n\
+             KeyError: 'customer'"
+        );
+    }
+
+    #[test]
+    fn stderr_is_bounded_and_keeps_its_end() {
+        // Much more output than fits: the message stays within the bound,
+        // says that output was left out, and ends with the last line.
+        let lines: Vec<String> = (0..2_000).map(|i| format!("line {i} {}", "x".repeat(i % 50))).collect();
+        let t = tail(&lines.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(t.bytes <= STDERR_KEPT);
+        let message = CommandFailure("exited with status 3".into()).with_stderr(&t).to_string();
+        assert!(message.len() <= MAX_FAILURE, "{} bytes", message.len());
+        assert!(message.len() > MAX_FAILURE - 100, "the room is used: {} bytes", message.len());
+        assert!(message.starts_with("exited with status 3; last lines of stderr:\n…\n"), "{message}");
+        assert!(message.ends_with(&lines[1_999]), "{message}");
+        // One line longer than everything: its end, on a char boundary.
+        let long = format!("start{}end", "é".repeat(3_000));
+        let message = CommandFailure("was killed by signal 9".into()).with_stderr(&tail(&[&long])).to_string();
+        assert!(message.len() <= MAX_FAILURE, "{} bytes", message.len());
+        assert!(message.ends_with("ééend") && message.contains("stderr:\n…é"), "{message}");
+        // The dead letter's detail, with its prefix, is never cut.
+        assert!(MAX_FAILURE + "delivery 1000000 of 1000000 failed: ".len() <= super::super::runtime::MAX_DETAIL);
     }
 
     #[test]

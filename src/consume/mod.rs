@@ -70,7 +70,7 @@ use crate::core::backoff::Backoff;
 use crate::core::EntryId;
 use crate::core::RetryPolicy;
 use crate::health::Readiness;
-use crate::store::{ConnectOptions, Endpoint, Mode, Namespace, StoreError};
+use crate::store::{ConnectOptions, Endpoint, GroupStart, Mode, Namespace, StoreError};
 
 /// Where an output entry is: its partition, and its id in that partition's
 /// `:out`.
@@ -167,6 +167,7 @@ struct Options {
     ack_interval: Duration,
     retry: RetryPolicy,
     readiness: Readiness,
+    from: GroupStart,
 }
 
 /// Builds a [`Consumer`]. Defaults are those of `config/tidemark.toml`.
@@ -226,6 +227,7 @@ impl ConsumerBuilder {
                         .expect("the built-in reconnect bounds are valid"),
                 ),
                 readiness: Readiness::default(),
+                from: GroupStart::Start,
             },
         }
     }
@@ -259,6 +261,7 @@ impl ConsumerBuilder {
                 ack_interval: Duration::from_millis(5),
                 retry: settings.daemon.retry,
                 readiness: Readiness::default(),
+                from: c.from,
             },
         }
     }
@@ -357,6 +360,15 @@ impl ConsumerBuilder {
     /// class allows: see [`RetryPolicy`]).
     pub fn backoff(mut self, backoff: Backoff) -> Self {
         self.opts.retry = RetryPolicy::new(backoff);
+        self
+    }
+
+    /// Where the group starts reading if it does not exist yet (default
+    /// [`GroupStart::Start`]: every entry still in `:out`; [`GroupStart::New`]:
+    /// only what is released from now on). An existing group is left as
+    /// it is.
+    pub fn start_from(mut self, from: GroupStart) -> Self {
+        self.opts.from = from;
         self
     }
 

@@ -26,7 +26,7 @@ use crate::store::scripts::{ClaimFrom, ClaimOutcome, Condemned};
 use crate::store::{self, lease, meta, Conn, Keys, Reconnect, Scripts, StoreError, StreamEntry};
 
 /// Longest `detail` written to `:dead` (a handler's error can be huge).
-const MAX_DETAIL: usize = 2000;
+pub(super) const MAX_DETAIL: usize = 2000;
 /// Most claim calls per idle-claim tick, so a huge pending list cannot
 /// hold the loop for long.
 const CLAIM_PAGES_PER_TICK: usize = 10;
@@ -162,8 +162,8 @@ impl<H: Handler> Runtime<H> {
         let version = store::check_version(&mut conn, &ns.meta()).await?;
         let parts = ns.all();
         for keys in &parts {
-            if store::ensure_group(&mut conn, &keys.out, &c.group).await? {
-                info!(group = %c.group, stream = %keys.out, "created output group at id 0");
+            if store::ensure_group_from(&mut conn, &keys.out, &c.group, o.from).await? {
+                info!(group = %c.group, stream = %keys.out, at = %o.from.id(), "created output group");
             }
         }
         self.scripts.load(&mut conn).await?;

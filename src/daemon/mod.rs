@@ -11,6 +11,7 @@ mod assign;
 pub mod clock;
 mod coordinator;
 pub mod housekeeping;
+pub mod summary;
 mod window;
 mod worker;
 
@@ -71,6 +72,7 @@ pub async fn run(settings: Settings, stats: Arc<Stats>, shutdown: CancellationTo
     if settings.daemon.clock {
         side.push(tokio::spawn(clock::run(settings.clone(), ns.clone(), stats.clone(), stop_side.clone())));
     }
+    side.extend(summary::spawn(&settings, &ns, &stats, &stop_side));
     let result = coordinator::run(&settings, &ns, &stats, &shutdown, &mut reconnect).await;
     stats.readiness.set_shutting_down();
     stop_side.cancel();

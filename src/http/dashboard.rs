@@ -160,7 +160,8 @@ struct DeadView {
 }
 
 /// One dead letter as the page shows it: text only, control characters
-/// escaped and long values cut (see [`dead::cell`]); payloads are not shown.
+/// escaped and long values cut (see [`dead::cell`]; a detail keeps its end,
+/// see [`dead::cell_ends`]); payloads are not shown.
 #[derive(Debug, Serialize)]
 struct DeadRow {
     /// Its entry id in `:dead`.
@@ -185,7 +186,7 @@ impl From<&DeadLetter> for DeadRow {
             id: l.id.to_string(),
             at_ms: l.id.ms,
             reason: dead::cell(&l.reason, REASON_WIDTH),
-            detail: dead::cell(&l.detail, DETAIL_WIDTH),
+            detail: dead::cell_ends(&l.detail, DETAIL_WIDTH),
             origin: dead::cell(&l.origin, REASON_WIDTH),
             origin_id: dead::cell(&l.origin_id, REASON_WIDTH),
             element: l.element_id().map(|e| dead::cell(e, ELEMENT_WIDTH)),

@@ -44,6 +44,7 @@ fn describe_scraped() {
     describe_gauge!(INPUT_PENDING, "Input entries read by a daemon and not yet applied.");
     describe_gauge!(INPUT_LAG, "Input entries no daemon has read yet (absent where Redis cannot tell).");
     describe_gauge!(INPUT_DAEMONS, "Daemons known to the input group.");
+    describe_gauge!(INPUT_LIVE_DAEMONS, "Daemons holding a liveness lease; 0: no daemon serves the namespace.");
     describe_gauge!(OUTPUT_LENGTH, "Entries in the output stream.");
     describe_gauge!(DEAD_STREAM_LENGTH, "Entries in the dead-letter stream.");
     describe_gauge!(GROUP_PENDING, "Output entries delivered to a consumer of the group and not yet acknowledged.");
@@ -80,6 +81,7 @@ fn record_status(s: &Status) {
         gauge!(INPUT_LAG).set(lag as f64);
     }
     gauge!(INPUT_DAEMONS).set(s.input.daemons as f64);
+    gauge!(INPUT_LIVE_DAEMONS).set(s.input.live_daemons as f64);
     gauge!(OUTPUT_LENGTH).set(s.output.length as f64);
     gauge!(DEAD_STREAM_LENGTH).set(s.dead_letters as f64);
     for g in &s.output.groups {
@@ -125,7 +127,7 @@ mod tests {
             watermark: Some(100),
             scheduled: 3,
             next_due_ts: Some(90),
-            input: InputInfo { length: 7, pending: 2, lag: Some(1), daemons: 2 },
+            input: InputInfo { length: 7, pending: 2, lag: Some(1), daemons: 2, live_daemons: 1 },
             output: OutputInfo {
                 length: 5,
                 groups: vec![OutputGroup {
@@ -173,6 +175,7 @@ mod tests {
             "tidemark_input_pending 2",
             "tidemark_input_lag 1",
             "tidemark_input_daemons 2",
+            "tidemark_input_live_daemons 1",
             "tidemark_output_length 5",
             "tidemark_dead_stream_length 6",
             r#"tidemark_group_pending{group="bill\"ing"} 4"#,

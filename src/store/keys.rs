@@ -159,6 +159,26 @@ impl Keys {
         format!("{}:lease:{stream}:{group}:{consumer}", self.namespace_stem)
     }
 
+    /// A `SCAN … MATCH` pattern for the daemons' liveness leases of every
+    /// namespace under this prefix: `<prefix>:{*}:lease:in:tidemark:*`.
+    pub fn daemon_leases_everywhere(&self) -> String {
+        let mut prefix = String::new();
+        for c in self.prefix.chars() {
+            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                prefix.push('\\');
+            }
+            prefix.push(c);
+        }
+        format!("{prefix}:{{*}}:lease:in:{INPUT_GROUP}:*")
+    }
+
+    /// The namespace of a key matched by [`Keys::daemon_leases_everywhere`].
+    pub fn namespace_of_daemon_lease<'k>(&self, key: &'k str) -> Option<&'k str> {
+        let rest = key.strip_prefix(self.prefix.as_str())?.strip_prefix(":{")?;
+        let (ns, tail) = rest.split_once('}')?;
+        tail.starts_with(&format!(":lease:in:{INPUT_GROUP}:")).then_some(ns)
+    }
+
     /// A namespace-wide lock named `name`: `<prefix>:{NS}:lock:<name>`
     /// (e.g. `housekeeping`, `clock`).
     pub fn lock(&self, name: &str) -> String {
@@ -245,5 +265,16 @@ mod tests {
         assert!(invalid_namespace("orders").is_none());
         assert!(invalid_namespace("orders:eu").is_none());
         assert!(invalid_namespace("orders:").is_none());
+    }
+
+    #[test]
+    fn daemon_leases_of_every_namespace() {
+        let k = Keys::new("tidemark", "default");
+        assert_eq!(k.daemon_leases_everywhere(), "tidemark:{*}:lease:in:tidemark:*");
+        let lease = Keys::new("tidemark", "orders").lease("in", INPUT_GROUP, "pod-1");
+        assert_eq!(k.namespace_of_daemon_lease(&lease), Some("orders"));
+        assert_eq!(k.namespace_of_daemon_lease("tidemark:{orders}:lease:out:g:pod-1"), None);
+        assert_eq!(k.namespace_of_daemon_lease("other:{orders}:lease:in:tidemark:pod-1"), None);
+        assert_eq!(Keys::new("a*b", "x").daemon_leases_everywhere(), "a\\*b:{*}:lease:in:tidemark:*");
     }
 }

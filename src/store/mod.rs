@@ -12,6 +12,7 @@ pub mod reader;
 pub mod reconnect;
 pub mod retention;
 pub mod scripts;
+pub mod serving;
 pub mod status;
 
 use std::time::Duration;
@@ -67,8 +68,55 @@ fn parse_version(v: &str) -> (u32, u32) {
 /// before the group existed are delivered too), creating the stream if
 /// needed. An existing group is left as it is.
 pub async fn ensure_group(conn: &mut Conn, stream: &str, group: &str) -> Result<bool, StoreError> {
-    let created: Result<(), redis::RedisError> =
-        redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(group).arg("0").arg("MKSTREAM").query_async(conn).await;
+    ensure_group_from(conn, stream, group, GroupStart::Start).await
+}
+
+/// Where a consumer group that does not exist yet starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum GroupStart {
+    /// At id `0`: every entry still in the stream is delivered.
+    #[default]
+    Start,
+    /// At `$`: only entries added after the group was created.
+    New,
+}
+
+impl GroupStart {
+    /// The id `XGROUP CREATE` takes.
+    pub fn id(self) -> &'static str {
+        match self {
+            GroupStart::Start => "0",
+            GroupStart::New => "$",
+        }
+    }
+
+    /// `start` or `new` (the configuration's words).
+    pub fn parse(word: &str) -> Option<GroupStart> {
+        match word {
+            "start" => Some(GroupStart::Start),
+            "new" => Some(GroupStart::New),
+            _ => None,
+        }
+    }
+}
+
+/// [`ensure_group`] for a group that, when created, starts at `from`.
+/// Returns whether it was created (an existing group is left as it is).
+pub async fn ensure_group_from(
+    conn: &mut Conn,
+    stream: &str,
+    group: &str,
+    from: GroupStart,
+) -> Result<bool, StoreError> {
+    let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(group)
+        .arg(from.id())
+        .arg("MKSTREAM")
+        .query_async(conn)
+        .await;
     match created {
         Ok(()) => Ok(true),
         Err(e) if e.code() == Some("BUSYGROUP") => Ok(false),

@@ -32,6 +32,9 @@ pub struct InputInfo {
     pub lag: Option<u64>,
     /// Daemons known to the input group.
     pub daemons: u64,
+    /// Daemons holding a liveness lease: 0 means nothing serves the
+    /// namespace (its input is never applied).
+    pub live_daemons: u64,
 }
 
 /// A consumer of an output group.
@@ -322,6 +325,7 @@ fn combine(ns: &Namespace, parts: Vec<Status>, owners: Vec<Option<String>>, daem
             pending: parts.iter().map(|p| p.input.pending).sum(),
             lag: sum_opt(&|p| p.input.lag),
             daemons: (daemons.len() as u64).max(readers),
+            live_daemons: (daemons.len() as u64).max(parts.iter().map(|p| p.input.live_daemons).max().unwrap_or(0)),
         },
         output: OutputInfo { length: parts.iter().map(|p| p.output.length).sum(), groups },
         dead_letters: parts.iter().map(|p| p.dead_letters).sum(),
@@ -355,6 +359,10 @@ pub async fn partition_snapshot(conn: &mut Conn, keys: &Keys) -> Result<Status, 
         .query_async(conn)
         .await?;
     let input_group = groups(conn, &keys.input).await?.into_iter().find(|g| g.name == INPUT_GROUP);
+    let live_daemons = match input_group {
+        Some(_) => super::serving::leased_readers(conn, keys).await?,
+        None => 0,
+    };
     let mut out_groups = Vec::new();
     for g in groups(conn, &keys.out).await? {
         out_groups.push(output_group(conn, keys, g).await?);
@@ -377,6 +385,7 @@ pub async fn partition_snapshot(conn: &mut Conn, keys: &Keys) -> Result<Status, 
                 None => Some(in_len),
             },
             daemons: input_group.as_ref().map_or(0, |g| g.consumers),
+            live_daemons,
         },
         output: OutputInfo { length: out_len, groups: out_groups },
         dead_letters: dead_len,
@@ -436,14 +445,9 @@ pub fn render(s: &Status) -> String {
             (Some(w), _) => w.to_string(),
         },
     );
-    row(
-        "daemons",
-        if s.daemons.is_empty() {
-            "none: no daemon is serving this namespace (check the namespace name, and start `tidemark run`)".into()
-        } else {
-            s.daemons.join(", ")
-        },
-    );
+    if !s.daemons.is_empty() {
+        row("daemons", s.daemons.join(", "));
+    }
     row(
         "scheduled",
         match s.next_due_ts {
@@ -454,13 +458,24 @@ pub fn render(s: &Status) -> String {
     row(
         "input",
         format!(
-            "length {}  pending {}  lag {}  daemons {}",
+            "length {}  pending {}  lag {}  daemons {} ({} alive)",
             thousands(s.input.length),
             thousands(s.input.pending),
             opt(s.input.lag),
-            s.input.daemons
+            s.input.daemons,
+            s.input.live_daemons
         ),
     );
+    if s.input.live_daemons == 0 {
+        row(
+            "serving",
+            format!(
+                "NO DAEMON serves namespace {:?}: nothing is applied or released until one runs \
+                 (tidemark --namespace {} run)",
+                s.namespace, s.namespace
+            ),
+        );
+    }
     row("output", format!("length {}", thousands(s.output.length)));
     let width = s.output.groups.iter().map(|g| g.name.len()).max().unwrap_or(0);
     for g in &s.output.groups {

@@ -273,7 +273,7 @@ fn status_of_an_empty_namespace_is_read_only() {
         "daemons": [],
         "scheduled": 0,
         "next_due_ts": null,
-        "input": {"length": 0, "pending": 0, "lag": 0, "daemons": 0},
+        "input": {"length": 0, "pending": 0, "lag": 0, "daemons": 0, "live_daemons": 0},
         "output": {"length": 0, "groups": []},
         "dead_letters": 0,
     });
@@ -350,7 +350,7 @@ fn status_reports_exact_numbers() {
         "daemons": [],
         "scheduled": 2,
         "next_due_ts": 10,
-        "input": {"length": 8, "pending": 1, "lag": 1, "daemons": 2},
+        "input": {"length": 8, "pending": 1, "lag": 1, "daemons": 2, "live_daemons": 0},
         "output": {
             "length": 2,
             "groups": [

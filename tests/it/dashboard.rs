@@ -33,7 +33,7 @@ const CHROMIUM_MISSING: &str =
 
 /// The browser: `TIDEMARK_CHROMIUM`, else `/usr/bin/chromium`. A missing
 /// browser fails the test; it never skips it.
-fn chromium() -> PathBuf {
+pub(crate) fn chromium() -> PathBuf {
     let path = std::env::var_os("TIDEMARK_CHROMIUM").map_or_else(|| PathBuf::from("/usr/bin/chromium"), PathBuf::from);
     assert!(path.is_file(), "{} not found. {CHROMIUM_MISSING}", path.display());
     path
@@ -41,7 +41,7 @@ fn chromium() -> PathBuf {
 
 /// Runs headless Chromium on `url` with `extra` arguments (e.g.
 /// `--dump-dom`) in a fresh profile, and returns its stdout.
-fn browse(url: &str, extra: &[&str]) -> String {
+pub(crate) fn browse(url: &str, extra: &[&str]) -> String {
     let browser = chromium();
     let profile = tempfile::Builder::new().prefix("tidemark-chromium-").tempdir().expect("chromium profile dir");
     let mut out = tempfile::tempfile().expect("stdout tempfile");
@@ -98,7 +98,7 @@ fn read_all(f: &mut File) -> String {
 
 /// The page as Chromium rendered it, once the script has shown a snapshot
 /// (`state` is `ok`) or an error (`error`).
-fn rendered(addr: SocketAddr, state: &str) -> Html {
+pub(crate) fn rendered(addr: SocketAddr, state: &str) -> Html {
     let url = format!("http://{addr}/");
     let mut last = String::new();
     let deadline = Instant::now() + WAIT;
@@ -117,7 +117,7 @@ fn sel(css: &str) -> Selector {
     Selector::parse(css).unwrap_or_else(|e| panic!("bad selector {css}: {e}"))
 }
 
-fn one<'a>(dom: &'a Html, css: &str) -> ElementRef<'a> {
+pub(crate) fn one<'a>(dom: &'a Html, css: &str) -> ElementRef<'a> {
     let selector = sel(css);
     let mut found = dom.select(&selector);
     let first = found.next().unwrap_or_else(|| panic!("no {css} in the page:\n{}", dom.html()));
@@ -129,7 +129,7 @@ fn all<'a>(dom: &'a Html, css: &str) -> Vec<ElementRef<'a>> {
     dom.select(&sel(css)).collect()
 }
 
-fn text(e: ElementRef<'_>) -> String {
+pub(crate) fn text(e: ElementRef<'_>) -> String {
     e.text().collect::<String>().trim().to_owned()
 }
 
@@ -138,7 +138,7 @@ fn attr<'a>(e: ElementRef<'a>, name: &str) -> &'a str {
 }
 
 /// `(data-value, text)` of the element with id `id`.
-fn shown(dom: &Html, id: &str) -> (String, String) {
+pub(crate) fn shown(dom: &Html, id: &str) -> (String, String) {
     let e = one(dom, &format!("#{id}"));
     (attr(e, "data-value").to_owned(), text(e))
 }
@@ -367,6 +367,8 @@ fn dashboard_shows_what_redis_holds_then_an_error_banner() {
     assert_eq!(shown(&dom, "input-pending"), ("0".into(), "0".into()));
     assert_eq!(shown(&dom, "input-lag"), ("0".into(), "0".into()));
     assert_eq!(shown(&dom, "input-daemons"), ("1".into(), "1".into()));
+    assert_eq!(shown(&dom, "input-live-daemons"), ("1".into(), "1".into()));
+    assert!(one(&dom, "#no-daemon").value().attr("hidden").is_some(), "a daemon serves the namespace");
     let out_len: i64 = query(&mut conn, redis::cmd("XLEN").arg(&k.out));
     assert_eq!(shown(&dom, "output-length"), (out_len.to_string(), LATE.to_string()));
     assert_eq!(shown(&dom, "output-groups"), ("2".into(), "2 consumer groups".into()));

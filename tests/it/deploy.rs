@@ -149,7 +149,8 @@ fn raw_config(file: Option<&Path>) -> Json {
 
 /// The port `run` and `consume` serve HTTP on by default.
 fn default_http_port() -> u16 {
-    port_of(str_at(&raw_config(None), "/http/addr"))
+    assert!(raw_config(None).pointer("/http/addr").is_some_and(Json::is_null), "http.addr is unset by default");
+    port_of(tidemark::config::DEFAULT_HTTP_ADDR)
 }
 
 /// One Dockerfile instruction: keyword (upper case), arguments, and the

@@ -1,5 +1,6 @@
 //! The single integration-test binary (`cargo test --test it`).
 
+mod alerts;
 mod cli;
 mod clock;
 mod consume;
@@ -7,7 +8,9 @@ mod crash;
 mod dashboard;
 mod dead;
 mod deploy;
+mod docs;
 mod fast_paths;
+mod first_hour;
 mod harness;
 mod harness_selftest;
 mod housekeeping;
