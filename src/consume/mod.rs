@@ -54,6 +54,7 @@ mod element;
 mod json;
 mod ledger;
 mod reader;
+pub(crate) mod rules;
 mod runtime;
 
 use std::future::Future;
@@ -65,7 +66,7 @@ use tokio_util::sync::CancellationToken;
 pub use element::{parse as parse_element, Element};
 pub use json::encode as element_json;
 
-use crate::config::{consumer_name, ProcessEnv, Settings, MAX_BATCH_SIZE};
+use crate::config::{consumer_name, ProcessEnv, Settings};
 use crate::core::backoff::Backoff;
 use crate::core::EntryId;
 use crate::core::RetryPolicy;
@@ -381,43 +382,30 @@ impl ConsumerBuilder {
 
     /// Validates the options and attaches `handler`.
     pub fn build<H: Handler>(self, handler: H) -> Result<Consumer<H>, ConsumeError> {
-        let invalid = |option: &'static str, message: &str| ConsumeError::Invalid { option, message: message.into() };
-        let name_ok = |s: &str| !s.is_empty() && !s.chars().any(char::is_control);
+        let invalid = |option: &'static str, message: String| ConsumeError::Invalid { option, message };
         let o = &self.opts;
-        if !name_ok(&self.group) {
-            return Err(invalid("group", "must be non-empty, without control characters"));
+        if self.group.is_empty() || self.group.chars().any(char::is_control) {
+            return Err(invalid("group", "must be non-empty, without control characters".into()));
         }
-        if !name_ok(&o.consumer) {
-            return Err(invalid("consumer", "must be non-empty, without control characters"));
-        }
-        if !(1..=10_000).contains(&o.concurrency) {
-            return Err(invalid("concurrency", "must be between 1 and 10000"));
-        }
-        if o.prefetch > 10_000 {
-            return Err(invalid("prefetch", "must be between 0 and 10000"));
-        }
-        if !(1..=MAX_BATCH_SIZE).contains(&o.batch_size) {
-            return Err(invalid("batch_size", &format!("must be between 1 and {MAX_BATCH_SIZE}")));
-        }
-        if o.max_deliveries == 0 {
-            return Err(invalid("max_deliveries", "must be at least 1"));
-        }
-        if o.lease_ttl < Duration::from_millis(300) {
-            return Err(invalid("lease_ttl", "must be at least 300ms"));
-        }
-        for (option, d) in [
-            ("block", o.block),
-            ("claim_idle", o.claim_idle),
-            ("dead_consumer_grace", o.dead_consumer_grace),
-            ("shutdown_grace", o.shutdown_grace),
-            ("ack_interval", o.ack_interval),
-        ] {
-            if d.is_zero() {
-                return Err(invalid(option, "must be greater than zero"));
-            }
+        rules::check(&rules::Knobs {
+            consumer: &o.consumer,
+            concurrency: o.concurrency,
+            prefetch: o.prefetch,
+            batch_size: o.batch_size,
+            max_deliveries: o.max_deliveries,
+            block: o.block,
+            claim_idle: o.claim_idle,
+            shutdown_grace: o.shutdown_grace,
+            lease_ttl: o.lease_ttl,
+            dead_consumer_grace: o.dead_consumer_grace,
+        })
+        .map_err(|(option, message)| invalid(option, message))?;
+        // Knobs only the library has.
+        if o.ack_interval.is_zero() {
+            return Err(invalid("ack_interval", "must be greater than zero".into()));
         }
         if o.handler_timeout.is_some_and(|d| d.is_zero()) {
-            return Err(invalid("handler_timeout", "must be greater than zero"));
+            return Err(invalid("handler_timeout", "must be greater than zero".into()));
         }
         let redis = match self.redis {
             Some(redis) if self.connect == *redis.options() => redis,
