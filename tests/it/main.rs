@@ -3,6 +3,8 @@
 mod alerts;
 mod cli;
 mod clock;
+mod cluster;
+mod cluster_harness;
 mod consume;
 mod crash;
 mod dashboard;
