@@ -90,6 +90,30 @@ pub enum Command {
     /// Inspect and replay dead letters.
     #[command(subcommand)]
     Dead(DeadCommand),
+    /// Move a namespace to N partitions, on this Redis or another one (daemons stopped).
+    ///
+    /// Moves the scheduled elements with their payloads (to partition crc32(id) mod N), the
+    /// watermark (the lowest partition's, on every new partition) and the dead letters; creates
+    /// the output groups on the new :out streams at their end; then records N in the
+    /// namespace's meta record. Refuses while a daemon serves the namespace, or while input
+    /// waits to be applied or an output group has unread or pending entries (unless --force,
+    /// which leaves them in the old streams and says so). Safe to run again after a crash.
+    #[command(verbatim_doc_comment)]
+    Repartition(RepartitionArgs),
+}
+
+/// `tidemark repartition`
+#[derive(Debug, Args)]
+pub struct RepartitionArgs {
+    /// The new partition count, 1..=1024
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub to: u16,
+    /// Move onto this Redis (a server, or any node of a cluster) [default: the same one]
+    #[arg(long, value_name = "URL")]
+    pub to_redis_url: Option<String>,
+    /// Go on although entries wait to be read in the old layout (they stay there)
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `tidemark consume`

@@ -12,4 +12,5 @@ pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod produce;
+pub mod repartition;
 pub mod store;

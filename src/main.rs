@@ -355,11 +355,62 @@ async fn one_shot(settings: &Settings, command: Command) -> Result<(), StoreErro
         Command::Dead(cli::DeadCommand::Replay(r)) => {
             return tidemark::dead::cli_replay(&mut conn, &ns.all(), r.id.as_deref(), r.reason.as_deref()).await
         }
+        Command::Repartition(r) => return repartition(settings, &mut conn, ns, r).await,
         Command::Run(_) | Command::Consume(_) => unreachable!("long-running commands are handled above"),
     };
     println!("{id}");
     warn_if_nobody_serves(&mut conn, &ns).await;
     Ok(())
+}
+
+/// `tidemark repartition`: moves the namespace to `--to` partitions.
+async fn repartition(
+    settings: &Settings,
+    src: &mut store::Conn,
+    from: store::Namespace,
+    args: cli::RepartitionArgs,
+) -> Result<(), StoreError> {
+    use tidemark::repartition::{self, Plan, RepartitionError};
+    let (mut dst, same_redis) = match &args.to_redis_url {
+        None => (src.clone(), true),
+        Some(url) => {
+            let client = redis::Client::open(url.as_str()).map_err(|e| {
+                StoreError::Rejected(format!("--to-redis-url {}: {e}", tidemark::config::redact_url(url)))
+            })?;
+            let target = store::Endpoint::new(client, None, store::Mode::Auto, settings.connect.clone());
+            (target.connect(settings.connect.response_timeout).await?, false)
+        }
+    };
+    let plan = Plan { from: from.clone(), to: from.with_partitions(args.to), same_redis, force: args.force };
+    eprintln!(
+        "tidemark: moving namespace {:?} from {} to {} partition(s){}",
+        from.name(),
+        from.partitions(),
+        args.to,
+        if same_redis {
+            String::new()
+        } else {
+            format!(" on {}", args.to_redis_url.as_deref().map(tidemark::config::redact_url).unwrap_or_default())
+        }
+    );
+    match repartition::run(src, &mut dst, &plan, |line| eprintln!("tidemark: {line}")).await {
+        Ok(moved) => {
+            println!(
+                "moved {} elements ({} stayed in place) and {} dead letters; namespace {:?} has {} partition(s)",
+                moved.elements,
+                moved.kept,
+                moved.dead_letters,
+                from.name(),
+                args.to
+            );
+            for left in &moved.left_behind {
+                eprintln!("tidemark: warning: --force left behind in the old layout: {left}");
+            }
+            Ok(())
+        }
+        Err(RepartitionError::Store(e)) => Err(e),
+        Err(RepartitionError::Refused(why)) => Err(StoreError::Rejected(why)),
+    }
 }
 
 /// After writing to `:in`: a warning on stderr when no daemon serves the

@@ -138,3 +138,127 @@ fn a_mismatched_partition_count_is_refused() {
         assert_eq!(len, 1, "{} got the watermark", keys.input);
     }
 }
+
+fn sched_all(conn: &mut impl redis::ConnectionLike, ns: &Namespace) -> BTreeMap<String, (u16, i64)> {
+    let mut all = BTreeMap::new();
+    for keys in ns.all() {
+        let members: Vec<(String, i64)> =
+            redis::cmd("ZRANGE").arg(&keys.sched).arg(0).arg(-1).arg("WITHSCORES").query(conn).expect("ZRANGE");
+        for (id, ts) in members {
+            assert!(all.insert(id.clone(), (keys.partition, ts)).is_none(), "{id} scheduled twice");
+        }
+    }
+    all
+}
+
+/// A namespace grows from one partition on a standalone Redis to six on a
+/// cluster: the scheduled elements move with their payloads to
+/// crc32(id) mod 6, the watermark and dead letters follow, the refusals
+/// hold while a daemon runs or output waits unread, a second run changes
+/// nothing, and daemons on the cluster then release everything correctly.
+#[test]
+fn repartition_from_one_standalone_partition_to_six_on_a_cluster() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let mut d = start_daemon(&url, "d1", 1, &[]);
+    let mut src = redis.sync_conn();
+    for i in 0..300 {
+        cli(
+            &url,
+            &["add", "--id", &format!("el-{i:07}"), "--ts", &(1000 + i).to_string(), "--field", &format!("n={i}")],
+        );
+    }
+    // One malformed entry: a dead letter.
+    crate::harness::xadd_fields(&mut src, &ns(1).partition(0).input, &[(b"op", b"add"), (b"ts", b"5")]);
+    cli(&url, &["watermark", "999"]);
+    wait_until("all 300 scheduled", WAIT, || sched_all(&mut src, &ns(1)).len() == 300);
+
+    let cluster = RedisCluster::start(3, 0);
+    let to = cluster.url();
+    let refused = run_cli(&["--redis-url", &url, "repartition", "--to", "6", "--to-redis-url", &to], &[]);
+    assert_ne!(refused.status.code(), Some(0), "refused while a daemon serves the namespace");
+    assert!(text(&refused.stderr).contains("serve namespace"), "{}", text(&refused.stderr));
+    d.sigterm();
+    d.wait_exit(WAIT).expect("the daemon stops");
+
+    let out = cli(&url, &["repartition", "--to", "6", "--to-redis-url", &to]);
+    assert!(out.contains("moved 300 elements") && out.contains("1 dead letters"), "{out}");
+    let mut dst = cluster_conn(&cluster);
+    let moved = sched_all(&mut dst, &ns(6));
+    assert_eq!(moved.len(), 300);
+    for (id, (p, ts)) in &moved {
+        assert_eq!(*p, ns(6).route(id.as_bytes()), "{id} in the wrong partition");
+        let i: i64 = id.trim_start_matches("el-").parse().expect("number");
+        assert_eq!(*ts, 1000 + i);
+        let body: Option<Vec<u8>> =
+            redis::cmd("HGET").arg(ns(6).partition(*p).body).arg(id).query(&mut dst).expect("HGET");
+        assert!(body.is_some(), "{id} lost its payload");
+    }
+    assert!(sched_all(&mut src, &ns(1)).is_empty(), "the old schedule is emptied");
+    for keys in ns(6).all() {
+        let wm: Option<String> = redis::cmd("GET").arg(&keys.wm).query(&mut dst).expect("GET");
+        assert_eq!(wm.as_deref(), Some("999"), "{}", keys.wm);
+    }
+    let meta: Option<String> = redis::cmd("HGET").arg(ns(6).meta()).arg("partitions").query(&mut dst).expect("HGET");
+    assert_eq!(meta.as_deref(), Some("6"));
+    let status: serde_json::Value = serde_json::from_str(&cli(&to, &["status", "--json"])).expect("status");
+    assert_eq!(status["dead_letters"], 1);
+
+    // Safe to run again: nothing moves twice.
+    let again = cli(&url, &["repartition", "--to", "6", "--to-redis-url", &to]);
+    assert!(again.contains("moved 0 elements") && again.contains("0 dead letters"), "{again}");
+    assert_eq!(sched_all(&mut dst, &ns(6)).len(), 300);
+
+    // Daemons on the cluster, which take the count from the record, release
+    // everything in (ts, id) order within each partition.
+    let _a = start_daemon(&to, "a", 6, &[]);
+    let _b = Daemon::spawn(&["run", "--redis-url", &to, "--consumer", "b"], &[("TIDEMARK__LEASE__TTL", "1s")]);
+    cli(&to, &["watermark", "2000"]);
+    wait_until("all 300 released", WAIT, || total(&released(&mut dst, &ns(6))) == 300);
+    for (p, got) in released(&mut dst, &ns(6)) {
+        let mut sorted = got.clone();
+        sorted.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)));
+        assert_eq!(got, sorted, "partition {p}");
+    }
+}
+
+/// Four partitions to eight on the same Redis, where the layouts share
+/// keys: an output group with unread entries stops it unless --force, and
+/// elements that stay in their partition are left alone.
+#[test]
+fn repartition_in_place_from_four_to_eight() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let mut d = start_daemon(&url, "d1", 4, &[]);
+    cli(&url, &["add", "--id", "early", "--ts", "1"]);
+    for i in 0..200 {
+        cli(&url, &["add", "--id", &format!("el-{i:07}"), "--ts", &(1000 + i).to_string()]);
+    }
+    cli(&url, &["watermark", "1"]);
+    let mut conn = redis.sync_conn();
+    wait_until("scheduled", WAIT, || sched_all(&mut conn, &ns(4)).len() == 200);
+    d.sigterm();
+    d.wait_exit(WAIT).expect("stopped");
+    // An output group that has not read `early` yet.
+    let () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(ns(4).keys_for(b"early").out)
+        .arg("g")
+        .arg("0")
+        .query(&mut conn)
+        .expect("XGROUP CREATE");
+    wait_until("the daemon's lease is gone", WAIT, || {
+        let out = run_cli(&["--redis-url", &url, "repartition", "--to", "8"], &[]);
+        text(&out.stderr).contains("output group g")
+    });
+    let out = cli(&url, &["repartition", "--to", "8", "--force"]);
+    let moved: u64 = out.split_whitespace().nth(1).and_then(|n| n.parse().ok()).expect("moved count");
+    let after = sched_all(&mut conn, &ns(8));
+    assert_eq!(after.len(), 200, "{out}");
+    let stayed = after.iter().filter(|(id, (p, _))| ns(4).route(id.as_bytes()) == *p).count() as u64;
+    assert_eq!(moved + stayed, 200, "{out}");
+    assert!(stayed > 0 && moved > 0, "{out}");
+    for (id, (p, _)) in &after {
+        assert_eq!(*p, ns(8).route(id.as_bytes()));
+    }
+}
