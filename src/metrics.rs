@@ -154,7 +154,7 @@ fn describe_recorded() {
     describe_counter!(
         REDIS_ERRORS,
         "Failed Redis calls by class: disconnected, unresponsive, oom, readonly, loading, busy, noscript, \
-         clusterdown, auth, noperm, other."
+         clusterdown, moved, auth, noperm, other."
     );
 }
 

@@ -21,7 +21,10 @@
 //!     batch.add(format!("el-{i}").as_bytes(), 1_700_000_000_000 + i, &[]);
 //! }
 //! batch.watermark(1_700_000_000_500);
-//! batch.send(&mut producer).await?;
+//! while let Err(e) = batch.send(&mut producer).await {
+//!     // What failed stays in the batch: sending again retries only that.
+//!     eprintln!("retrying: {e}");
+//! }
 //! # Ok(()) }
 //! ```
 
@@ -29,6 +32,7 @@ use std::collections::BTreeMap;
 
 use futures::future::join_all;
 
+use crate::core::Fault;
 use crate::store::{meta, Conn, Endpoint, Namespace, StoreError};
 
 /// Writes to one namespace's input (see the module docs).
@@ -36,6 +40,9 @@ use crate::store::{meta, Conn, Endpoint, Namespace, StoreError};
 pub struct Producer {
     /// Commands go here.
     conn: Conn,
+    /// Where `conn` came from, to open a new one after a cluster's slots
+    /// moved (`None` for a connection given to [`Producer::new`]).
+    redis: Option<Endpoint>,
     /// The namespace with its agreed partition count.
     ns: Namespace,
 }
@@ -46,13 +53,23 @@ impl Producer {
     pub async fn connect(redis: &Endpoint, ns: &Namespace, configured: Option<u16>) -> Result<Self, StoreError> {
         let mut conn = redis.connect(redis.options().response_timeout).await?;
         let ns = meta::resolve(&mut conn, ns, configured, false).await??;
-        Ok(Producer { conn, ns })
+        Ok(Producer { conn, redis: Some(redis.clone()), ns })
     }
 
     /// A producer on an open connection for a namespace whose layout is
     /// known.
     pub fn new(conn: Conn, ns: Namespace) -> Self {
-        Producer { conn, ns }
+        Producer { conn, redis: None, ns }
+    }
+
+    /// Opens a new connection, if this producer knows how (a failed
+    /// attempt keeps the old one).
+    async fn reconnect(&mut self) {
+        if let Some(redis) = &self.redis {
+            if let Ok(conn) = redis.connect(redis.options().response_timeout).await {
+                self.conn = conn;
+            }
+        }
     }
 
     /// The namespace, with its partition count.
@@ -104,8 +121,12 @@ impl Batch {
     fn pipe(&mut self, partition: u16) -> &mut redis::Pipeline {
         self.ops += 1;
         self.pipes.entry(partition).or_insert_with(|| {
+            // MULTI/EXEC: a partition's entries are written all or none. On
+            // a cluster, a slot that migrates half-way through a plain
+            // pipeline would have it re-sent whole after `ASK`, writing its
+            // first entries twice; a transaction is refused whole instead.
             let mut p = redis::pipe();
-            p.ignore_errors();
+            p.atomic();
             p
         })
     }
@@ -142,23 +163,56 @@ impl Batch {
         self.ops == 0
     }
 
-    /// Sends every partition's pipeline at once. Returns how many entries
-    /// were written; the first failure of any partition is the error (the
-    /// other partitions' writes may have happened).
-    pub async fn send(self, producer: &mut Producer) -> Result<usize, StoreError> {
-        let sends = self.pipes.into_values().map(|pipe| {
-            let mut c = producer.conn.clone();
-            async move { pipe.query_async::<Vec<redis::Value>>(&mut c).await }
+    /// Sends every partition's transaction at once and returns how many
+    /// entries were written. Each partition's entries are written all or
+    /// none: on an error, the batch keeps the partitions that failed (the
+    /// others are done), so sending it again retries only those. (Only a
+    /// failure that leaves the outcome unknown, such as a timeout after
+    /// the server executed, can make a retry write entries twice.)
+    pub async fn send(&mut self, producer: &mut Producer) -> Result<usize, StoreError> {
+        let pipes = std::mem::take(&mut self.pipes);
+        let sends = pipes.into_iter().map(|(partition, pipe)| {
+            let c = producer.conn.clone();
+            async move {
+                let result = transact(c, &pipe).await;
+                (partition, pipe, result)
+            }
         });
+        let mut first_error = None;
         let mut written = 0;
-        for reply in join_all(sends).await {
-            for v in reply? {
-                v.extract_error()?;
-                written += 1;
+        let mut moved = false;
+        for (partition, pipe, result) in join_all(sends).await {
+            match result {
+                Ok(()) => written += pipe.cmd_iter().count(),
+                Err(e) => {
+                    moved |= e.fault() == Fault::Moved || e.to_string().contains("ClusterConnectionNotFound");
+                    first_error.get_or_insert(e);
+                    self.pipes.insert(partition, pipe);
+                }
             }
         }
-        Ok(written)
+        self.ops = self.pipes.values().map(|p| p.cmd_iter().count()).sum();
+        if moved {
+            // A transaction refused because its slot moved does not teach
+            // the cluster client where the slot went (and its slot map
+            // refresh can fail while a dead node is still listed): a new
+            // connection starts from the cluster's current map.
+            producer.reconnect().await;
+        }
+        match first_error {
+            None => Ok(written),
+            Some(e) => Err(e),
+        }
     }
+}
+
+/// Sends one partition's transaction and checks every reply.
+async fn transact(mut conn: Conn, pipe: &redis::Pipeline) -> Result<(), StoreError> {
+    let replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+    for reply in replies {
+        reply.extract_error()?;
+    }
+    Ok(())
 }
 
 fn add_cmd(stream: &str, id: &[u8], ts: i64, fields: &[(&[u8], &[u8])]) -> redis::Cmd {

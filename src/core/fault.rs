@@ -34,6 +34,9 @@ pub enum Fault {
     /// `MASTERDOWN`, `CLUSTERDOWN` or `TRYAGAIN`: the replica lost its
     /// master, the cluster is not serving the slot, or a slot is migrating.
     ClusterDown,
+    /// `MOVED` or `ASK`: a cluster slot moved to another node (resharding,
+    /// failover) and a connection tied to the old node must follow it.
+    Moved,
     /// `WRONGPASS`/`NOAUTH`/authentication failed: wrong or missing
     /// password. Retrying cannot help.
     Auth,
@@ -58,6 +61,7 @@ impl Fault {
             "BUSY" => Fault::Busy,
             "NOSCRIPT" => Fault::NoScript,
             "MASTERDOWN" | "CLUSTERDOWN" | "TRYAGAIN" => Fault::ClusterDown,
+            "MOVED" | "ASK" => Fault::Moved,
             "WRONGPASS" | "NOAUTH" => Fault::Auth,
             "NOPERM" => Fault::Permission,
             _ => Fault::Other,
@@ -75,6 +79,7 @@ impl Fault {
             Fault::Busy => "busy",
             Fault::NoScript => "noscript",
             Fault::ClusterDown => "clusterdown",
+            Fault::Moved => "moved",
             Fault::Auth => "auth",
             Fault::Permission => "noperm",
             Fault::Other => "other",
@@ -92,7 +97,7 @@ impl Fault {
         // A replica keeps answering READONLY on this connection; behind one
         // endpoint (managed Redis), only a new connection reaches the new
         // master.
-        matches!(self, Fault::Disconnected | Fault::Unresponsive | Fault::ReadOnly)
+        matches!(self, Fault::Disconnected | Fault::Unresponsive | Fault::ReadOnly | Fault::Moved)
     }
 
     /// What it means, in words for an operator's log line and `/readyz`.
@@ -108,6 +113,7 @@ impl Fault {
             Fault::Busy => "Redis is busy running a long script",
             Fault::NoScript => "Redis lost its script cache (restart or SCRIPT FLUSH): reloading the scripts",
             Fault::ClusterDown => "the Redis master or cluster slot is unavailable (failover or slot migration)",
+            Fault::Moved => "a Redis Cluster slot moved to another node (resharding or failover): following it",
             Fault::Auth => "Redis refused the credentials (wrong or missing password)",
             Fault::Permission => "the Redis ACL user lacks a permission tidemark needs",
             Fault::Other => "a Redis command failed",
@@ -143,7 +149,7 @@ impl RetryPolicy {
         let (floor, cap) = match fault {
             Fault::Disconnected | Fault::Unresponsive | Fault::Other => return self.reconnect,
             // A failover completes in about a second: look again quickly.
-            Fault::ReadOnly | Fault::ClusterDown => (min, max.min(Duration::from_secs(2)).max(min)),
+            Fault::ReadOnly | Fault::ClusterDown | Fault::Moved => (min, max.min(Duration::from_secs(2)).max(min)),
             Fault::NoScript => (min, max),
             Fault::Loading | Fault::Busy => (Duration::from_millis(500), Duration::from_secs(5)),
             // Memory frees when consumers catch up and trims run: seconds.
@@ -184,6 +190,8 @@ mod tests {
             ("MASTERDOWN", "Link with MASTER is down", Fault::ClusterDown),
             ("CLUSTERDOWN", "The cluster is down", Fault::ClusterDown),
             ("TRYAGAIN", "Multiple keys request during rehashing of slot", Fault::ClusterDown),
+            ("MOVED", "3999 127.0.0.1:6381", Fault::Moved),
+            ("ASK", "3999 127.0.0.1:6381", Fault::Moved),
             ("WRONGPASS", "invalid username-password pair", Fault::Auth),
             ("NOAUTH", "Authentication required.", Fault::Auth),
             ("NOPERM", "this user has no permissions", Fault::Permission),
@@ -205,6 +213,7 @@ mod tests {
             Fault::Busy,
             Fault::NoScript,
             Fault::ClusterDown,
+            Fault::Moved,
             Fault::Auth,
             Fault::Permission,
             Fault::Other,
@@ -229,9 +238,9 @@ mod tests {
     proptest! {
         #[test]
         fn every_class_stays_within_its_bounds(min_ms in 1u64..3_000, extra_ms in 0u64..60_000,
-                                               attempt in 0u32..100, unit in 0.0f64..=1.0, class in 0usize..11) {
+                                               attempt in 0u32..100, unit in 0.0f64..=1.0, class in 0usize..12) {
             let all = [Fault::Disconnected, Fault::Unresponsive, Fault::OutOfMemory, Fault::ReadOnly,
-                       Fault::Loading, Fault::Busy, Fault::NoScript, Fault::ClusterDown, Fault::Auth,
+                       Fault::Loading, Fault::Busy, Fault::NoScript, Fault::ClusterDown, Fault::Moved, Fault::Auth,
                        Fault::Permission, Fault::Other];
             let min = Duration::from_millis(min_ms);
             let max = Duration::from_millis(min_ms + extra_ms);

@@ -108,6 +108,10 @@ pub struct Endpoint {
     opts: ConnectOptions,
     /// The deployment's kind once known, and the cluster client.
     learnt: Arc<Mutex<Option<Learnt>>>,
+    /// A cluster's nodes as last seen (`host`, `port`): seeds for new
+    /// connections beside the configured node, so that they still find
+    /// the cluster when that node is down.
+    nodes: Arc<Mutex<Vec<(String, u16)>>>,
 }
 
 #[derive(Clone)]
@@ -133,7 +137,7 @@ impl Endpoint {
             Mode::Standalone => Some(Learnt::Standalone),
             Mode::Auto | Mode::Cluster => None,
         };
-        Endpoint { client, certs, mode, opts, learnt: Arc::new(Mutex::new(learnt)) }
+        Endpoint { client, certs, mode, opts, learnt: Arc::new(Mutex::new(learnt)), nodes: Arc::default() }
     }
 
     /// The configured node's client.
@@ -180,7 +184,12 @@ impl Endpoint {
     }
 
     fn cluster_builder(&self) -> Result<ClusterClientBuilder, StoreError> {
-        let mut b = ClusterClientBuilder::new(vec![self.client.get_connection_info().clone()])
+        let configured = self.client.get_connection_info().clone();
+        let mut seeds = vec![configured.clone()];
+        for (host, port) in self.nodes.lock().unwrap_or_else(PoisonError::into_inner).iter() {
+            seeds.push(configured.clone().set_addr(self.node_addr(host.clone(), *port)));
+        }
+        let mut b = ClusterClientBuilder::new(seeds)
             .connection_timeout(self.opts.connect_timeout)
             .response_timeout(self.opts.response_timeout)
             // A failover or slot migration settles within seconds: retry
@@ -201,9 +210,16 @@ impl Endpoint {
             Learnt::Standalone => Ok(Conn::Single(single(&self.client, &self.opts, response).await?)),
             Learnt::Cluster(_) => {
                 let client = self.cluster_builder()?.response_timeout(response).build()?;
-                let conn = tokio::time::timeout(self.opts.connect_timeout * 2, client.get_async_connection())
+                let mut conn = tokio::time::timeout(self.opts.connect_timeout * 2, client.get_async_connection())
                     .await
                     .map_err(|_| StoreError::io(std::io::ErrorKind::TimedOut, "connecting to the cluster"))??;
+                // Remember the nodes, as seeds for the next connections.
+                if let Ok(nodes) = redis::cmd("CLUSTER").arg("NODES").query_async::<String>(&mut conn).await {
+                    let seen = cluster_nodes(&nodes);
+                    if !seen.is_empty() {
+                        *self.nodes.lock().unwrap_or_else(PoisonError::into_inner) = seen;
+                    }
+                }
                 Ok(Conn::Cluster(conn))
             }
         }
@@ -234,13 +250,17 @@ impl Endpoint {
     /// database and TLS).
     fn node_client(&self, host: String, port: u16) -> Result<Client, StoreError> {
         let info = self.client.get_connection_info().clone();
-        let addr = match info.addr() {
+        Ok(Client::open(info.set_addr(self.node_addr(host, port)))?)
+    }
+
+    /// The address of node `host:port`, with the configured TLS settings.
+    fn node_addr(&self, host: String, port: u16) -> ConnectionAddr {
+        match self.client.get_connection_info().addr() {
             ConnectionAddr::TcpTls { insecure, tls_params, .. } => {
                 ConnectionAddr::TcpTls { host, port, insecure: *insecure, tls_params: tls_params.clone() }
             }
             _ => ConnectionAddr::Tcp(host, port),
-        };
-        Ok(Client::open(info.set_addr(addr))?)
+        }
     }
 }
 
@@ -255,6 +275,23 @@ pub async fn single(
         .set_connection_timeout(Some(opts.connect_timeout))
         .set_response_timeout(Some(response));
     Ok(client.get_multiplexed_async_connection_with_config(&config).await?)
+}
+
+/// The addresses of the nodes `CLUSTER NODES` lists that are not failed:
+/// `<id> <ip:port@cport[,hostname]> <flags> …` per line.
+fn cluster_nodes(text: &str) -> Vec<(String, u16)> {
+    text.lines()
+        .filter_map(|line| {
+            let mut parts = line.split_whitespace();
+            let (_, addr, flags) = (parts.next()?, parts.next()?, parts.next()?);
+            if flags.contains("fail") || flags.contains("noaddr") || flags.contains("handshake") {
+                return None;
+            }
+            let hostport = addr.split(['@', ',']).next()?;
+            let (host, port) = hostport.rsplit_once(':')?;
+            Some((host.to_owned(), port.parse().ok()?))
+        })
+        .collect()
 }
 
 /// The address of the master serving `slot`, from `CLUSTER SLOTS`.
@@ -281,4 +318,17 @@ async fn master_of(conn: &mut Conn, slot: u16) -> Result<(String, u16), StoreErr
         }
     }
     Err(StoreError::io(std::io::ErrorKind::NotConnected, "no cluster node serves the slot (CLUSTERDOWN?)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_nodes_lists_the_live_ones() {
+        let text = "07c3 127.0.0.1:30004@31004 slave e7d1 0 1426238317239 4 connected\n\
+                    67ed 127.0.0.1:30002@31002,node-2 master - 0 1426238316232 2 connected 5461-10922\n\
+                    292f 127.0.0.1:30003@31003 master,fail - 0 1426238318243 3 connected\n";
+        assert_eq!(cluster_nodes(text), [("127.0.0.1".to_owned(), 30004), ("127.0.0.1".to_owned(), 30002)],);
+    }
 }

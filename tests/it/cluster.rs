@@ -262,3 +262,245 @@ fn repartition_in_place_from_four_to_eight() {
         assert_eq!(*p, ns(8).route(id.as_bytes()));
     }
 }
+
+// ---------------------------------------------------------------------------
+// What a cluster does to a running namespace
+// ---------------------------------------------------------------------------
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// What a background producer wrote.
+struct Written {
+    /// Every element added, with its ts (each above the watermark then).
+    elements: Vec<(String, i64)>,
+    /// The last watermark, above every ts.
+    final_watermark: i64,
+}
+
+/// A producer writing in the background through tidemark's producer API
+/// (adds routed by crc32(id), watermarks to every partition), until
+/// stopped. Batches that fail (a failover, a migrating slot) are written
+/// again, so an element may be in `:in` twice: the checks count that.
+struct Workload {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Written>,
+}
+
+impl Workload {
+    fn start(url: &str, partitions: u16) -> Workload {
+        let stop = Arc::new(AtomicBool::new(false));
+        let url = url.to_owned();
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async move {
+                let opts = tidemark::store::ConnectOptions {
+                    connect_timeout: Duration::from_secs(2),
+                    response_timeout: Duration::from_secs(5),
+                };
+                let client = redis::Client::open(url.as_str()).expect("client");
+                let redis = tidemark::store::Endpoint::new(client, None, tidemark::store::Mode::Auto, opts);
+                let ns = ns(partitions);
+                let mut producer = loop {
+                    match tidemark::produce::Producer::connect(&redis, &ns, Some(partitions)).await {
+                        Ok(p) => break p,
+                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    }
+                };
+                let mut written = Written { elements: Vec::new(), final_watermark: 0 };
+                let mut wm = 1_000i64;
+                let mut n = 0u64;
+                while !flag.load(Ordering::SeqCst) {
+                    let mut batch = producer.batch();
+                    let mut these = Vec::new();
+                    for _ in 0..40 {
+                        let id = format!("w-{n:08}");
+                        let ts = wm + 1 + (n * 7919 % 100) as i64;
+                        batch.add(id.as_bytes(), ts, &[(b"n", n.to_string().as_bytes())]);
+                        these.push((id, ts));
+                        n += 1;
+                    }
+                    wm += 40;
+                    batch.watermark(wm);
+                    // Until it is written: what fails stays in the batch,
+                    // and sending again retries only that.
+                    while batch.send(&mut producer).await.is_err() {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    written.elements.extend(these);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                let last = wm + 1_000;
+                let mut batch = producer.batch();
+                batch.watermark(last);
+                while batch.send(&mut producer).await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                written.final_watermark = last;
+                written
+            })
+        });
+        Workload { stop, thread }
+    }
+
+    fn finish(self) -> Written {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().expect("producer thread")
+    }
+}
+
+/// Waits until everything written is released, then checks: each element
+/// released by its own partition, in (ts, id) order there, never more often
+/// than it was added (tidemark doubles nothing), and returns how many
+/// elements were lost (`lost_ok` of them may be, after a master's kill -9:
+/// asynchronous replication).
+fn check_released(
+    conn: &mut redis::cluster::ClusterConnection,
+    ns: &Namespace,
+    written: &Written,
+    lost_ok: bool,
+) -> usize {
+    let expected: BTreeMap<&str, i64> = written.elements.iter().map(|(id, ts)| (id.as_str(), *ts)).collect();
+    let settle = if lost_ok { Duration::from_secs(20) } else { WAIT };
+    let counts = |conn: &mut redis::cluster::ClusterConnection| -> BTreeMap<String, usize> {
+        let mut c = BTreeMap::new();
+        for got in released(conn, ns).into_values() {
+            for (id, _) in got {
+                *c.entry(id).or_insert(0) += 1;
+            }
+        }
+        c
+    };
+    let started = std::time::Instant::now();
+    loop {
+        let c = counts(conn);
+        if expected.keys().all(|id| c.contains_key(*id)) || started.elapsed() > settle {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = released(conn, ns);
+    let mut added: BTreeMap<String, usize> = BTreeMap::new();
+    for keys in ns.all() {
+        for (_, fields) in read_stream(conn, &keys.input) {
+            if fields.first().map(|(_, v)| v.as_slice()) == Some(b"add") {
+                *added.entry(text(&fields[1].1)).or_insert(0) += 1;
+            }
+        }
+    }
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for (p, got) in &out {
+        // Order: each element's first release (a second one can only come
+        // from a second add, checked below).
+        let mut firsts: Vec<(String, i64)> = Vec::new();
+        for e in got {
+            if !firsts.contains(e) {
+                firsts.push(e.clone());
+            }
+        }
+        let mut sorted = firsts.clone();
+        sorted.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)));
+        assert_eq!(firsts, sorted, "partition {p} releases in (ts, id) order");
+        for (id, ts) in got {
+            assert_eq!(ns.route(id.as_bytes()), *p, "{id} released by partition {p}");
+            assert_eq!(expected.get(id.as_str()), Some(ts), "{id} released with another ts");
+            *seen.entry(id.clone()).or_insert(0) += 1;
+        }
+    }
+    for (id, n) in &seen {
+        let adds = added.get(id).copied().unwrap_or(0);
+        assert!(*n <= adds.max(1), "{id} released {n} times but added {adds} times: tidemark doubled it");
+    }
+    let lost = expected.keys().filter(|id| !seen.contains_key(**id)).count();
+    if !lost_ok {
+        assert_eq!(
+            lost,
+            0,
+            "elements lost: {:?}",
+            expected.keys().filter(|id| !seen.contains_key(**id)).take(10).collect::<Vec<_>>()
+        );
+    }
+    lost
+}
+
+fn fault_daemon(url: &str, name: &str, partitions: u16) -> Daemon {
+    start_daemon(url, name, partitions, &[("TIDEMARK__HOUSEKEEPING__TRIM_INPUT", "false")])
+}
+
+/// A partition's slot migrates to another master while elements are
+/// ingested and released: nothing lost, nothing doubled, order kept.
+#[test]
+fn slot_migration_under_load_loses_and_doubles_nothing() {
+    let cluster = RedisCluster::start(3, 0);
+    let url = cluster.url();
+    let ns = ns(6);
+    let _d = fault_daemon(&url, "d1", 6);
+    let work = Workload::start(&url, 6);
+    let mut conn = cluster_conn(&cluster);
+    wait_until("work flows", WAIT, || total(&released(&mut conn, &ns)) > 500);
+    let slot = tidemark::core::route::key_slot(ns.partition(2).input.as_bytes());
+    let from = cluster.master_of(slot);
+    let to = (from + 1) % 3;
+    let started = std::time::Instant::now();
+    cluster.migrate_slot(slot, to, || std::thread::sleep(Duration::from_millis(20)));
+    eprintln!("slot {slot} (partition 2) migrated from node {from} to node {to} in {:?}", started.elapsed());
+    let before = total(&released(&mut conn, &ns));
+    wait_until("work flows on after the migration", WAIT, || total(&released(&mut conn, &ns)) > before + 500);
+    let written = work.finish();
+    check_released(&mut conn, &ns, &written, false);
+    eprintln!("slot migration: {} elements, none lost or doubled", written.elements.len());
+}
+
+/// A manual failover (`CLUSTER FAILOVER` on a replica) mid-run loses and
+/// doubles nothing; then a master killed with kill -9 and its replica
+/// promoted: what asynchronous replication lost is counted, nothing is
+/// doubled by tidemark, and work resumes.
+#[test]
+fn failovers_mid_run() {
+    let cluster = RedisCluster::start(3, 1);
+    let url = cluster.url();
+    let ns = ns(6);
+    let _d = fault_daemon(&url, "d1", 6);
+    let work = Workload::start(&url, 6);
+    let mut conn = cluster_conn(&cluster);
+    wait_until("work flows", WAIT, || total(&released(&mut conn, &ns)) > 300);
+    let slot = tidemark::core::route::key_slot(ns.partition(0).input.as_bytes());
+    let master = cluster.master_of(slot);
+    let replica = cluster.replica_of(master);
+    let started = std::time::Instant::now();
+    cluster.failover(replica);
+    eprintln!("manual failover of partition 0's master took {:?}", started.elapsed());
+    let before = total(&released(&mut conn, &ns));
+    wait_until("work flows on after the manual failover", WAIT, || total(&released(&mut conn, &ns)) > before + 300);
+    let written = work.finish();
+    check_released(&mut conn, &ns, &written, false);
+
+    // kill -9 of a master: its replica is promoted after the node timeout.
+    let work = Workload::start(&url, 6);
+    wait_until("work flows again", WAIT, || total(&released(&mut conn, &ns)) > written.elements.len() + 200);
+    let slot = tidemark::core::route::key_slot(ns.partition(1).input.as_bytes());
+    let victim = cluster.master_of(slot);
+    let mut nodes = cluster;
+    let killed = std::time::Instant::now();
+    nodes.nodes[victim].kill9();
+    wait_until("a replica is promoted", WAIT, || nodes.master_of(slot) != victim);
+    eprintln!("kill -9 of a master: promotion after {:?}", killed.elapsed());
+    let mut conn = cluster_conn_from(&nodes, victim);
+    let before = total(&released(&mut conn, &ns));
+    wait_until("work flows on after the promotion", WAIT, || total(&released(&mut conn, &ns)) > before + 300);
+    let second = work.finish();
+    let mut all = written;
+    all.elements.extend(second.elements);
+    all.final_watermark = second.final_watermark;
+    let lost = check_released(&mut conn, &ns, &all, true);
+    eprintln!(
+        "kill -9 of a master: {lost} of {} elements lost by asynchronous replication, none doubled",
+        all.elements.len()
+    );
+}
+
+fn cluster_conn_from(c: &RedisCluster, skip: usize) -> redis::cluster::ClusterConnection {
+    let seeds: Vec<String> = (0..c.nodes.len()).filter(|&i| i != skip).map(|i| c.nodes[i].url()).collect();
+    redis::cluster::ClusterClient::new(seeds).expect("cluster client").get_connection().expect("connect")
+}

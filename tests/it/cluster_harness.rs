@@ -150,7 +150,7 @@ impl RedisCluster {
         }
         for n in self.nodes.iter().filter(|n| n.pid().is_some()) {
             let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut n.sync_conn()).expect("ROLE");
-            if matches!(role.first(), Some(redis::Value::BulkString(r)) if r == b"master") {
+            if role.first().and_then(|r| redis::from_redis_value_ref::<String>(r).ok()).as_deref() == Some("master") {
                 let _: redis::Value = redis::cmd("CLUSTER")
                     .arg("SETSLOT")
                     .arg(slot)
@@ -166,12 +166,42 @@ impl RedisCluster {
     /// `CLUSTER FAILOVER` on replica `replica`: it becomes the master of its
     /// master's slots, which becomes its replica.
     pub fn failover(&self, replica: usize) {
-        let () = redis::cmd("CLUSTER").arg("FAILOVER").query(&mut self.nodes[replica].sync_conn()).expect("FAILOVER");
-        wait_until("the replica is a master", FORM_TIMEOUT, || {
-            let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut self.nodes[replica].sync_conn()).expect("ROLE");
-            matches!(role.first(), Some(redis::Value::BulkString(r)) if r == b"master")
-        });
+        let deadline = Instant::now() + FORM_TIMEOUT;
+        'attempt: loop {
+            // A manual failover waits for the replica to catch up with its
+            // master, and times out (after 5 s) if it is still syncing.
+            self.wait_synced(replica);
+            let () =
+                redis::cmd("CLUSTER").arg("FAILOVER").query(&mut self.nodes[replica].sync_conn()).expect("FAILOVER");
+            let try_until = Instant::now() + Duration::from_secs(8);
+            while Instant::now() < try_until {
+                if self.role(replica) == "master" {
+                    break 'attempt;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the replica did not take over; its log:\n{}",
+                self.nodes[replica].log()
+            );
+        }
         self.wait_ok();
+    }
+
+    /// Waits until replica `i` is linked to its master and not syncing.
+    pub fn wait_synced(&self, i: usize) {
+        wait_until("the replica is in sync", FORM_TIMEOUT, || {
+            let info: String =
+                redis::cmd("INFO").arg("replication").query(&mut self.nodes[i].sync_conn()).unwrap_or_default();
+            info.contains("master_link_status:up") && info.contains("master_sync_in_progress:0")
+        });
+    }
+
+    /// `master` or `slave`, as node `i` says.
+    pub fn role(&self, i: usize) -> String {
+        let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut self.nodes[i].sync_conn()).expect("ROLE");
+        role.first().and_then(|r| redis::from_redis_value_ref::<String>(r).ok()).unwrap_or_default()
     }
 
     /// The replica of master `master`, by index.
@@ -182,9 +212,7 @@ impl RedisCluster {
                 if self.nodes[i].pid().is_none() {
                     return false;
                 }
-                let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut self.nodes[i].sync_conn()).expect("ROLE");
-                let is_replica = matches!(role.first(), Some(redis::Value::BulkString(r)) if r == b"slave");
-                is_replica && {
+                self.role(i) == "slave" && {
                     let nodes: String =
                         redis::cmd("CLUSTER").arg("NODES").query(&mut self.nodes[i].sync_conn()).expect("NODES");
                     nodes.lines().any(|l| l.contains("myself") && l.contains(&id))
