@@ -308,6 +308,14 @@ async fn run_consume(settings: Settings, args: cli::ConsumeArgs) -> ExitCode {
 async fn one_shot(settings: &Settings, command: Command) -> Result<(), StoreError> {
     let mut conn = settings.redis.connect(settings.connect.response_timeout).await?;
     let ns = store::meta::resolve(&mut conn, &settings.namespace, settings.partitions, false).await??;
+    let writes = matches!(command, Command::Add(_) | Command::Cancel(_) | Command::Watermark(_));
+    if writes && settings.partitions.is_none() && store::meta::recorded(&mut conn, &ns).await?.is_none() {
+        eprintln!(
+            "tidemark: warning: namespace {:?} has no partition count recorded yet (no daemon has started on it): \
+             writing as 1 partition; give --partitions N if its daemons will run with more",
+            ns.name()
+        );
+    }
     let mut producer = Producer::new(conn.clone(), ns.clone());
     let id = match command {
         Command::Add(a) => {

@@ -263,7 +263,10 @@ impl<H: Handler> Runtime<H> {
                 }
                 _ = touch_tick.tick() => self.touch(&mut conn).await?,
                 _ = claim_tick.tick(), if deadline.is_none() => self.claim_idle(&mut conn).await?,
-                _ = peer_tick.tick(), if deadline.is_none() => self.scan_peers(&mut conn).await?,
+                _ = peer_tick.tick(), if deadline.is_none() => {
+                    self.scan_peers(&mut conn).await?;
+                    self.check_layout(&mut conn).await?;
+                }
             }
         }
         self.flush(&mut conn).await?;
@@ -368,6 +371,23 @@ impl<H: Handler> Runtime<H> {
             self.take_claimed(p, o);
         }
         Ok(())
+    }
+
+    /// Ends the session if the namespace's partition count is not the one
+    /// this session reads (no record yet when it started, or a
+    /// `repartition` since): the next session reads the new layout.
+    async fn check_layout(&mut self, conn: &mut Conn) -> Result<(), StoreError> {
+        let c = &self.c;
+        let ns = meta::resolve(conn, &c.namespace, c.partitions, false).await??;
+        if usize::from(ns.partitions()) == self.parts.len() {
+            return Ok(());
+        }
+        Err(StoreError::Rejected(format!(
+            "namespace {:?} now has {} partition(s), not {}: reading them all from now on",
+            ns.name(),
+            ns.partitions(),
+            self.parts.len()
+        )))
     }
 
     /// Takes over the entries of peers whose lease expired, and removes

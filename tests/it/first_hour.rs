@@ -141,10 +141,13 @@ fn big_payloads_from_files_and_stdin() {
     let mut conn = redis.sync_conn();
     let url = redis.url();
     let k = keys("default");
-    let _daemon = Daemon::spawn(
+    let daemon = Daemon::spawn(
         &["run", "--redis-url", &url, "--consumer", "d1"],
         &[("TIDEMARK__LIMITS__MAX_PAYLOAD_BYTES", "4194304")],
     );
+    // Connected: it has recorded the namespace's layout, so the CLI below
+    // has nothing to warn about.
+    daemon.wait_log("connected to Redis", WAIT);
     let dir = tempfile::tempdir().unwrap();
     // 1 MiB of binary, every byte value, and a newline at the end.
     let blob: Vec<u8> = (0..MIB).map(|i| (i * 7 % 256) as u8).collect();

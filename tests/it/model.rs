@@ -328,7 +328,7 @@ const RELEASE_CHUNK: usize = 5;
 
 /// Element ids: short and long, ASCII, UTF-8 and binary, with shared
 /// prefixes so that ties on ts are broken by byte order in interesting ways.
-fn id_pool() -> Vec<Vec<u8>> {
+pub fn id_pool() -> Vec<Vec<u8>> {
     let mut pool: Vec<Vec<u8>> =
         ["a", "b", "c", "A", "B", "a0", "a1", "a10", "a2", "ab", "b-1", "order:42", "x y", "é", "日本"]
             .iter()
@@ -380,7 +380,7 @@ fn random_payload(rng: &mut StdRng) -> Payload {
 /// often falls (noise, explicit drops), and adds are a mix of future
 /// (scheduled) and already-due (late) elements. Rare jumps make one watermark
 /// release more than a release chunk.
-fn random_op(rng: &mut StdRng, pool: &[Vec<u8>], level: i64) -> Payload {
+pub fn random_op(rng: &mut StdRng, pool: &[Vec<u8>], level: i64) -> Payload {
     let f = |k: &str, v: Vec<u8>| (k.as_bytes().to_vec(), v);
     let r = rng.random_range(0..100);
     if r < 55 {
@@ -541,7 +541,6 @@ async fn randomized_run(seed: u64) {
     let owner_is_d1 = applied_entries(&d1) > 0;
     let (owner, standby) = if owner_is_d1 { (&d1, &d2) } else { (&d2, &d1) };
     owner.signal("STOP");
-    let frozen_at = applied_entries(owner);
     halfway.add_permits(PRODUCERS as usize);
     for p in producers {
         p.await.expect("producer task");
@@ -586,17 +585,10 @@ async fn randomized_run(seed: u64) {
     // Both daemons did part of the work: the partition changed owners.
     let (n1, n2) = (applied_entries(&d1), applied_entries(&d2));
     assert!(n1 > 0 && n2 > 0, "{ctx}: both daemons applied input (d1 {n1}, d2 {n2})");
-    // The deposed owner applied nothing after it woke up: only the calls
-    // already in flight when it froze (at most two batches, applied by
-    // Redis before the takeover) may be reported late, plus one whose log
-    // line raced the signal.
-    let (owner, owner_batch) = if owner_is_d1 { (&d1, 7) } else { (&d2, 50) };
-    let late = applied_entries(owner) - frozen_at;
-    assert!(
-        late <= 3 * owner_batch,
-        "{ctx}: the deposed owner applied {late} entries after it woke up:\n{}",
-        owner.log()
-    );
+    // The deposed owner applies nothing after it wakes up: its calls are
+    // fenced (the exact comparison with the model below would show an
+    // entry applied twice or out of order), and it notices.
+    let owner = if owner_is_d1 { &d1 } else { &d2 };
     harness::wait_until(&format!("{ctx}: the deposed owner noticed"), Duration::from_secs(30), || {
         let log = owner.log();
         log.contains("ownership of the partition ended here") || log.contains("lost the ownership of a partition")
