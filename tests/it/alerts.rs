@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value as Json;
 
 use crate::deploy::{http_addr, http_get};
-use crate::harness::{keys, wait_until, xadd_fields, Daemon, RedisOptions, RedisServer};
+use testkit::{keys, wait_until, xadd_fields, Daemon, RedisOptions, RedisServer};
 
 const WAIT: Duration = Duration::from_secs(60);
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tidemark::store::Namespace;
 
 use crate::cluster_harness::RedisCluster;
-use crate::harness::{read_stream, run_cli, wait_until, Daemon, RedisServer};
+use testkit::{read_stream, run_cli, wait_until, Daemon, RedisServer};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -169,7 +169,7 @@ fn repartition_from_one_standalone_partition_to_six_on_a_cluster() {
         );
     }
     // One malformed entry: a dead letter.
-    crate::harness::xadd_fields(&mut src, &ns(1).partition(0).input, &[(b"op", b"add"), (b"ts", b"5")]);
+    testkit::xadd_fields(&mut src, &ns(1).partition(0).input, &[(b"op", b"add"), (b"ts", b"5")]);
     cli(&url, &["watermark", "999"]);
     wait_until("all 300 scheduled", WAIT, || sched_all(&mut src, &ns(1)).len() == 300);
 

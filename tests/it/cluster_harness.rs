@@ -7,7 +7,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::{wait_until, RedisOptions, RedisServer};
+use testkit::{wait_until, RedisOptions, RedisServer};
 
 /// How long the cluster may take to agree on its slots after creation.
 const FORM_TIMEOUT: Duration = Duration::from_secs(60);
@@ -38,6 +38,7 @@ impl RedisCluster {
                         "--cluster-replica-validity-factor".into(),
                         "0".into(),
                     ],
+                    ..Default::default()
                 })
             })
             .collect();

@@ -16,7 +16,7 @@ use tidemark::store::Keys;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::{self, field, read_stream_async, wait_until, wait_until_async, Daemon, RedisOptions, RedisServer};
+use testkit::{field, read_stream_async, wait_until, wait_until_async, Daemon, RedisOptions, RedisServer};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -29,7 +29,7 @@ async fn release(conn: &mut Conn, id: &[u8], ts: i64, payload: &[(&[u8], &[u8])]
     let ts = ts.to_string();
     let mut fields: Vec<(&[u8], &[u8])> = vec![(b"id", id), (b"ts", ts.as_bytes())];
     fields.extend_from_slice(payload);
-    harness::xadd_fields_async(conn, &keys().out, &fields).await
+    testkit::xadd_fields_async(conn, &keys().out, &fields).await
 }
 
 async fn create_group(conn: &mut Conn, group: &str) {
@@ -624,8 +624,8 @@ async fn a_database_number_in_the_url_reaches_every_connection() {
     let running = Running::start(consumer);
 
     let mut db3 = Conn::Single(client.get_multiplexed_async_connection().await.expect("connect to db 3"));
-    harness::xadd_fields_async(&mut db3, &keys().input, &[(b"op", b"add"), (b"id", b"e1"), (b"ts", b"5")]).await;
-    harness::xadd_fields_async(&mut db3, &keys().input, &[(b"op", b"watermark"), (b"ts", b"10")]).await;
+    testkit::xadd_fields_async(&mut db3, &keys().input, &[(b"op", b"add"), (b"id", b"e1"), (b"ts", b"5")]).await;
+    testkit::xadd_fields_async(&mut db3, &keys().input, &[(b"op", b"watermark"), (b"ts", b"10")]).await;
     wait_until_async("e1 handled and acknowledged on db 3", WAIT, || {
         let mut c = db3.clone();
         let n = seen.lock().unwrap().len();

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use scraper::{ElementRef, Html, Selector};
 use serde_json::Value as Json;
 
-use crate::harness::{keys, wait_until, Daemon, RedisOptions, RedisServer};
+use testkit::{keys, wait_until, Daemon, RedisOptions, RedisServer};
 
 const WAIT: Duration = Duration::from_secs(60);
 const PASSWORD: &str = "dash-s3cret-pw";

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value as Json};
 
-use crate::harness::{field, keys, read_stream, run_cli, wait_until, xadd_fields, Daemon, Keys, RedisServer};
+use testkit::{field, keys, read_stream, run_cli, wait_until, xadd_fields, Daemon, Keys, RedisServer};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -267,7 +267,7 @@ fn replayed_output_letter_is_a_fresh_entry_for_the_group() {
         .expect("XREADGROUP");
     let redis::Value::Array(streams) = reply else { panic!("nothing for the group: {reply:?}") };
     let redis::Value::Array(stream) = &streams[0] else { panic!("{streams:?}") };
-    let entries = crate::harness::parse_xrange(stream[1].clone());
+    let entries = testkit::parse_xrange(stream[1].clone());
     assert_eq!(entries, [(fresh, owned(&original))]);
 }
 

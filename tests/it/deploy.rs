@@ -17,7 +17,7 @@ use std::time::Duration;
 use serde_json::Value as Json;
 use tempfile::TempDir;
 
-use crate::harness::{keys, run_cli, wait_until, Daemon, RedisOptions, RedisServer};
+use testkit::{keys, run_cli, wait_until, Daemon, RedisOptions, RedisServer};
 
 const WAIT: Duration = Duration::from_secs(60);
 

@@ -259,7 +259,7 @@ impl tidemark::config::Env for NoEnv {
 /// its data before Chromium is done (that is what the budget is for).
 #[test]
 fn readme_screenshot_command_works() {
-    use crate::harness::{Daemon, RedisServer};
+    use testkit::{Daemon, RedisServer};
     let browser = crate::dashboard::chromium();
     let readme = read(&repo().join("README.md"));
     let command = code_blocks(&readme)

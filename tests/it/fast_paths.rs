@@ -10,9 +10,9 @@ use tidemark::core::op::Limits;
 use tidemark::store::Conn;
 use tidemark::store::{prepare, read_new, ApplyOutcome, Keys, Prepared, Scripts};
 
-use crate::harness::RedisServer;
 use crate::model::{hlen, schedule};
 use crate::order::{pending, setup};
+use testkit::RedisServer;
 
 const CHUNK: usize = 100;
 

@@ -8,7 +8,7 @@
 use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
-use crate::harness::{field, keys, read_stream, run_cli, wait_until, Daemon, RedisServer};
+use testkit::{field, keys, read_stream, run_cli, wait_until, Daemon, RedisServer};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -109,7 +109,7 @@ fn dead_letters_of_consume_end_with_the_commands_stderr() {
 fn run_cli_with_stdin(args: &[&str], input: &[u8]) -> std::process::Output {
     use std::io::Write;
     use std::process::{Command, Stdio};
-    let mut cmd = Command::new(crate::harness::bin_path());
+    let mut cmd = Command::new(testkit::bin_path());
     cmd.args(args).current_dir(std::env::temp_dir());
     for (key, _) in std::env::vars_os() {
         let k = key.to_string_lossy();
@@ -230,7 +230,7 @@ impl DefaultHttp {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("tidemark.log");
         let out = std::fs::File::create(&log).expect("log file");
-        let mut cmd = Command::new(crate::harness::bin_path());
+        let mut cmd = Command::new(testkit::bin_path());
         // Its own directory: no config/tidemark.toml, no developer's environment.
         cmd.args(args).current_dir(dir.path()).env("RUST_LOG", "info");
         for (key, _) in std::env::vars_os() {
@@ -382,7 +382,7 @@ fn make_run_banner_lines_work_and_sigterm_stops_it() {
         .env("RUN_LOCAL", repo().join("scripts/run-local.sh"))
         .env("LOG", &log)
         .env("PIDFILE", &pidfile)
-        .env("TIDEMARK_BIN", crate::harness::bin_path())
+        .env("TIDEMARK_BIN", testkit::bin_path())
         .env("RUST_LOG", "info")
         .current_dir(repo());
     for (key, _) in std::env::vars_os() {
@@ -718,8 +718,8 @@ fn dashboard_keeps_numbers_on_one_line_and_shows_epoch_ms_as_utc() {
     let daemon = Daemon::spawn(&["run", "--redis-url", &url, "--consumer", "d1", "--http", "127.0.0.1:0"], &[]);
     let upstream = crate::deploy::http_addr(&daemon);
     // 2027-01-15 08:00:00 UTC, and an element a minute later.
-    crate::harness::xadd_fields(&mut conn, &k.input, &[(b"op", b"watermark"), (b"ts", b"1800000000000")]);
-    crate::harness::xadd_fields(&mut conn, &k.input, &[(b"op", b"add"), (b"id", b"later"), (b"ts", b"1800000060000")]);
+    testkit::xadd_fields(&mut conn, &k.input, &[(b"op", b"watermark"), (b"ts", b"1800000000000")]);
+    testkit::xadd_fields(&mut conn, &k.input, &[(b"op", b"add"), (b"id", b"later"), (b"ts", b"1800000060000")]);
     wait_until("applied", WAIT, || {
         let n: i64 = redis::cmd("ZCARD").arg(&k.sched).query(&mut conn).unwrap();
         n == 1
@@ -774,15 +774,15 @@ fn the_daemon_logs_a_periodic_summary() {
     );
     daemon.wait_log("connected to Redis", WAIT);
     let add = |conn: &mut redis::Connection, id: &str, ts: &str| {
-        crate::harness::xadd_fields(conn, &k.input, &[(b"op", b"add"), (b"id", id.as_bytes()), (b"ts", ts.as_bytes())]);
+        testkit::xadd_fields(conn, &k.input, &[(b"op", b"add"), (b"id", id.as_bytes()), (b"ts", ts.as_bytes())]);
     };
-    crate::harness::xadd_fields(&mut conn, &k.input, &[(b"op", b"watermark"), (b"ts", b"1800000000000")]);
+    testkit::xadd_fields(&mut conn, &k.input, &[(b"op", b"watermark"), (b"ts", b"1800000000000")]);
     add(&mut conn, "late", "1799999999000");
     add(&mut conn, "a", "1800000001000");
     add(&mut conn, "b", "1800000002000");
-    crate::harness::xadd_fields(&mut conn, &k.input, &[(b"op", b"cancel"), (b"id", b"b")]);
-    crate::harness::xadd_fields(&mut conn, &k.input, &[(b"op", b"bogus")]);
-    crate::harness::xadd_fields(&mut conn, &k.input, &[(b"op", b"watermark"), (b"ts", b"1800000001500")]);
+    testkit::xadd_fields(&mut conn, &k.input, &[(b"op", b"cancel"), (b"id", b"b")]);
+    testkit::xadd_fields(&mut conn, &k.input, &[(b"op", b"bogus")]);
+    testkit::xadd_fields(&mut conn, &k.input, &[(b"op", b"watermark"), (b"ts", b"1800000001500")]);
 
     let total = |field: &str| -> u64 {
         log_events(&daemon.log(), "summary").iter().map(|e| e[field].as_u64().unwrap_or(0)).sum()

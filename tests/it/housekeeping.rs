@@ -15,7 +15,7 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use redis::{Connection, Value};
 
-use crate::harness::{self, field, keys, wait_until, Daemon, Keys, RedisOptions, RedisServer, StreamEntry};
+use testkit::{field, keys, wait_until, Daemon, Keys, RedisOptions, RedisServer, StreamEntry};
 
 /// Deadline for anything that should happen "soon" on a loaded CI box.
 const WAIT: Duration = Duration::from_secs(20);
@@ -136,10 +136,10 @@ fn parse_read(v: Value) -> Vec<StreamEntry> {
     match v {
         Value::Nil => Vec::new(),
         Value::Array(mut streams) => match streams.pop() {
-            Some(Value::Array(mut parts)) => harness::parse_xrange(parts.pop().expect("entries")),
+            Some(Value::Array(mut parts)) => testkit::parse_xrange(parts.pop().expect("entries")),
             other => panic!("XREADGROUP stream: {other:?}"),
         },
-        Value::Map(mut m) => harness::parse_xrange(m.pop().expect("one stream").1),
+        Value::Map(mut m) => testkit::parse_xrange(m.pop().expect("one stream").1),
         other => panic!("XREADGROUP: {other:?}"),
     }
 }
@@ -197,11 +197,11 @@ fn wait_released(conn: &mut Connection, last: &str, after: Option<&str>) -> Vec<
             .arg(1)
             .query(conn)
             .expect("XREVRANGE");
-        harness::parse_xrange(v).first().is_some_and(|e| elem_id(e) == last)
+        testkit::parse_xrange(v).first().is_some_and(|e| elem_id(e) == last)
     });
     let start = after.map_or_else(|| "-".to_string(), |a| format!("({a}"));
     let v: Value = redis::cmd("XRANGE").arg(&ks().out).arg(start).arg("+").query(conn).expect("XRANGE");
-    harness::parse_xrange(v)
+    testkit::parse_xrange(v)
 }
 
 fn passes(d: &Daemon) -> usize {
@@ -349,7 +349,7 @@ fn retention_keeps_what_any_group_needs_and_trims_the_rest() {
         // Acknowledged history gets trimmed (to node precision) ...
         let floor = released.get(below).map(|(s, _)| sid(s));
         wait_until(&format!("round {round}: :out trimmed below entry #{below}"), WAIT, || {
-            let out = harness::read_stream(&mut conn, &ks().out);
+            let out = testkit::read_stream(&mut conn, &ks().out);
             out.iter().filter(|e| floor.is_none_or(|f| sid(&e.0) < f)).count() < NODE
         });
         // ... and acknowledged input too (the daemon applied all of it).
@@ -357,7 +357,7 @@ fn retention_keeps_what_any_group_needs_and_trims_the_rest() {
         // A few more passes, then: nothing any group needs is gone.
         wait_passes(&d, 3);
         let out: BTreeMap<String, String> =
-            harness::read_stream(&mut conn, &ks().out).iter().map(|e| (e.0.clone(), elem_id(e))).collect();
+            testkit::read_stream(&mut conn, &ks().out).iter().map(|e| (e.0.clone(), elem_id(e))).collect();
         for (i, (s, element)) in released.iter().enumerate() {
             let needed_by: Vec<&str> = groups.iter().filter(|g| g.needs(i, &released)).map(|g| g.name).collect();
             if !needed_by.is_empty() {
@@ -443,12 +443,12 @@ fn pending_input_is_kept_and_claimed_fast_once_its_lease_is_gone() {
     wait_until("d1 holds the 26 entries behind the ghost's", WAIT, || {
         pending_by_consumer(&mut conn, &ks().input, INPUT_GROUP).get("d1") == Some(&26)
     });
-    let held = harness::read_stream(&mut conn, &ks().input);
+    let held = testkit::read_stream(&mut conn, &ks().input);
     assert_eq!(held.len(), 28);
 
     // Housekeeping runs and leaves every one of them alone.
     wait_passes(&d, 5);
-    assert_eq!(harness::read_stream(&mut conn, &ks().input), held, "pending input was trimmed");
+    assert_eq!(testkit::read_stream(&mut conn, &ks().input), held, "pending input was trimmed");
     assert_eq!(xlen(&mut conn, &ks().out), 30, "nothing behind the ghost's entries may be released yet");
 
     // The ghost dies (its lease is gone): claimed within about a lease
@@ -471,7 +471,7 @@ fn pending_input_is_kept_and_claimed_fast_once_its_lease_is_gone() {
 
 /// The stream id of the 30th (last history) output entry.
 fn history_last(conn: &mut Connection) -> String {
-    let out = harness::read_stream(conn, &ks().out);
+    let out = testkit::read_stream(conn, &ks().out);
     out.iter().find(|e| elem_id(e) == "h30").map(|e| e.0.clone()).expect("h30 in :out")
 }
 
@@ -674,10 +674,10 @@ fn dead_letters_are_capped_keeping_the_newest() {
     }
     let ids: Vec<String> = pipe.query(&mut conn).expect("XADD");
     wait_until("45 inputs dead-lettered and :dead capped", WAIT, || {
-        let dead = harness::read_stream(&mut conn, &ks().dead);
+        let dead = testkit::read_stream(&mut conn, &ks().dead);
         dead.last().and_then(|e| field(&e.1, "origin_id")) == Some(ids[44].as_bytes()) && dead.len() < 10 + NODE
     });
-    let dead = harness::read_stream(&mut conn, &ks().dead);
+    let dead = testkit::read_stream(&mut conn, &ks().dead);
     assert!(dead.len() >= 10, "capped below dead_maxlen: {}", dead.len());
     let origins: Vec<&[u8]> = dead.iter().map(|e| field(&e.1, "origin_id").expect("origin_id")).collect();
     let newest: Vec<&[u8]> = ids[45 - dead.len()..].iter().map(|s| s.as_bytes()).collect();
@@ -691,6 +691,7 @@ fn housekeeping_survives_a_redis_restart() {
     let mut redis = RedisServer::start_with(RedisOptions {
         aof: true,
         extra_args: vec!["--stream-node-max-entries".into(), NODE.to_string()],
+        ..Default::default()
     });
     let d = spawn(&redis.url(), "d1", &["g1"], &[]);
     d.wait_log("became the housekeeping leader", WAIT);

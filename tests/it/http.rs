@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::time::Duration;
 
-use crate::harness::{keys, read_stream, run_cli, wait_until, xadd_fields, Daemon, RedisOptions, RedisServer};
+use testkit::{keys, read_stream, run_cli, wait_until, xadd_fields, Daemon, RedisOptions, RedisServer};
 
 const WAIT: Duration = Duration::from_secs(60);
 const PASSWORD: &str = "http-s3cret-pw";

@@ -13,7 +13,6 @@ mod deploy;
 mod docs;
 mod fast_paths;
 mod first_hour;
-mod harness;
 mod harness_selftest;
 mod housekeeping;
 mod http;

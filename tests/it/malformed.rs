@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use redis::streams::StreamInfoGroupsReply;
 
-use crate::harness::{keys, parse_xrange, read_stream, wait_until, xadd_fields, Daemon, Keys, RedisServer};
+use testkit::{keys, parse_xrange, read_stream, wait_until, xadd_fields, Daemon, Keys, RedisServer};
 
 const WAIT: Duration = Duration::from_secs(60);
 

@@ -9,11 +9,11 @@ use tidemark::core::op::Limits;
 use tidemark::store::Conn;
 use tidemark::store::{ensure_group, prepare, read_new, ApplyOutcome, Keys, Prepared, Scripts, INPUT_GROUP};
 
-use crate::harness::{self, Daemon, RedisServer};
 use crate::model::{
     assert_output_matches, claim_lines, daemon_args, get_wm, hlen, input_drained, input_group, last_entry_id,
     poll_until, schedule, spawn_daemon, xlen, Model, Payload,
 };
+use testkit::{Daemon, RedisServer};
 
 async fn setup(redis: &RedisServer) -> (Conn, Keys) {
     let mut conn = redis.conn().await;
@@ -111,11 +111,11 @@ async fn wait_drained(conn: &Conn, keys: &Keys, out_len: u64, timeout: Duration,
 /// Checks the output stream against the model of the whole input stream,
 /// plus that no element id appears twice.
 async fn assert_released_exactly_once(conn: &mut Conn, keys: &Keys, context: &str) -> Model {
-    let input = harness::read_stream_async(conn, &keys.input).await;
+    let input = testkit::read_stream_async(conn, &keys.input).await;
     let model = Model::run(&input);
-    let out = harness::read_stream_async(conn, &keys.out).await;
+    let out = testkit::read_stream_async(conn, &keys.out).await;
     assert_output_matches(context, &out, &model);
-    let mut ids: Vec<&[u8]> = out.iter().map(|(_, f)| harness::field(f, "id").expect("id field")).collect();
+    let mut ids: Vec<&[u8]> = out.iter().map(|(_, f)| testkit::field(f, "id").expect("id field")).collect();
     ids.sort();
     let n = ids.len();
     ids.dedup();
@@ -204,7 +204,7 @@ async fn kill9_mid_stream_then_another_daemon_finishes_exactly_once() {
         assert!(!claim_lines(&d2.log()).is_empty(), "d2 claimed input entries; log:\n{}", d2.log());
     }
 
-    harness::xadd_fields_async(&mut conn, &keys.input, &[(b"op", b"watermark"), (b"ts", b"1000000")]).await;
+    testkit::xadd_fields_async(&mut conn, &keys.input, &[(b"op", b"watermark"), (b"ts", b"1000000")]).await;
     wait_drained(&conn, &keys, N as u64, Duration::from_secs(30), "d2 releases everything").await;
     let model = assert_released_exactly_once(&mut conn, &keys, "after kill -9").await;
     assert_eq!(model.out.len(), N);

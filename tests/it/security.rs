@@ -14,7 +14,7 @@ use rcgen::{
 use tempfile::TempDir;
 
 use crate::deploy::{http_addr, http_get};
-use crate::harness::{keys, read_stream, run_cli, wait_until, Daemon, RedisOptions, RedisServer};
+use testkit::{keys, read_stream, run_cli, wait_until, Daemon, RedisOptions, RedisServer};
 
 /// Extra environment of one run: (name, value) pairs.
 type Vars<'a> = Vec<(&'a str, &'a str)>;
@@ -467,7 +467,8 @@ fn tls_redis(pki: &Pki, auth_clients: bool) -> Option<(RedisServer, u16)> {
     ]
     .map(String::from)
     .to_vec();
-    let started = std::panic::catch_unwind(|| RedisServer::start_with(RedisOptions { extra_args: args, aof: false }));
+    let started =
+        std::panic::catch_unwind(|| RedisServer::start_with(RedisOptions { extra_args: args, ..Default::default() }));
     match started {
         Ok(redis) => Some((redis, tls_port)),
         Err(panic) => {
@@ -529,7 +530,7 @@ fn tls_with_a_private_ca() {
     let out_key = keys("default").out;
     wait_until("over-tls released", WAIT, || read_stream(&mut conn, &out_key).len() == 1);
     let released = read_stream(&mut conn, &out_key);
-    assert_eq!(crate::harness::field(&released[0].1, "id"), Some(&b"over-tls"[..]));
+    assert_eq!(testkit::field(&released[0].1, "id"), Some(&b"over-tls"[..]));
     let log = stop(d, "daemon");
     assert!(log.contains(&format!("redis={tls_url}")), "{log}");
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use redis::streams::StreamInfoGroupsReply;
 
-use crate::harness::{self, keys, read_stream, wait_until, xadd_fields, Daemon, Keys, RedisServer};
+use testkit::{keys, read_stream, wait_until, xadd_fields, Daemon, Keys, RedisServer};
 
 /// Generous: CI has two cores and runs tests in parallel.
 const WAIT: Duration = Duration::from_secs(60);
@@ -146,10 +146,10 @@ fn groups(conn: &mut redis::Connection, stream: &str) -> StreamInfoGroupsReply {
 fn wait_input_applied(conn: &mut redis::Connection) {
     let k = ks();
     wait_until("every input entry applied and acknowledged", WAIT, || {
-        let last: Vec<harness::StreamEntry> = {
+        let last: Vec<testkit::StreamEntry> = {
             let v: redis::Value =
                 redis::cmd("XREVRANGE").arg(&k.input).arg("+").arg("-").arg("COUNT").arg(1).query(conn).unwrap();
-            harness::parse_xrange(v)
+            testkit::parse_xrange(v)
         };
         let Some((last_id, _)) = last.first() else { return true };
         groups(conn, &k.input)
@@ -159,7 +159,7 @@ fn wait_input_applied(conn: &mut redis::Connection) {
     });
 }
 
-fn dead_letters(conn: &mut redis::Connection) -> Vec<harness::StreamEntry> {
+fn dead_letters(conn: &mut redis::Connection) -> Vec<testkit::StreamEntry> {
     read_stream(conn, &ks().dead)
 }
 
@@ -642,6 +642,6 @@ fn payload_at_the_field_limit() {
     assert!(released(&mut conn) == vec![rel("scheduled", 5, &payload), rel("late", 5, &payload)]);
     let dead = dead_letters(&mut conn);
     assert_eq!(dead.len(), 1);
-    assert_eq!(harness::field(&dead[0].1, "reason"), Some(&b"too_large"[..]));
-    assert_eq!(harness::field(&dead[0].1, "origin_id"), Some(refused.as_bytes()));
+    assert_eq!(testkit::field(&dead[0].1, "reason"), Some(&b"too_large"[..]));
+    assert_eq!(testkit::field(&dead[0].1, "origin_id"), Some(refused.as_bytes()));
 }
