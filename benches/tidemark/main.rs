@@ -252,21 +252,34 @@ async fn run(opts: Options) -> Result<()> {
             results.ingest.push((payload, r));
         }
     }
-    if opts.wants("release") {
+    if opts.wants("release") || opts.wants("ceiling") {
         for payload in [Payload::None, Payload::TwoFields] {
+            // The release, the baseline build's and the reference script
+            // take turns run by run, so that their ratios compare the same
+            // minutes of a machine whose speed drifts.
             let name = format!("release, {}", payload.label());
-            let (r, base) = bench
-                .repeat_ab(&name, opts.runs, opts.baseline.as_deref(), |b| Box::pin(b.release(opts.n, payload)))
-                .await?;
-            results.release.push((payload, r));
-            results.baseline_release.extend(base.map(|base| (payload, base)));
-        }
-    }
-    if opts.wants("ceiling") {
-        for payload in [Payload::None, Payload::TwoFields] {
-            let name = format!("reference script, release work, {}", payload.label());
-            let r = bench.repeat(&name, opts.runs, |b| Box::pin(b.ceiling_release(opts.n, payload))).await?;
-            results.ceiling_release.push((payload, r));
+            let reference = format!("reference script, release work, {}", payload.label());
+            let (mut this, mut base, mut alone) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..opts.runs {
+                if opts.wants("release") {
+                    if let Some(bin) = &opts.baseline {
+                        base.extend(bench.once_with(&name, bin, |b| Box::pin(b.release(opts.n, payload))).await?);
+                    }
+                    this.extend(bench.repeat(&name, 1, |b| Box::pin(b.release(opts.n, payload))).await?);
+                }
+                if opts.wants("ceiling") {
+                    alone.extend(bench.repeat(&reference, 1, |b| Box::pin(b.ceiling_release(opts.n, payload))).await?);
+                }
+            }
+            if opts.wants("release") {
+                results.release.push((payload, this));
+            }
+            if opts.baseline.is_some() && opts.wants("release") {
+                results.baseline_release.push((payload, base));
+            }
+            if opts.wants("ceiling") {
+                results.ceiling_release.push((payload, alone));
+            }
         }
     }
     if opts.wants("e2e") {
@@ -433,13 +446,21 @@ impl Bench {
         let Some(baseline) = baseline else { return Ok((self.repeat(name, runs, one).await?, None)) };
         let (mut this, mut base) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
         for _ in 0..runs {
-            let own = std::mem::replace(&mut self.bin, baseline.to_owned());
-            let r = self.repeat(&format!("{name} (baseline build)"), 1, &mut one).await;
-            self.bin = own;
-            base.extend(r?);
+            base.extend(self.once_with(name, baseline, &mut one).await?);
             this.extend(self.repeat(name, 1, &mut one).await?);
         }
         Ok((this, Some(base)))
+    }
+
+    /// One run of a scenario with daemons of another build (`--baseline`).
+    async fn once_with<F>(&mut self, name: &str, bin: &Path, one: F) -> Result<Vec<Figures>>
+    where
+        F: for<'a> FnMut(&'a mut Bench) -> RunFuture<'a>,
+    {
+        let own = std::mem::replace(&mut self.bin, bin.to_owned());
+        let r = self.repeat(&format!("{name} (baseline build)"), 1, one).await;
+        self.bin = own;
+        r
     }
 
     /// Flushes Redis and starts a daemon that has applied a first entry.
