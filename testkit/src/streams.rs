@@ -44,6 +44,11 @@ fn cmd_name(cmd: &Cmd) -> String {
     }
 }
 
+/// Owned field/value pairs.
+pub fn fields(pairs: &[(&[u8], &[u8])]) -> Fields {
+    pairs.iter().map(|(f, v)| (f.to_vec(), v.to_vec())).collect()
+}
+
 /// Bytes as text (lossy), for assertions and messages.
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -175,6 +180,21 @@ pub fn total_connections<C: redis::ConnectionLike>(conn: &mut C) -> u64 {
         .find_map(|l| l.strip_prefix("total_connections_received:"))
         .and_then(|v| v.trim().parse().ok())
         .expect("total_connections_received in INFO stats")
+}
+
+/// Whether every entry of `keys.input` has been delivered to the daemons'
+/// input group and acknowledged: applying an entry and acknowledging it are
+/// one script, so each has been applied. True for an empty (or trimmed)
+/// stream.
+pub fn input_applied<C: redis::ConnectionLike>(conn: &mut C, keys: &Keys) -> bool {
+    let last: redis::Value =
+        query(conn, redis::cmd("XREVRANGE").arg(&keys.input).arg("+").arg("-").arg("COUNT").arg(1));
+    let Some((last, _)) = parse_xrange(last).into_iter().next() else { return true };
+    let groups: redis::streams::StreamInfoGroupsReply = query(conn, redis::cmd("XINFO").arg("GROUPS").arg(&keys.input));
+    groups
+        .groups
+        .iter()
+        .any(|g| g.name == tidemark::store::INPUT_GROUP && g.pending == 0 && g.last_delivered_id == last)
 }
 
 // ---------------------------------------------------------------------------

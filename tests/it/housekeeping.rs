@@ -15,25 +15,16 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use redis::{Connection, Value};
 
-use testkit::{field, keys, wait_until, Daemon, Keys, RedisOptions, RedisServer, StreamEntry};
+use testkit::default_keys as ks;
+use testkit::{
+    exists, field, parse_read, read_group, wait_until, xlen, Daemon, RedisOptions, RedisServer, StreamEntry,
+};
+use tidemark::store::INPUT_GROUP;
 
 /// Deadline for anything that should happen "soon" on a loaded CI box.
 const WAIT: Duration = Duration::from_secs(20);
 /// Entries per stream node in the test Redis.
 const NODE: usize = 10;
-/// Input group of the daemons (fixed by the contract).
-const INPUT_GROUP: &str = "tidemark";
-/// The housekeeping lock of the default namespace.
-const LOCK_KEY: &str = "tidemark:{default}:lock:housekeeping";
-
-fn ks() -> Keys {
-    keys("default")
-}
-
-fn lease_key(tag: &str, group: &str, consumer: &str) -> String {
-    format!("tidemark:{{default}}:lease:{tag}:{group}:{consumer}")
-}
-
 fn start_redis() -> RedisServer {
     RedisServer::start_with(RedisOptions {
         extra_args: vec!["--stream-node-max-entries".into(), NODE.to_string()],
@@ -60,14 +51,6 @@ fn spawn(url: &str, consumer: &str, groups: &[&str], extra_env: &[(&str, &str)])
     let d = Daemon::spawn(&args, &env);
     d.wait_log("connected to Redis", WAIT);
     d
-}
-
-fn xlen(conn: &mut Connection, key: &str) -> usize {
-    redis::cmd("XLEN").arg(key).query(conn).unwrap_or_else(|e| panic!("XLEN {key}: {e}"))
-}
-
-fn exists(conn: &mut Connection, key: &str) -> bool {
-    redis::cmd("EXISTS").arg(key).query::<i64>(conn).unwrap_or_else(|e| panic!("EXISTS {key}: {e}")) == 1
 }
 
 fn set_lease(conn: &mut Connection, key: &str) {
@@ -114,34 +97,6 @@ fn consumers(conn: &mut Connection, stream: &str, group: &str) -> BTreeSet<Strin
             pairs.iter().find(|(k, _)| text(k) == "name").map(|(_, v)| text(v)).expect("consumer name")
         })
         .collect()
-}
-
-/// `XREADGROUP GROUP group consumer COUNT count STREAMS stream >`.
-fn read_group(conn: &mut Connection, stream: &str, group: &str, consumer: &str, count: usize) -> Vec<StreamEntry> {
-    let v: Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg(group)
-        .arg(consumer)
-        .arg("COUNT")
-        .arg(count.max(1))
-        .arg("STREAMS")
-        .arg(stream)
-        .arg(">")
-        .query(conn)
-        .unwrap_or_else(|e| panic!("XREADGROUP {group}: {e}"));
-    parse_read(v)
-}
-
-fn parse_read(v: Value) -> Vec<StreamEntry> {
-    match v {
-        Value::Nil => Vec::new(),
-        Value::Array(mut streams) => match streams.pop() {
-            Some(Value::Array(mut parts)) => testkit::parse_xrange(parts.pop().expect("entries")),
-            other => panic!("XREADGROUP stream: {other:?}"),
-        },
-        Value::Map(mut m) => testkit::parse_xrange(m.pop().expect("one stream").1),
-        other => panic!("XREADGROUP: {other:?}"),
-    }
 }
 
 fn ack(conn: &mut Connection, stream: &str, group: &str, ids: &[String]) {
@@ -254,7 +209,7 @@ fn read_next(conn: &mut Connection, reader: &mut Reader, released: &[(String, St
     if count == 0 {
         return Vec::new();
     }
-    let got = read_group(conn, &ks().out, reader.name, "c", count);
+    let got = read_group(conn, &ks().out, reader.name, "c", count.max(1));
     let want = &released[reader.read..(reader.read + count).min(released.len())];
     let got_pairs: Vec<(String, String)> = got.iter().map(|e| (e.0.clone(), elem_id(e))).collect();
     assert_eq!(got_pairs, want, "group {} read something other than its next unread entries", reader.name);
@@ -399,7 +354,7 @@ fn pending_input_is_kept_and_claimed_fast_once_its_lease_is_gone() {
 
     // A live "ghost" consumer (its lease exists) takes the next two entries
     // in the same transaction that adds them, before the daemon can.
-    let ghost_lease = lease_key("in", INPUT_GROUP, "ghost");
+    let ghost_lease = ks().lease("in", INPUT_GROUP, "ghost");
     set_lease(&mut conn, &ghost_lease);
     let (_, _, read): (String, String, Value) = redis::pipe()
         .atomic()
@@ -485,7 +440,7 @@ fn kill9_daemon_holding_input_is_taken_over_within_a_lease() {
     let mut conn = redis.sync_conn();
 
     // d1 takes 21 entries that must wait behind an entry a leased "ghost" holds.
-    let ghost_lease = lease_key("in", INPUT_GROUP, "ghost");
+    let ghost_lease = ks().lease("in", INPUT_GROUP, "ghost");
     set_lease(&mut conn, &ghost_lease);
     let (_, read): (String, Value) = redis::pipe()
         .atomic()
@@ -518,7 +473,7 @@ fn kill9_daemon_holding_input_is_taken_over_within_a_lease() {
         pending_by_consumer(&mut conn, &ks().input, INPUT_GROUP).get("d1") == Some(&21)
     });
     let d2 = spawn(&redis.url(), "d2", &[], &[]);
-    wait_until("d2 holds its lease", WAIT, || exists(&mut conn, &lease_key("in", INPUT_GROUP, "d2")));
+    wait_until("d2 holds its lease", WAIT, || exists(&mut conn, &ks().lease("in", INPUT_GROUP, "d2")));
 
     let t0 = Instant::now();
     d1.kill9();
@@ -557,8 +512,8 @@ fn housekeeping_lock_moves_to_another_daemon_when_its_holder_is_killed() {
     wait_until("a housekeeping leader", WAIT, || is_leader(&a) || is_leader(&b));
     let (mut holder, mut other) = if is_leader(&a) { (a, b) } else { (b, a) };
     assert!(!is_leader(&other), "both daemons became leader:\n{}\n{}", holder.log(), other.log());
-    let pttl: i64 = redis::cmd("PTTL").arg(LOCK_KEY).query(&mut conn).expect("PTTL");
-    assert!(pttl > 0 && pttl <= 2000, "lock key {LOCK_KEY} with PTTL {pttl}");
+    let pttl: i64 = redis::cmd("PTTL").arg(ks().lock("housekeeping")).query(&mut conn).expect("PTTL");
+    assert!(pttl > 0 && pttl <= 2000, "the housekeeping lock with PTTL {pttl}");
     // The leader extends the lock well past its TTL.
     wait_passes(&holder, 15);
     assert!(!is_leader(&other), "the lock moved while its holder was alive:\n{}", other.log());
@@ -583,7 +538,7 @@ fn housekeeping_lock_moves_to_another_daemon_when_its_holder_is_killed() {
     other.sigterm();
     let status = other.wait_exit(WAIT).expect("daemon exits on SIGTERM");
     assert!(status.success(), "{status}:\n{}", other.log());
-    assert!(!exists(&mut conn, LOCK_KEY), "the lock must be released on shutdown, not left to lapse");
+    assert!(!exists(&mut conn, &ks().lock("housekeeping")), "the lock must be released on shutdown, not left to lapse");
     assert!(other.log().contains("released the housekeeping lock"), "{}", other.log());
 }
 
@@ -615,10 +570,10 @@ fn dead_consumers_are_removed_from_input_and_output_groups() {
     };
     create(&mut conn, &ks().input, INPUT_GROUP, "in-dead");
     create(&mut conn, &ks().input, INPUT_GROUP, "in-alive");
-    set_lease(&mut conn, &lease_key("in", INPUT_GROUP, "in-alive"));
+    set_lease(&mut conn, &ks().lease("in", INPUT_GROUP, "in-alive"));
     create(&mut conn, &ks().out, "g1", "out-dead");
     create(&mut conn, &ks().out, "g1", "out-alive");
-    set_lease(&mut conn, &lease_key("out", "g1", "out-alive"));
+    set_lease(&mut conn, &ks().lease("out", "g1", "out-alive"));
     assert_eq!(read_group(&mut conn, &ks().out, "g1", "out-busy", 2).len(), 2, "out-busy holds 2 entries");
 
     let t0 = Instant::now();

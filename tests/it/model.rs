@@ -260,19 +260,11 @@ pub async fn input_drained(conn: &mut Conn, input: &str) -> bool {
     pending == 0 && delivered == last_entry_id(conn, input).await
 }
 
-pub async fn xlen(conn: &mut Conn, key: &str) -> u64 {
-    redis::cmd("XLEN").arg(key).query_async(conn).await.expect("XLEN")
-}
-
 /// The schedule as (member, score) pairs in sorted-set order.
 pub async fn schedule(conn: &mut Conn, sched: &str) -> Vec<(Vec<u8>, i64)> {
     let raw: Vec<(Vec<u8>, f64)> =
         redis::cmd("ZRANGE").arg(sched).arg(0).arg(-1).arg("WITHSCORES").query_async(conn).await.expect("ZRANGE");
     raw.into_iter().map(|(m, s)| (m, s as i64)).collect()
-}
-
-pub async fn hlen(conn: &mut Conn, key: &str) -> u64 {
-    redis::cmd("HLEN").arg(key).query_async(conn).await.expect("HLEN")
 }
 
 pub async fn get_wm(conn: &mut Conn, key: &str) -> Option<String> {
@@ -560,7 +552,7 @@ async fn randomized_run(seed: u64) {
     assert_eq!(input.len(), PRODUCERS as usize * OPS_PER_PRODUCER + 1, "{ctx}: input length");
     let model = Model::run(&input);
     assert!(model.sched.is_empty(), "{ctx}: the model's final watermark leaves nothing scheduled");
-    let expected_len = model.out.len() as u64;
+    let expected_len = model.out.len();
 
     let input_key = keys.input.clone();
     testkit::wait_until_async(&format!("{ctx}: the input group is drained"), Duration::from_secs(60), || {
@@ -575,7 +567,7 @@ async fn randomized_run(seed: u64) {
     poll_until(Duration::from_secs(10), || {
         let mut c = conn.clone();
         let k = out_key.clone();
-        async move { xlen(&mut c, &k).await >= expected_len }
+        async move { testkit::xlen_async(&mut c, &k).await >= expected_len }
     })
     .await;
     let elapsed = started.elapsed();
@@ -618,7 +610,7 @@ async fn randomized_run(seed: u64) {
     assert_eq!(checked_live, out.len(), "{ctx}: the live watcher saw every output entry");
 
     assert_eq!(schedule(&mut conn, &keys.sched).await, vec![], "{ctx}: :sched is empty");
-    assert_eq!(hlen(&mut conn, &keys.body).await, 0, "{ctx}: :body is empty");
+    assert_eq!(testkit::hlen_async(&mut conn, &keys.body).await, 0, "{ctx}: :body is empty");
     assert_eq!(get_wm(&mut conn, &keys.wm).await, model.wm.map(|w| w.to_string()), "{ctx}: :wm");
 
     let dead = testkit::read_stream_async(&mut conn, &keys.dead).await;
@@ -801,7 +793,7 @@ async fn batches_sent_ahead_of_an_early_stop_match_the_model() {
     let out = testkit::read_stream_async(&mut conn, &keys.out).await;
     assert_output_matches("calls in flight", &out, &model);
     assert_eq!(schedule(&mut conn, &keys.sched).await, vec![]);
-    assert_eq!(hlen(&mut conn, &keys.body).await, 0);
+    assert_eq!(testkit::hlen_async(&mut conn, &keys.body).await, 0);
 
     // With one daemon, a call applies nothing only when it was sent before
     // the previous one stopped early: the case under test happened.

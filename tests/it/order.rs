@@ -8,8 +8,9 @@ use tidemark::store::entries::decode_entries;
 use tidemark::store::Conn;
 use tidemark::store::{ensure_group, prepare, read_new, ApplyOutcome, Keys, Prepared, Scripts, INPUT_GROUP};
 
-use crate::model::{claim_lines, get_wm, hlen, input_drained, schedule, spawn_daemon, xlen, Model};
+use crate::model::{claim_lines, get_wm, input_drained, schedule, spawn_daemon, Model};
 use testkit::RedisServer;
+use testkit::{hlen_async as hlen, xlen_async as xlen};
 
 const CHUNK: usize = 100;
 
@@ -17,13 +18,13 @@ const CHUNK: usize = 100;
 /// input group created.
 pub async fn setup(redis: &RedisServer) -> (Conn, Keys) {
     let mut conn = redis.conn().await;
-    let keys = Keys::new("tidemark", "default");
+    let keys = testkit::default_keys();
     ensure_group(&mut conn, &keys.input, INPUT_GROUP).await.expect("create input group");
     (conn, keys)
 }
 
 /// Reads up to `count` new entries as `consumer` and prepares them.
-async fn read_as(conn: &mut Conn, keys: &Keys, consumer: &str, count: usize) -> Vec<Prepared> {
+pub async fn read_as(conn: &mut Conn, keys: &Keys, consumer: &str, count: usize) -> Vec<Prepared> {
     let entries = read_new(conn, keys, consumer, count, Duration::from_millis(100)).await.expect("XREADGROUP");
     entries.iter().map(|e| prepare(e, &Limits::default())).collect()
 }
@@ -55,7 +56,7 @@ fn owned(list: &[(&str, &str)]) -> Vec<(String, String)> {
 }
 
 /// The state a test can observe: schedule, body count, output, watermark.
-async fn state(conn: &mut Conn, keys: &Keys) -> (Vec<(Vec<u8>, i64)>, u64, u64, Option<String>) {
+async fn state(conn: &mut Conn, keys: &Keys) -> (Vec<(Vec<u8>, i64)>, usize, usize, Option<String>) {
     (
         schedule(conn, &keys.sched).await,
         hlen(conn, &keys.body).await,

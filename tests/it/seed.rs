@@ -6,7 +6,9 @@ use std::time::Duration;
 use redis::streams::StreamInfoGroupsReply;
 
 use testkit::default_keys as ks;
-use testkit::{exists, read_stream, wait_until, xadd_fields, xlen, Daemon, Fields, RedisServer, NO_PAYLOAD};
+use testkit::{
+    exists, input_applied, read_stream, wait_until, xadd_fields, xlen, Daemon, Fields, RedisServer, NO_PAYLOAD,
+};
 
 /// Generous: CI has two cores and runs tests in parallel.
 const WAIT: Duration = Duration::from_secs(60);
@@ -112,25 +114,6 @@ fn groups(conn: &mut redis::Connection, stream: &str) -> StreamInfoGroupsReply {
     redis::cmd("XINFO").arg("GROUPS").arg(stream).query(conn).expect("XINFO GROUPS")
 }
 
-/// Waits until every entry of `:in` has been delivered to the input group
-/// and acknowledged (applying and acknowledging are one atomic script, so
-/// this means every entry has been applied).
-fn wait_input_applied(conn: &mut redis::Connection) {
-    let k = ks();
-    wait_until("every input entry applied and acknowledged", WAIT, || {
-        let last: Vec<testkit::StreamEntry> = {
-            let v: redis::Value =
-                redis::cmd("XREVRANGE").arg(&k.input).arg("+").arg("-").arg("COUNT").arg(1).query(conn).unwrap();
-            testkit::parse_xrange(v)
-        };
-        let Some((last_id, _)) = last.first() else { return true };
-        groups(conn, &k.input)
-            .groups
-            .iter()
-            .any(|g| g.name == "tidemark" && g.pending == 0 && &g.last_delivered_id == last_id)
-    });
-}
-
 fn dead_letters(conn: &mut redis::Connection) -> Vec<testkit::StreamEntry> {
     read_stream(conn, &ks().dead)
 }
@@ -165,7 +148,7 @@ fn seed_scenario() {
 
     testkit::watermark(&mut conn, &ks(), 3);
     wait_out_len(&mut conn, 4);
-    wait_input_applied(&mut conn);
+    wait_until("every input entry applied and acknowledged", WAIT, || input_applied(&mut conn, &ks()));
     assert_eq!(
         released(&mut conn),
         vec![
@@ -226,7 +209,7 @@ fn upsert_replaces_ts_and_payload() {
 
     testkit::watermark(&mut conn, &ks(), 8);
     let b3 = barrier(&mut conn, "b3");
-    wait_input_applied(&mut conn);
+    wait_until("every input entry applied and acknowledged", WAIT, || input_applied(&mut conn, &ks()));
     assert_eq!(
         released(&mut conn),
         vec![b1, rel("e", 6, &[("v", "new")]), b2, rel("u", 8, &[("v", "new"), ("w", "2")]), b3],
@@ -242,7 +225,7 @@ fn upsert_replaces_ts_and_payload() {
     testkit::add(&mut conn, &ks(), "gains", 31, &[("fresh", "yes")]);
     testkit::watermark(&mut conn, &ks(), 31);
     wait_out_len(&mut conn, 7);
-    wait_input_applied(&mut conn);
+    wait_until("every input entry applied and acknowledged", WAIT, || input_applied(&mut conn, &ks()));
     assert_eq!(released(&mut conn)[5..], [rel("drops", 31, &[]), rel("gains", 31, &[("fresh", "yes")])]);
     assert_eq!(xlen(&mut conn, &ks().out), 7);
     assert!(!exists(&mut conn, &ks().sched));
@@ -268,7 +251,7 @@ fn cancel_semantics() {
     testkit::cancel(&mut conn, &ks(), "k2");
     testkit::cancel(&mut conn, &ks(), "never-added");
     let b2 = barrier(&mut conn, "b2");
-    wait_input_applied(&mut conn);
+    wait_until("every input entry applied and acknowledged", WAIT, || input_applied(&mut conn, &ks()));
     assert_eq!(released(&mut conn), vec![rel("k2", 6, &[("p", "2")]), b1, b2]);
     assert_eq!(schedule(&mut conn), vec![("k3".to_string(), 50)], "the schedule is unchanged");
     assert_eq!(body_ids(&mut conn), vec!["k3".to_string()]);
@@ -278,7 +261,7 @@ fn cancel_semantics() {
     // k1 stays cancelled for good: a later watermark does not bring it back.
     testkit::watermark(&mut conn, &ks(), 100);
     wait_out_len(&mut conn, 4);
-    wait_input_applied(&mut conn);
+    wait_until("every input entry applied and acknowledged", WAIT, || input_applied(&mut conn, &ks()));
     let ids: Vec<Vec<u8>> = released(&mut conn).into_iter().map(|r| r.id).collect();
     assert_eq!(ids, vec![b"k2".to_vec(), b"b1".to_vec(), b"b2".to_vec(), b"k3".to_vec()]);
 }
@@ -294,7 +277,7 @@ fn release_order_is_ts_then_id_bytes() {
     }
     testkit::watermark(&mut conn, &ks(), 3);
     wait_out_len(&mut conn, 8);
-    wait_input_applied(&mut conn);
+    wait_until("every input entry applied and acknowledged", WAIT, || input_applied(&mut conn, &ks()));
     let got: Vec<(String, String)> = released(&mut conn)
         .into_iter()
         .map(|r| (String::from_utf8(r.id).unwrap(), String::from_utf8(r.ts).unwrap()))
@@ -352,7 +335,7 @@ fn binary_safe_payload_roundtrip() {
     // ... and late (released straight from the input entry).
     xadd(&mut conn, b"late", b"3");
     wait_out_len(&mut conn, 2);
-    wait_input_applied(&mut conn);
+    wait_until("every input entry applied and acknowledged", WAIT, || input_applied(&mut conn, &ks()));
 
     let out = released(&mut conn);
     assert_eq!(out.len(), 2);
@@ -436,7 +419,7 @@ fn bounded_chunks_release_everything_once_in_order() {
     pipe.query::<()>(&mut conn).expect("pipeline of adds");
     testkit::watermark(&mut conn, &ks(), (N / 2) as i64);
     wait_out_len(&mut conn, N);
-    wait_input_applied(&mut conn);
+    wait_until("every input entry applied and acknowledged", WAIT, || input_applied(&mut conn, &ks()));
 
     want.sort();
     let got: Vec<(i64, String)> = released(&mut conn)
@@ -471,7 +454,7 @@ fn exhausted_release_budget_does_not_skip_a_later_advance() {
     testkit::cancel(&mut conn, &ks(), "c");
     let _d = start_daemon(&redis, &[], &[("TIDEMARK__DAEMON__RELEASE_CHUNK", "2")]);
     let b = barrier(&mut conn, "barrier");
-    wait_input_applied(&mut conn);
+    wait_until("every input entry applied and acknowledged", WAIT, || input_applied(&mut conn, &ks()));
     assert_eq!(
         released(&mut conn),
         vec![rel("a", 1, &[]), rel("b", 2, &[]), rel("c", 3, &[]), b],
@@ -576,7 +559,7 @@ fn input_written_before_the_first_daemon_is_processed() {
 
     let _d = start_daemon(&redis, &[], &[]);
     wait_out_len(&mut conn, 3);
-    wait_input_applied(&mut conn);
+    wait_until("every input entry applied and acknowledged", WAIT, || input_applied(&mut conn, &ks()));
     assert_eq!(
         released(&mut conn),
         vec![rel("p2", 1, &[("n", "2")]), rel("p1", 2, &[("n", "1")]), rel("p4", 0, &[("n", "4")])]
@@ -626,7 +609,7 @@ fn negative_and_extreme_timestamps() {
 
     testkit::watermark(&mut conn, &ks(), TS_MAX);
     wait_out_len(&mut conn, 7);
-    wait_input_applied(&mut conn);
+    wait_until("every input entry applied and acknowledged", WAIT, || input_applied(&mut conn, &ks()));
     assert_eq!(released(&mut conn)[6], rel("max", TS_MAX, &[]));
     assert_eq!(released(&mut conn).len(), 7);
     assert_eq!(wm_value(&mut conn), Some(TS_MAX.to_string()));
@@ -651,7 +634,7 @@ fn payload_at_the_field_limit() {
     let mut one_more = payload.clone();
     one_more.push(("extra", "x"));
     let refused = testkit::add(&mut conn, &ks(), "too-many", 5, &one_more);
-    wait_input_applied(&mut conn);
+    wait_until("every input entry applied and acknowledged", WAIT, || input_applied(&mut conn, &ks()));
     assert!(released(&mut conn) == vec![rel("scheduled", 5, &payload), rel("late", 5, &payload)]);
     let dead = dead_letters(&mut conn);
     assert_eq!(dead.len(), 1);
