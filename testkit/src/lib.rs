@@ -13,7 +13,7 @@ pub mod server;
 pub mod streams;
 pub mod wait;
 
-pub use process::{bin_path, describe, free_port, process_cpu, run_cli, Daemon};
+pub use process::{bin_path, describe, free_port, http_get, process_cpu, run_cli, Daemon};
 pub use server::{RedisOptions, RedisServer};
 pub use streams::*;
 pub use tidemark::store::Keys;

@@ -270,7 +270,7 @@ fn readme_screenshot_command_works() {
     assert!(command.contains("--virtual-time-budget="), "{command}");
     let redis = RedisServer::start();
     let daemon = Daemon::spawn(&["run", "--redis-url", &redis.url(), "--consumer", "d1", "--http", "127.0.0.1:0"], &[]);
-    let addr = crate::deploy::http_addr(&daemon);
+    let addr = daemon.http_addr(std::time::Duration::from_secs(60)).to_string();
     let dir = tempfile::tempdir().unwrap();
     let profile = dir.path().join("profile");
     let run = |args: Vec<String>| {

@@ -293,10 +293,10 @@ fn several_processes_share_a_host_with_default_settings() {
     assert_eq!(distinct.len(), 3, "three addresses: {addrs:?}");
     for (p, addr) in [&a, &b, &c].into_iter().zip(&addrs) {
         assert!(addr.starts_with("127.0.0.1:"), "{addr}");
-        let (code, body) = crate::deploy::http_get(addr, "/healthz").expect("GET /healthz");
+        let (code, body) = testkit::http_get(addr, "/healthz").expect("GET /healthz");
         assert_eq!((code, body.as_str()), (200, "ok\n"), "{}", p.log());
         wait_until(&format!("{addr}: /readyz 200"), WAIT, || {
-            matches!(crate::deploy::http_get(addr, "/readyz"), Ok((200, _)))
+            matches!(testkit::http_get(addr, "/readyz"), Ok((200, _)))
         });
     }
     // Those that did not get the default port said so.
@@ -617,7 +617,7 @@ fn a_namespace_no_daemon_serves_is_reported() {
         ],
         &[],
     );
-    let addr: std::net::SocketAddr = crate::deploy::http_addr(&consumer).parse().unwrap();
+    let addr: std::net::SocketAddr = consumer.http_addr(Duration::from_secs(60));
     let dom = crate::dashboard::rendered(addr, "ok");
     let notice = crate::dashboard::one(&dom, "#no-daemon");
     assert!(notice.value().attr("hidden").is_none(), "the notice is shown:\n{}", dom.html());
@@ -653,7 +653,7 @@ fn measuring_proxy(upstream: String, script: &'static str) -> std::net::SocketAd
             let path = first.split_whitespace().nth(1).unwrap_or("/").to_owned();
             let (code, kind, body) = match path.as_str() {
                 "/" => {
-                    let (code, page) = crate::deploy::http_get(&upstream, "/").unwrap_or((502, String::new()));
+                    let (code, page) = testkit::http_get(&upstream, "/").unwrap_or((502, String::new()));
                     (
                         code,
                         "text/html; charset=utf-8",
@@ -661,8 +661,7 @@ fn measuring_proxy(upstream: String, script: &'static str) -> std::net::SocketAd
                     )
                 }
                 p if p.starts_with("/api/dashboard") => {
-                    let (code, json) =
-                        crate::deploy::http_get(&upstream, "/api/dashboard").unwrap_or((502, String::new()));
+                    let (code, json) = testkit::http_get(&upstream, "/api/dashboard").unwrap_or((502, String::new()));
                     (code, "application/json", json)
                 }
                 _ => (404, "text/plain", String::new()),
@@ -716,7 +715,7 @@ fn dashboard_keeps_numbers_on_one_line_and_shows_epoch_ms_as_utc() {
     let url = redis.url();
     let k = keys("default");
     let daemon = Daemon::spawn(&["run", "--redis-url", &url, "--consumer", "d1", "--http", "127.0.0.1:0"], &[]);
-    let upstream = crate::deploy::http_addr(&daemon);
+    let upstream = daemon.http_addr(Duration::from_secs(60)).to_string();
     // 2027-01-15 08:00:00 UTC, and an element a minute later.
     testkit::xadd_fields(&mut conn, &k.input, &[(b"op", b"watermark"), (b"ts", b"1800000000000")]);
     testkit::xadd_fields(&mut conn, &k.input, &[(b"op", b"add"), (b"id", b"later"), (b"ts", b"1800000060000")]);
