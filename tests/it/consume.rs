@@ -383,17 +383,12 @@ async fn exhausted_entry_of_a_dead_consumer_is_dead_lettered_on_claim() {
 async fn panicking_handler_is_a_failure_not_a_crash() {
     let (redis, mut conn) = with_group("g").await;
     let seen: Seen = Arc::default();
-    let s = seen.clone();
-    let handler = move |el: Element| {
-        let s = s.clone();
-        async move {
-            s.lock().unwrap().push((el.id_lossy().into_owned(), el.delivery));
-            if el.id == b"bomb" && el.delivery == 1 {
-                panic!("handler exploded on {}", el.id_lossy());
-            }
-            Ok::<(), String>(())
+    let handler = recording(&seen, |el| {
+        if el.id == b"bomb" && el.delivery == 1 {
+            panic!("handler exploded on {}", el.id_lossy());
         }
-    };
+        None
+    });
     let consumer = Running::start(builder(&redis, "g", "c1").build(handler).unwrap());
     release(&mut conn, b"bomb", 1, &[]).await;
     wait_until_async("the panicking element is retried and acknowledged", WAIT, || {

@@ -42,6 +42,14 @@ impl std::fmt::Debug for Released {
     }
 }
 
+/// A private Redis, a connection to it and a daemon (see [`start_daemon`]).
+fn with_daemon(extra_args: &[&str], envs: &[(&str, &str)]) -> (RedisServer, redis::Connection, Daemon) {
+    let redis = RedisServer::start();
+    let conn = redis.sync_conn();
+    let d = start_daemon(&redis, extra_args, envs);
+    (redis, conn, d)
+}
+
 /// Starts `tidemark run` as consumer `d1` and waits until it is connected.
 fn start_daemon(redis: &RedisServer, extra_args: &[&str], envs: &[(&str, &str)]) -> Daemon {
     let url = redis.url();
@@ -120,9 +128,7 @@ fn dead_letters(conn: &mut redis::Connection) -> Vec<testkit::StreamEntry> {
 
 #[test]
 fn seed_scenario() {
-    let redis = RedisServer::start();
-    let mut conn = redis.sync_conn();
-    let _d = start_daemon(&redis, &[], &[]);
+    let (_redis, mut conn, _d) = with_daemon(&[], &[]);
 
     testkit::add(&mut conn, &ks(), "a", 1, &[("payload", "alpha")]);
     testkit::add(&mut conn, &ks(), "b", 2, &[("payload", "bravo")]);
@@ -166,9 +172,7 @@ fn seed_scenario() {
 
 #[test]
 fn lower_or_equal_watermark_changes_nothing() {
-    let redis = RedisServer::start();
-    let mut conn = redis.sync_conn();
-    let _d = start_daemon(&redis, &[], &[]);
+    let (_redis, mut conn, _d) = with_daemon(&[], &[]);
 
     testkit::add(&mut conn, &ks(), "later", 11, &[("k", "v")]);
     testkit::watermark(&mut conn, &ks(), 10);
@@ -188,9 +192,7 @@ fn lower_or_equal_watermark_changes_nothing() {
 
 #[test]
 fn upsert_replaces_ts_and_payload() {
-    let redis = RedisServer::start();
-    let mut conn = redis.sync_conn();
-    let _d = start_daemon(&redis, &[], &[]);
+    let (_redis, mut conn, _d) = with_daemon(&[], &[]);
 
     // Moved later: not released at the old time.
     testkit::add(&mut conn, &ks(), "u", 5, &[("v", "old"), ("extra", "x")]);
@@ -234,9 +236,7 @@ fn upsert_replaces_ts_and_payload() {
 
 #[test]
 fn cancel_semantics() {
-    let redis = RedisServer::start();
-    let mut conn = redis.sync_conn();
-    let _d = start_daemon(&redis, &[], &[]);
+    let (_redis, mut conn, _d) = with_daemon(&[], &[]);
 
     testkit::add(&mut conn, &ks(), "k1", 5, &[("p", "1")]);
     testkit::add(&mut conn, &ks(), "k2", 6, &[("p", "2")]);
@@ -268,9 +268,7 @@ fn cancel_semantics() {
 
 #[test]
 fn release_order_is_ts_then_id_bytes() {
-    let redis = RedisServer::start();
-    let mut conn = redis.sync_conn();
-    let _d = start_daemon(&redis, &[], &[]);
+    let (_redis, mut conn, _d) = with_daemon(&[], &[]);
 
     for (id, ts) in [("z", 1), ("a", 2), ("m", 2), ("b", 1), ("a9", 3), ("a10", 3), ("B", 3), ("neg", -4)] {
         testkit::add(&mut conn, &ks(), id, ts, &[("id_was", id)]);
@@ -313,9 +311,7 @@ fn awkward_payload() -> Fields {
 
 #[test]
 fn binary_safe_payload_roundtrip() {
-    let redis = RedisServer::start();
-    let mut conn = redis.sync_conn();
-    let _d = start_daemon(&redis, &[], &[]);
+    let (_redis, mut conn, _d) = with_daemon(&[], &[]);
     let payload = awkward_payload();
     assert!(payload.len() >= 50);
 
@@ -394,9 +390,7 @@ fn bodies_from_before_ts_moved_into_them_are_still_released() {
 #[test]
 fn bounded_chunks_release_everything_once_in_order() {
     const N: usize = 5000;
-    let redis = RedisServer::start();
-    let mut conn = redis.sync_conn();
-    let _d = start_daemon(&redis, &[], &[("TIDEMARK__DAEMON__RELEASE_CHUNK", "100")]);
+    let (_redis, mut conn, _d) = with_daemon(&[], &[("TIDEMARK__DAEMON__RELEASE_CHUNK", "100")]);
 
     // ts is a permutation of 0..N/2 with each ts used twice, so neither the
     // insertion order nor the ts alone gives the output order.
@@ -538,9 +532,7 @@ fn output_groups_from_env_exist_at_start() {
 
 #[test]
 fn output_group_exists_before_anything_is_released() {
-    let redis = RedisServer::start();
-    let mut conn = redis.sync_conn();
-    let _d = start_daemon(&redis, &["--group", "g1", "--group", "g2"], &[]);
+    let (_redis, mut conn, _d) = with_daemon(&["--group", "g1", "--group", "g2"], &[]);
     assert_groups_at_zero(&mut conn, &["g1", "g2"]);
     let len: usize = redis::cmd("XLEN").arg(&ks().out).query(&mut conn).unwrap();
     assert_eq!(len, 0);
@@ -572,9 +564,7 @@ fn input_written_before_the_first_daemon_is_processed() {
 
 #[test]
 fn negative_and_extreme_timestamps() {
-    let redis = RedisServer::start();
-    let mut conn = redis.sync_conn();
-    let _d = start_daemon(&redis, &[], &[]);
+    let (_redis, mut conn, _d) = with_daemon(&[], &[]);
 
     testkit::add(&mut conn, &ks(), "n1", -5, NO_PAYLOAD);
     testkit::add(&mut conn, &ks(), "min", TS_MIN, NO_PAYLOAD);
@@ -623,9 +613,7 @@ fn negative_and_extreme_timestamps() {
 #[test]
 fn payload_at_the_field_limit() {
     const MAX: usize = 3900;
-    let redis = RedisServer::start();
-    let mut conn = redis.sync_conn();
-    let _d = start_daemon(&redis, &[], &[("TIDEMARK__LIMITS__MAX_PAYLOAD_FIELDS", "3900")]);
+    let (_redis, mut conn, _d) = with_daemon(&[], &[("TIDEMARK__LIMITS__MAX_PAYLOAD_FIELDS", "3900")]);
     let owned: Vec<(String, String)> = (0..MAX).map(|i| (format!("f{i}"), format!("v{}", MAX - i))).collect();
     let payload: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     testkit::add(&mut conn, &ks(), "scheduled", 5, &payload);
