@@ -8,17 +8,12 @@ use std::time::Duration;
 
 use tidemark::store::Namespace;
 
-use crate::cluster_harness::RedisCluster;
-use testkit::{read_stream, run_cli, wait_until, Daemon, RedisServer};
+use testkit::{read_stream, run_cli, text, wait_until, xlen, Daemon, RedisCluster, RedisServer};
 
 const WAIT: Duration = Duration::from_secs(60);
 
 fn ns(partitions: u16) -> Namespace {
     Namespace::new("tidemark", "default", partitions)
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 /// Runs the CLI against `url`; asserts success; returns stdout.
@@ -134,7 +129,7 @@ fn a_mismatched_partition_count_is_refused() {
     cli(&url, &["watermark", "5"]);
     let mut conn = redis.sync_conn();
     for keys in ns(4).all() {
-        let len: usize = redis::cmd("XLEN").arg(&keys.input).query(&mut conn).expect("XLEN");
+        let len = xlen(&mut conn, &keys.input);
         assert_eq!(len, 1, "{} got the watermark", keys.input);
     }
 }

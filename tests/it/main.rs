@@ -4,7 +4,6 @@ mod alerts;
 mod cli;
 mod clock;
 mod cluster;
-mod cluster_harness;
 mod consume;
 mod crash;
 mod dashboard;
