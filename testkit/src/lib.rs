@@ -16,7 +16,7 @@ pub mod streams;
 pub mod wait;
 
 pub use cluster::RedisCluster;
-pub use process::{bin_path, describe, free_port, http_get, process_cpu, run_cli, Daemon};
+pub use process::{bin_path, describe, free_port, http_get, process_cpu, read_file, repo_dir, run_cli, Daemon};
 pub use server::{RedisOptions, RedisServer};
 pub use streams::*;
 pub use tidemark::store::Keys;

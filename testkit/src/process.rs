@@ -37,6 +37,17 @@ pub fn bin_path() -> &'static Path {
     })
 }
 
+/// The repository's top directory (where `Cargo.toml`, `deploy/` and
+/// `docs/` are).
+pub fn repo_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("testkit/ lies in the repository").to_owned()
+}
+
+/// A file's text; panics naming the file when it cannot be read.
+pub fn read_file(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
 /// SIGKILLs a child process and reaps it.
 pub(crate) fn kill_and_reap(child: &mut Child) {
     let _ = child.kill();

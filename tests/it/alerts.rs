@@ -16,16 +16,9 @@ use serde_json::Value as Json;
 
 use testkit::http_get;
 use testkit::{keys, wait_until, xadd_fields, Daemon, RedisOptions, RedisServer};
+use testkit::{read_file as read, repo_dir as repo};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
-}
 
 /// A Prometheus binary: `TIDEMARK_<NAME>` if set, else `name` on `PATH`.
 /// Missing, the test fails saying how to get it; it never skips.

@@ -16,6 +16,7 @@ use serde_json::Value as Json;
 use tempfile::TempDir;
 
 use testkit::{http_get, keys, run_cli, wait_until, Daemon, RedisOptions, RedisServer};
+use testkit::{read_file as read, repo_dir as repo};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -27,16 +28,8 @@ const WAIT: Duration = Duration::from_secs(60);
 // Reading the files
 // ---------------------------------------------------------------------------
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn deploy_dir() -> PathBuf {
     repo().join("deploy")
-}
-
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
 }
 
 /// Every document of a YAML file, merge keys (`<<: *anchor`) applied, as

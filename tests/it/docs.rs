@@ -1,15 +1,9 @@
 //! The documentation against the code: the README's examples are the files
 //! the tests run, and every link into the repository resolves.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
-}
+use testkit::{read_file as read, repo_dir as repo};
 
 /// The fenced code blocks of a Markdown text with their info string.
 fn code_blocks(markdown: &str) -> Vec<(String, String)> {

@@ -8,6 +8,7 @@
 use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
+use testkit::repo_dir as repo;
 use testkit::{field, keys, read_stream, run_cli, wait_until, Daemon, RedisServer};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -342,10 +343,6 @@ fn several_processes_share_a_host_with_default_settings() {
 }
 
 /// The repository's root.
-fn repo() -> std::path::PathBuf {
-    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 /// Fails, naming the fix, unless `program` runs.
 fn require(program: &str, why: &str) {
     let found = std::process::Command::new(program)
