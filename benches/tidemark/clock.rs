@@ -1,13 +1,12 @@
 //! Clock mode: elements due over a few seconds on Redis's clock; lateness
 //! of each release.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
 
-use crate::report::{kib_to_mib, percentile};
+use crate::report::latency_figures;
 use crate::{add_pipelines, parse_id, write_all, Bench, Figures, Payload};
 
 impl Bench {
@@ -45,11 +44,6 @@ impl Bench {
             bail!(":out holds {} entries for {n} elements", lateness.len());
         }
         let rss = self.stop(daemon)?;
-        Ok(BTreeMap::from([
-            ("p50_ms", percentile(&mut lateness, 50.0)),
-            ("p99_ms", percentile(&mut lateness, 99.0)),
-            ("max_ms", percentile(&mut lateness, 100.0)),
-            ("daemon_peak_rss_mib", kib_to_mib(rss)),
-        ]))
+        Ok(latency_figures(&mut lateness, rss))
     }
 }

@@ -104,6 +104,7 @@ impl Bench {
         // never waits for this process between two calls.
         let call = &call;
         let send = |mut conn: Conn| async move { call.invoke_async::<usize>(&mut conn).await };
+        let redis_cpu = self.redis_cpu().await?;
         let start = Instant::now();
         let mut released = 0;
         let mut in_flight = FuturesOrdered::new();
@@ -122,7 +123,12 @@ impl Bench {
         if released != n || out_len != n {
             bail!("the reference script released {released} and :out holds {out_len} (expected {n} each)");
         }
-        Ok(BTreeMap::from([("elements_per_s", n as f64 / elapsed), ("seconds", elapsed)]))
+        let redis_cpu = self.redis_cpu().await? - redis_cpu;
+        Ok(BTreeMap::from([
+            ("elements_per_s", n as f64 / elapsed),
+            ("seconds", elapsed),
+            ("redis_cpu_seconds", redis_cpu),
+        ]))
     }
 
     /// Release: `n` scheduled elements, then one watermark above them all;

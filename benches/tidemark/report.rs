@@ -1,6 +1,7 @@
 //! The report: medians of the runs as JSON (stdout) and as a table with
 //! the targets (stderr), and progress on stderr while running.
 
+use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write as _};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -208,9 +209,14 @@ impl Results {
             }
             // The same work by the reference script alone (no daemon).
             if let Some((_, c)) = self.ceiling_release.iter().find(|(q, _)| q == p) {
-                let c = median(c, "elements_per_s");
-                let measured = format!("{} (tidemark {:.0}%)", rate(c), 100.0 * v / c);
+                let cv = median(c, "elements_per_s");
+                let measured = format!("{} (tidemark {:.0}%)", rate(cv), 100.0 * v / cv);
                 rows.push(Row::new("redis_alone", "  reference script alone, same work", "", measured, None));
+                // Redis's CPU per element: what the scripts cost, whatever
+                // else the machine is doing.
+                let (t, c) = (redis_us_per_element(r), redis_us_per_element(c));
+                let measured = format!("{t:.2} µs vs {c:.2} µs ({:.0}%)", 100.0 * c / t);
+                rows.push(Row::new("redis_cpu", "  Redis CPU / element, tidemark vs reference", "", measured, None));
             }
         }
         for (variant, r) in &self.e2e {
@@ -356,6 +362,30 @@ pub(crate) fn percentile(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
     v[rank.clamp(1, v.len()) - 1]
+}
+
+/// Redis's CPU time per released element over the runs (median), in µs.
+fn redis_us_per_element(runs: &[Figures]) -> f64 {
+    let per: Vec<Figures> = runs
+        .iter()
+        .map(|r| {
+            let n =
+                r.get("elements_per_s").copied().unwrap_or(f64::NAN) * r.get("seconds").copied().unwrap_or(f64::NAN);
+            BTreeMap::from([("us", 1e6 * r.get("redis_cpu_seconds").copied().unwrap_or(f64::NAN) / n)])
+        })
+        .collect();
+    median(&per, "us")
+}
+
+/// A latency scenario's figures: p50, p99 and max of `ms`, and the
+/// daemon's peak RSS.
+pub(crate) fn latency_figures(ms: &mut [f64], rss_kib: u64) -> Figures {
+    BTreeMap::from([
+        ("p50_ms", percentile(ms, 50.0)),
+        ("p99_ms", percentile(ms, 99.0)),
+        ("max_ms", percentile(ms, 100.0)),
+        ("daemon_peak_rss_mib", kib_to_mib(rss_kib)),
+    ])
 }
 
 pub(crate) fn summary(f: &Figures) -> String {

@@ -1,13 +1,12 @@
 //! Single element: one add, then its watermark; latency until a blocked
 //! reader of `:out` sees it.
 
-use std::collections::BTreeMap;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Result};
 use redis::Value;
 
-use crate::report::{kib_to_mib, percentile};
+use crate::report::latency_figures;
 use crate::{Bench, Figures, TS_BASE};
 
 impl Bench {
@@ -73,12 +72,7 @@ impl Bench {
             }
         }
         let rss = self.stop(daemon)?;
-        Ok(BTreeMap::from([
-            ("p50_ms", percentile(&mut lat, 50.0)),
-            ("p99_ms", percentile(&mut lat, 99.0)),
-            ("max_ms", percentile(&mut lat, 100.0)),
-            ("daemon_peak_rss_mib", kib_to_mib(rss)),
-        ]))
+        Ok(latency_figures(&mut lat, rss))
     }
 }
 

@@ -126,50 +126,31 @@ pub async fn watermark_async<C: redis::aio::ConnectionLike>(conn: &mut C, keys: 
 // Counting
 // ---------------------------------------------------------------------------
 
-fn count_cmd(name: &str, key: &str) -> Cmd {
-    let mut cmd = redis::cmd(name);
-    cmd.arg(key);
-    cmd
+/// For each `name, name_async: COMMAND -> type`, a blocking and an async
+/// helper that run `COMMAND key` and return its reply.
+macro_rules! key_queries {
+    ($($(#[$doc:meta])* $name:ident, $name_async:ident: $cmd:literal -> $t:ty;)*) => {$(
+        $(#[$doc])*
+        pub fn $name<C: redis::ConnectionLike>(conn: &mut C, key: &str) -> $t {
+            query(conn, redis::cmd($cmd).arg(key))
+        }
+
+        #[doc = concat!("Async version of [`", stringify!($name), "`].")]
+        pub async fn $name_async<C: redis::aio::ConnectionLike>(conn: &mut C, key: &str) -> $t {
+            query_async(conn, redis::cmd($cmd).arg(key)).await
+        }
+    )*};
 }
 
-/// `XLEN key` (0 if missing).
-pub fn xlen<C: redis::ConnectionLike>(conn: &mut C, key: &str) -> usize {
-    query(conn, &count_cmd("XLEN", key))
-}
-
-/// Async version of [`xlen`].
-pub async fn xlen_async<C: redis::aio::ConnectionLike>(conn: &mut C, key: &str) -> usize {
-    query_async(conn, &count_cmd("XLEN", key)).await
-}
-
-/// `ZCARD key` (0 if missing).
-pub fn zcard<C: redis::ConnectionLike>(conn: &mut C, key: &str) -> usize {
-    query(conn, &count_cmd("ZCARD", key))
-}
-
-/// Async version of [`zcard`].
-pub async fn zcard_async<C: redis::aio::ConnectionLike>(conn: &mut C, key: &str) -> usize {
-    query_async(conn, &count_cmd("ZCARD", key)).await
-}
-
-/// `HLEN key` (0 if missing).
-pub fn hlen<C: redis::ConnectionLike>(conn: &mut C, key: &str) -> usize {
-    query(conn, &count_cmd("HLEN", key))
-}
-
-/// Async version of [`hlen`].
-pub async fn hlen_async<C: redis::aio::ConnectionLike>(conn: &mut C, key: &str) -> usize {
-    query_async(conn, &count_cmd("HLEN", key)).await
-}
-
-/// `EXISTS key`.
-pub fn exists<C: redis::ConnectionLike>(conn: &mut C, key: &str) -> bool {
-    query(conn, &count_cmd("EXISTS", key))
-}
-
-/// Async version of [`exists`].
-pub async fn exists_async<C: redis::aio::ConnectionLike>(conn: &mut C, key: &str) -> bool {
-    query_async(conn, &count_cmd("EXISTS", key)).await
+key_queries! {
+    /// `XLEN key` (0 if missing).
+    xlen, xlen_async: "XLEN" -> usize;
+    /// `ZCARD key` (0 if missing).
+    zcard, zcard_async: "ZCARD" -> usize;
+    /// `HLEN key` (0 if missing).
+    hlen, hlen_async: "HLEN" -> usize;
+    /// `EXISTS key`.
+    exists, exists_async: "EXISTS" -> bool;
 }
 
 /// `total_connections_received` from `INFO stats`: how many connections
