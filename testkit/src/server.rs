@@ -30,7 +30,13 @@ const REDIS_REBIND_WINDOW: Duration = Duration::from_secs(5);
 
 /// The `redis-server` binary: [`SERVER_ENV`] if set, else `redis-server`.
 pub fn server_binary() -> PathBuf {
-    std::env::var_os(SERVER_ENV).filter(|v| !v.is_empty()).map_or_else(|| PathBuf::from("redis-server"), PathBuf::from)
+    binary_named(std::env::var_os(SERVER_ENV))
+}
+
+/// The binary a value of [`SERVER_ENV`] names (unset or empty: the one on
+/// `PATH`).
+fn binary_named(var: Option<std::ffi::OsString>) -> PathBuf {
+    var.filter(|v| !v.is_empty()).map_or_else(|| PathBuf::from("redis-server"), PathBuf::from)
 }
 
 /// Options for [`RedisServer::start_with`].
@@ -351,4 +357,17 @@ fn probe_redis(port: u16) -> Probe {
         .lines()
         .find_map(|l| l.strip_prefix("process_id:").and_then(|p| p.trim().parse::<u32>().ok()));
     Probe::Pong(pid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_server_binary_comes_from_the_environment_or_path() {
+        assert_eq!(binary_named(None), PathBuf::from("redis-server"));
+        assert_eq!(binary_named(Some("".into())), PathBuf::from("redis-server"));
+        let valkey = "/opt/valkey-8.0.1/src/valkey-server";
+        assert_eq!(binary_named(Some(valkey.into())), PathBuf::from(valkey));
+    }
 }
