@@ -4,7 +4,8 @@
 -- KEYS[1]: the input stream
 -- KEYS[2]: the watermark (string)
 -- KEYS[3]: the schedule (sorted set, score = ts)
--- KEYS[4]: the bodies (hash, element id -> payload blob; only elements with a payload)
+-- KEYS[4]: the bodies (hash, element id -> 'ts' <ts> <payload…> as in
+--   prelude.lua; only elements with a payload)
 -- KEYS[5]: the output stream
 -- KEYS[6]: the dead-letter stream
 -- KEYS[7]: clock mode's next-due marker (string; see clock.lua)
@@ -27,15 +28,15 @@
 --   'E' (entries): ARGV[9] holds the entries, sorted by entry id, as one
 --     MessagePack array of `str` objects (src/core/codec.rs), one run of
 --     items per entry, each one of
---     <entry id> 'A' <element id> <ts> <payload blob, '' if none>   (add)
+--     <entry id> 'A' <element id> <ts> <body, '' if no payload>     (add)
 --     <entry id> 'C' <element id>                                   (cancel)
 --     <entry id> 'W' <ts>                                           (watermark)
 --     <entry id> 'D' <reason> <detail> <blob: original fields>      (dead letter)
 --     <entry id> 'X'                                                (entry deleted from the stream)
 --   'B' (bulk): only adds, each element id once: ARGV[9] the smallest ts,
 --     and as sequences of MessagePack `str` objects: ARGV[10] the ZADD
---     arguments (ts, id, …), ARGV[11] the HSET arguments (id, payload
---     blob, …, for adds with a payload), ARGV[12] the ids of adds without
+--     arguments (ts, id, …), ARGV[11] the HSET arguments (id, body, …,
+--     for adds with a payload), ARGV[12] the ids of adds without
 --     payload, ARGV[13] the entry ids, ARGV[14] the pairs of neighbouring
 --     entry ids that ARGV[7] marks with '1'
 -- Returns: name/value pairs {'processed', n, 'released', n, 'more_due', 0|1,
@@ -207,11 +208,12 @@ local function flush()
   end
 end
 
+-- A body holds `ts` itself (see release_due in prelude.lua).
 local function emit(id, ts, blob)
   if blob == '' then
     call('XADD', out, '*', 'id', id, 'ts', ts)
   else
-    call('XADD', out, '*', 'id', id, 'ts', ts, msgunpack(blob))
+    call('XADD', out, '*', 'id', id, msgunpack(blob))
   end
 end
 

@@ -1,9 +1,10 @@
 -- prelude.lua: helpers shared by every tidemark script. The Rust side
 -- prepends this file to each script's source, so it is not a script itself.
 --
--- A payload blob is the element's payload field/value pairs in order, as
--- concatenated MessagePack `str` objects (see src/core/codec.rs). Elements
--- without payload have no blob.
+-- A body (payload blob) is `ts` and its value, then the element's payload
+-- field/value pairs in order, as concatenated MessagePack `str` objects
+-- (see src/core/codec.rs, src/store/batch.rs). Elements without payload
+-- have no body.
 
 local call = redis.call
 local unpack = unpack
@@ -14,7 +15,19 @@ local msgunpack = cmsgpack.unpack
 -- The due elements are the lowest-ranked ones, so one ZREMRANGEBYRANK
 -- removes them; bodies exist only for elements with a payload, and when
 -- none exists at all the body hash is not touched.
+--
+-- A body starts with the `ts` field and its value, then the payload
+-- ('ts' <ts> <field> <value> …, see src/store/batch.rs), so it is the
+-- XADD argument list after the id as it stands: no score is fetched or
+-- printed for it (printing scores is the costliest step of a release
+-- otherwise). Bodies written before ts moved into them (payload only) and
+-- elements without a body take ts from the scores, fetched once per call
+-- when one of them is due. No payload field can be called `ts` (reserved),
+-- so a body's first three bytes tell the two forms apart.
 -- Returns: released count, and whether due elements remain.
+local TS_FIRST = '\162ts' -- MessagePack `str` "ts"
+local sub = string.sub
+
 local function any_due(sched, wm)
   return #call('ZRANGE', sched, '-inf', wm, 'BYSCORE', 'LIMIT', 0, 1) > 0
 end
@@ -28,28 +41,37 @@ local function release_due(sched, body, out, wm, limit)
     -- applying input until a release call has caught up.
     return 0, any_due(sched, wm)
   end
-  local due = call('ZRANGE', sched, '-inf', wm, 'BYSCORE', 'LIMIT', 0, limit, 'WITHSCORES')
-  local n = #due / 2
-  if n == 0 then
-    return 0, false
-  end
+  local n
   if call('HLEN', body) == 0 then
+    local due = call('ZRANGE', sched, '-inf', wm, 'BYSCORE', 'LIMIT', 0, limit, 'WITHSCORES')
+    n = #due / 2
+    if n == 0 then
+      return 0, false
+    end
     for i = 1, #due, 2 do
       -- Scores of integers up to 2^53 print as plain integers.
       call('XADD', out, '*', 'id', due[i], 'ts', due[i + 1])
     end
   else
-    local ids = {}
-    for i = 1, n do
-      ids[i] = due[2 * i - 1]
+    local ids = call('ZRANGE', sched, '-inf', wm, 'BYSCORE', 'LIMIT', 0, limit)
+    n = #ids
+    if n == 0 then
+      return 0, false
     end
     local blobs = call('HMGET', body, unpack(ids))
+    -- The same range with scores, fetched when an element needs its ts.
+    local due
     for i = 1, n do
       local blob = blobs[i]
-      if blob then
-        call('XADD', out, '*', 'id', ids[i], 'ts', due[2 * i], msgunpack(blob))
+      if blob and sub(blob, 1, 3) == TS_FIRST then
+        call('XADD', out, '*', 'id', ids[i], msgunpack(blob))
       else
-        call('XADD', out, '*', 'id', ids[i], 'ts', due[2 * i])
+        due = due or call('ZRANGE', sched, '-inf', wm, 'BYSCORE', 'LIMIT', 0, limit, 'WITHSCORES')
+        if blob then
+          call('XADD', out, '*', 'id', ids[i], 'ts', due[2 * i], msgunpack(blob))
+        else
+          call('XADD', out, '*', 'id', ids[i], 'ts', due[2 * i])
+        end
       end
     end
     call('HDEL', body, unpack(ids))

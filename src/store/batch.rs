@@ -30,7 +30,9 @@ pub enum Step {
         element: Vec<u8>,
         /// Its timestamp.
         ts: i64,
-        /// Its payload, encoded (see [`codec`]); empty for none.
+        /// Its body, encoded (see [`codec`]): `ts` and its value, then the
+        /// payload pairs, so that releasing passes it to `XADD` as it
+        /// stands (lua/prelude.lua); empty for no payload.
         payload: Vec<u8>,
     },
     /// Remove element `element` from the schedule.
@@ -127,10 +129,15 @@ pub fn prepare(entry: &StreamEntry, limits: &Limits) -> Prepared {
     };
     let step = match op::parse(fields, limits) {
         Ok(Op::Add { id: element, ts, payload }) => {
-            let mut blob = Vec::with_capacity(payload.iter().map(|(k, v)| k.len() + v.len() + 10).sum::<usize>());
-            for (k, v) in &payload {
-                codec::push_str(&mut blob, k);
-                codec::push_str(&mut blob, v);
+            let mut blob = Vec::new();
+            if !payload.is_empty() {
+                blob.reserve(payload.iter().map(|(k, v)| k.len() + v.len() + 10).sum::<usize>() + 32);
+                codec::push_str(&mut blob, b"ts");
+                codec::push_str(&mut blob, ts.to_string().as_bytes());
+                for (k, v) in &payload {
+                    codec::push_str(&mut blob, k);
+                    codec::push_str(&mut blob, v);
+                }
             }
             Step::Add { element: element.to_vec(), ts, payload: blob }
         }
@@ -171,12 +178,15 @@ mod tests {
     }
 
     #[test]
-    fn add_blob_holds_the_payload() {
+    fn add_blob_holds_the_canonical_ts_then_the_payload() {
         let p = prepare(&entry(&[("op", b"add"), ("id", b"e"), ("ts", b"+7"), ("k", &[0, 1])]), &Limits::default());
         assert_eq!(p.kind(), Kind::Add);
         let Step::Add { element, ts, payload } = p.step else { panic!("{p:?}") };
         assert_eq!((element.as_slice(), ts), (&b"e"[..], 7));
-        assert_eq!(codec::decode(&payload).unwrap(), vec![b"k".to_vec(), vec![0, 1]]);
+        assert_eq!(codec::decode(&payload).unwrap(), vec![b"ts".to_vec(), b"7".to_vec(), b"k".to_vec(), vec![0, 1]]);
+        // lua/prelude.lua tells this form from bodies written before by
+        // their first bytes: the MessagePack `str` "ts".
+        assert_eq!(payload[..3], [0xa2, b't', b's']);
         let bare = prepare(&entry(&[("op", b"add"), ("id", b"e"), ("ts", b"7")]), &Limits::default());
         assert!(matches!(bare.step, Step::Add { payload, .. } if payload.is_empty()));
     }

@@ -14,18 +14,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value as Json;
 
-use crate::deploy::{http_addr, http_get};
-use crate::harness::{keys, wait_until, xadd_fields, Daemon, RedisOptions, RedisServer};
+use testkit::http_get;
+use testkit::{keys, wait_until, xadd_fields, Daemon, RedisOptions, RedisServer};
+use testkit::{read_file as read, repo_dir as repo};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
-}
 
 /// A Prometheus binary: `TIDEMARK_<NAME>` if set, else `name` on `PATH`.
 /// Missing, the test fails saying how to get it; it never skips.
@@ -207,7 +200,7 @@ fn everything_served(redis: &mut RedisServer) -> (BTreeSet<String>, BTreeSet<Str
         ],
         &[],
     );
-    let (daemon_addr, consumer_addr) = (http_addr(&daemon), http_addr(&consumer));
+    let (daemon_addr, consumer_addr) = (daemon.http_addr(WAIT).to_string(), consumer.http_addr(WAIT).to_string());
     for (id, ts) in [("good", "1"), ("bad", "2"), ("later", "50")] {
         xadd_fields(&mut conn, &k.input, &[(b"op", b"add"), (b"id", id.as_bytes()), (b"ts", ts.as_bytes())]);
     }
@@ -413,7 +406,7 @@ fn a_real_prometheus_fires_the_alerts() {
         &["consume", "--redis-url", &url, "--group", "g", "--consumer", "c1", "--http", "127.0.0.1:0", "--", "true"],
         &lease,
     );
-    let (daemon_addr, consumer_addr) = (http_addr(&daemon), http_addr(&consumer));
+    let (daemon_addr, consumer_addr) = (daemon.http_addr(WAIT).to_string(), consumer.http_addr(WAIT).to_string());
 
     let rules = read(&repo().join("deploy/prometheus/alerts.yml"));
     let mut shortened = 0;

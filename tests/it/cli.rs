@@ -8,15 +8,15 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value as Json};
 
-use crate::harness::{keys, read_stream, run_cli, wait_until, xadd_fields, Daemon, Keys, RedisOptions, RedisServer};
+use testkit::default_keys as ks;
+use testkit::{
+    describe, read_group, read_stream, run_cli, text, total_connections, wait_until, xadd_fields, xlen, Daemon,
+    RedisOptions, RedisServer,
+};
 
 const WAIT: Duration = Duration::from_secs(60);
 /// "Within a few seconds" for things that must not hang or retry.
 const QUICK: Duration = Duration::from_secs(10);
-
-fn ks() -> Keys {
-    keys("default")
-}
 
 /// A port on 127.0.0.1 with nothing listening on it.
 fn closed_port_url() -> String {
@@ -24,14 +24,6 @@ fn closed_port_url() -> String {
     let port = listener.local_addr().expect("local_addr").port();
     drop(listener);
     format!("redis://127.0.0.1:{port}")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn describe(out: &Output) -> String {
-    format!("status {:?}\nstdout:\n{}\nstderr:\n{}", out.status, text(&out.stdout), text(&out.stderr))
 }
 
 fn code(out: &Output) -> Option<i32> {
@@ -212,14 +204,6 @@ fn bad_url_message_does_not_show_the_password() {
     assert!(!text(&out.stderr).contains("s3cret") && !text(&out.stdout).contains("s3cret"), "{}", describe(&out));
 }
 
-fn total_connections(conn: &mut redis::Connection) -> u64 {
-    let info: String = redis::cmd("INFO").arg("stats").query(conn).expect("INFO stats");
-    info.lines()
-        .find_map(|l| l.strip_prefix("total_connections_received:"))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("total_connections_received in INFO stats")
-}
-
 /// `run` with a bad configuration and a live Redis: exits 64 without ever
 /// opening a connection (the server's connection counter does not move).
 #[test]
@@ -281,25 +265,6 @@ fn status_of_an_empty_namespace_is_read_only() {
     assert_eq!(dbsize(&mut conn), 0, "status must not create anything");
 }
 
-fn xreadgroup(conn: &mut redis::Connection, stream: &str, group: &str, consumer: &str, count: usize) -> Vec<String> {
-    let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg(group)
-        .arg(consumer)
-        .arg("COUNT")
-        .arg(count)
-        .arg("STREAMS")
-        .arg(stream)
-        .arg(">")
-        .query(conn)
-        .expect("XREADGROUP");
-    reply.keys.into_iter().flat_map(|k| k.ids).map(|e| e.id).collect()
-}
-
-fn xlen(conn: &mut redis::Connection, key: &str) -> usize {
-    redis::cmd("XLEN").arg(key).query(conn).expect("XLEN")
-}
-
 #[test]
 fn status_reports_exact_numbers() {
     let redis = RedisServer::start();
@@ -330,12 +295,12 @@ fn status_reports_exact_numbers() {
     assert_eq!(status.code(), Some(0), "{}", d.log());
 
     // g1: one entry read by c1 and not acknowledged; g2 untouched.
-    let first_out = xreadgroup(&mut conn, &k.out, "g1", "c1", 1);
+    let first_out: Vec<String> = read_group(&mut conn, &k.out, "g1", "c1", 1).into_iter().map(|(id, _)| id).collect();
     assert_eq!(first_out.len(), 1);
     // Input: two more entries, one read (pending) by a ghost consumer.
     xadd_fields(&mut conn, &k.input, &[(b"op", b"add"), (b"id", b"s5"), (b"ts", b"30")]);
     xadd_fields(&mut conn, &k.input, &[(b"op", b"watermark"), (b"ts", b"6")]);
-    assert_eq!(xreadgroup(&mut conn, &k.input, "tidemark", "ghost", 1).len(), 1);
+    assert_eq!(read_group(&mut conn, &k.input, "tidemark", "ghost", 1).len(), 1);
 
     let mut got = status_json(&url);
     // Idle times depend on timing (tests/it/status.rs checks them).

@@ -5,22 +5,14 @@
 
 use std::time::{Duration, Instant};
 
-use crate::harness::{
-    field, keys, read_stream, wait_until, xadd_fields, Daemon, Keys, RedisOptions, RedisServer, StreamEntry,
-};
+use testkit::default_keys as ks;
+use testkit::{field, read_stream, text, wait_until, watermark, zcard, Daemon, RedisOptions, RedisServer, StreamEntry};
 
 /// Generous: CI has two cores shared by everything.
 const WAIT: Duration = Duration::from_secs(30);
 /// The loose bound on release latency ("within a few milliseconds" is what
 /// the printed figures show).
 const LATENCY_BOUND_MS: i64 = 500;
-/// The clock leader's lock.
-const LOCK: &str = "tidemark:{default}:lock:clock";
-
-fn ks() -> Keys {
-    keys("default")
-}
-
 /// The Redis server's `TIME` in milliseconds.
 fn server_ms(conn: &mut redis::Connection) -> i64 {
     let (secs, micros): (i64, i64) = redis::cmd("TIME").query(conn).expect("TIME");
@@ -38,17 +30,12 @@ fn clock_daemon(redis: &RedisServer, name: &str, envs: &[(&str, &str)]) -> Daemo
 }
 
 fn add(conn: &mut redis::Connection, id: &str, ts: i64) -> String {
-    let ts = ts.to_string();
-    xadd_fields(conn, &ks().input, &[(b"op", b"add"), (b"id", id.as_bytes()), (b"ts", ts.as_bytes()), (b"k", b"v")])
+    testkit::add(conn, &ks(), id, ts, &[("k", "v")])
 }
 
 /// The millisecond part of a stream entry id.
 fn id_ms(id: &str) -> i64 {
     id.split_once('-').and_then(|(ms, _)| ms.parse().ok()).unwrap_or_else(|| panic!("not a stream id: {id}"))
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 /// One released element: (element id, ts, release time on the server).
@@ -161,8 +148,8 @@ fn explicit_watermark_ops_run_ahead_of_the_clock() {
     let hour = 3_600_000;
     add(&mut conn, "in-an-hour", now + hour);
     add(&mut conn, "in-two-hours", now + 2 * hour);
-    let ahead = (now + hour).to_string();
-    xadd_fields(&mut conn, &ks().input, &[(b"op", b"watermark"), (b"ts", ahead.as_bytes())]);
+    let ahead = now + hour;
+    watermark(&mut conn, &ks(), ahead);
 
     let out = wait_out_len(&mut conn, 1, "the element an hour ahead released");
     let got = released(&out);
@@ -172,7 +159,7 @@ fn explicit_watermark_ops_run_ahead_of_the_clock() {
     let ticks_before = server_ms(&mut conn);
     wait_until("a few clock ticks", WAIT, || server_ms(&mut conn) > ticks_before + 300);
     let wm: String = redis::cmd("GET").arg(&ks().wm).query(&mut conn).expect("GET wm");
-    assert_eq!(wm, ahead);
+    assert_eq!(wm, ahead.to_string());
     let score: Option<f64> =
         redis::cmd("ZSCORE").arg(&ks().sched).arg("in-two-hours").query(&mut conn).expect("ZSCORE");
     assert_eq!(score, Some((now + 2 * hour) as f64), "the later element stays scheduled");
@@ -191,14 +178,14 @@ fn clock_continues_when_the_leader_is_killed() {
     d1.wait_log("clock leader", WAIT);
     let d2 = clock_daemon(&redis, "d2", &lease);
     d2.wait_log("standing by", WAIT);
-    let holder: String = redis::cmd("GET").arg(LOCK).query(&mut conn).expect("GET lock");
+    let holder: String = redis::cmd("GET").arg(ks().lock("clock")).query(&mut conn).expect("GET lock");
     assert!(holder.starts_with("d1:"), "the first daemon leads: {holder}");
 
     // Something scheduled before the kill, so the clock has work pending.
     let before = server_ms(&mut conn);
     add(&mut conn, "due-soon", before + 500);
     wait_until("the add applied", WAIT, || {
-        let n: usize = redis::cmd("ZCARD").arg(&ks().sched).query(&mut conn).expect("ZCARD");
+        let n = zcard(&mut conn, &ks().sched);
         n == 1
     });
     d1.kill9();
@@ -208,7 +195,7 @@ fn clock_continues_when_the_leader_is_killed() {
     add(&mut conn, "due-after-kill", due);
 
     wait_until("d2 holds the clock lock", WAIT, || {
-        let h: Option<String> = redis::cmd("GET").arg(LOCK).query(&mut conn).expect("GET lock");
+        let h: Option<String> = redis::cmd("GET").arg(ks().lock("clock")).query(&mut conn).expect("GET lock");
         h.is_some_and(|h| h.starts_with("d2:"))
     });
     let takeover = killed.elapsed();
@@ -258,6 +245,6 @@ fn clock_survives_a_redis_restart_and_releases_its_lock_on_shutdown() {
     d.sigterm();
     let status = d.wait_exit(WAIT).unwrap_or_else(|| panic!("the daemon did not stop:\n{}", d.log()));
     assert_eq!(status.code(), Some(0), "{}", d.log());
-    let lock: Option<String> = redis::cmd("GET").arg(LOCK).query(&mut conn).expect("GET lock");
+    let lock: Option<String> = redis::cmd("GET").arg(ks().lock("clock")).query(&mut conn).expect("GET lock");
     assert_eq!(lock, None, "the clock lock is released on shutdown");
 }

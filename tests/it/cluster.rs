@@ -8,17 +8,12 @@ use std::time::Duration;
 
 use tidemark::store::Namespace;
 
-use crate::cluster_harness::RedisCluster;
-use crate::harness::{read_stream, run_cli, wait_until, Daemon, RedisServer};
+use testkit::{read_stream, run_cli, text, wait_until, xlen, Daemon, RedisCluster, RedisServer};
 
 const WAIT: Duration = Duration::from_secs(60);
 
 fn ns(partitions: u16) -> Namespace {
     Namespace::new("tidemark", "default", partitions)
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 /// Runs the CLI against `url`; asserts success; returns stdout.
@@ -134,7 +129,7 @@ fn a_mismatched_partition_count_is_refused() {
     cli(&url, &["watermark", "5"]);
     let mut conn = redis.sync_conn();
     for keys in ns(4).all() {
-        let len: usize = redis::cmd("XLEN").arg(&keys.input).query(&mut conn).expect("XLEN");
+        let len = xlen(&mut conn, &keys.input);
         assert_eq!(len, 1, "{} got the watermark", keys.input);
     }
 }
@@ -169,7 +164,7 @@ fn repartition_from_one_standalone_partition_to_six_on_a_cluster() {
         );
     }
     // One malformed entry: a dead letter.
-    crate::harness::xadd_fields(&mut src, &ns(1).partition(0).input, &[(b"op", b"add"), (b"ts", b"5")]);
+    testkit::xadd_fields(&mut src, &ns(1).partition(0).input, &[(b"op", b"add"), (b"ts", b"5")]);
     cli(&url, &["watermark", "999"]);
     wait_until("all 300 scheduled", WAIT, || sched_all(&mut src, &ns(1)).len() == 300);
 
@@ -535,11 +530,11 @@ fn two_daemons_on_eight_partitions_match_the_model() {
         };
         for p in targets {
             let fields: Vec<(&[u8], &[u8])> = op.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
-            crate::harness::xadd_fields(&mut conn, &ns.partition(p).input, &fields);
+            testkit::xadd_fields(&mut conn, &ns.partition(p).input, &fields);
         }
     }
     for keys in ns.all() {
-        crate::harness::xadd_fields(&mut conn, &keys.input, &[(b"op", b"watermark"), (b"ts", b"1000000000")]);
+        testkit::xadd_fields(&mut conn, &keys.input, &[(b"op", b"watermark"), (b"ts", b"1000000000")]);
     }
     let models: Vec<crate::model::Model> =
         ns.all().iter().map(|keys| crate::model::Model::run(&read_stream(&mut conn, &keys.input))).collect();
@@ -668,7 +663,7 @@ fn consumers_across_partitions_survive_a_kill9() {
     let mut conn = cluster_conn(&cluster);
     for i in 0..N {
         let id = format!("c-{i:05}");
-        crate::harness::xadd_fields(
+        testkit::xadd_fields(
             &mut conn,
             &ns.keys_for(id.as_bytes()).input,
             &[(b"op", b"add"), (b"id", id.as_bytes()), (b"ts", b"1")],

@@ -12,24 +12,20 @@ use std::time::{Duration, Instant};
 
 use tidemark::consume::{ConsumerBuilder, Element};
 use tidemark::store::Conn;
-use tidemark::store::Keys;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::{self, field, read_stream_async, wait_until, wait_until_async, Daemon, RedisOptions, RedisServer};
+use testkit::default_keys as keys;
+use testkit::{field, read_stream_async, wait_until, wait_until_async, Daemon, RedisOptions, RedisServer};
 
 const WAIT: Duration = Duration::from_secs(15);
-
-fn keys() -> Keys {
-    Keys::new("tidemark", "default")
-}
 
 /// XADDs an element to `:out` in the output format; returns the entry id.
 async fn release(conn: &mut Conn, id: &[u8], ts: i64, payload: &[(&[u8], &[u8])]) -> String {
     let ts = ts.to_string();
     let mut fields: Vec<(&[u8], &[u8])> = vec![(b"id", id), (b"ts", ts.as_bytes())];
     fields.extend_from_slice(payload);
-    harness::xadd_fields_async(conn, &keys().out, &fields).await
+    testkit::xadd_fields_async(conn, &keys().out, &fields).await
 }
 
 async fn create_group(conn: &mut Conn, group: &str) {
@@ -67,6 +63,53 @@ type Seen = Arc<Mutex<Vec<(String, u64)>>>;
 
 fn seen_of(seen: &Seen, id: &str) -> Vec<u64> {
     seen.lock().unwrap().iter().filter(|(i, _)| i == id).map(|(_, d)| *d).collect()
+}
+
+/// A private Redis with output group `group` on `:out`, and a connection.
+async fn with_group(group: &str) -> (RedisServer, Conn) {
+    let redis = RedisServer::start();
+    let mut conn = redis.conn().await;
+    create_group(&mut conn, group).await;
+    (redis, conn)
+}
+
+/// Waits until the handler was called `n` times.
+async fn wait_seen(seen: &Seen, n: usize, what: &str) {
+    wait_until_async(what, WAIT, || {
+        let done = seen.lock().unwrap().len() == n;
+        async move { done }
+    })
+    .await;
+}
+
+/// Waits until the handler was called `n` times and nothing is pending in
+/// group `g`.
+async fn wait_acked(conn: &Conn, seen: &Seen, n: usize, what: &str) {
+    wait_until_async(what, WAIT, || {
+        let mut c = conn.clone();
+        let done = seen.lock().unwrap().len() == n;
+        async move { done && pending(&mut c, "g", None).await == 0 }
+    })
+    .await;
+}
+
+/// Waits until `n` entries are pending in `group` (at `consumer`, if given).
+async fn wait_pending(conn: &Conn, group: &str, consumer: Option<&str>, n: usize, what: &str) {
+    wait_until_async(what, WAIT, || {
+        let mut c = conn.clone();
+        async move { pending(&mut c, group, consumer).await == n }
+    })
+    .await;
+}
+
+/// Waits until `:dead` holds `n` letters; returns them.
+async fn wait_dead(conn: &Conn, n: usize, what: &str) -> Vec<testkit::StreamEntry> {
+    wait_until_async(what, WAIT, || {
+        let mut c = conn.clone();
+        async move { read_stream_async(&mut c, &keys().dead).await.len() == n }
+    })
+    .await;
+    read_stream_async(&mut conn.clone(), &keys().dead).await
 }
 
 /// A library consumer of `group` with short timings for tests.
@@ -182,25 +225,13 @@ async fn two_groups_each_receive_every_element() {
         xadd_input(&mut conn, add(i)).await;
     }
     xadd_input(&mut conn, vec![(b"op".to_vec(), b"watermark".to_vec()), (b"ts".to_vec(), b"200".to_vec())]).await;
-    wait_until_async("billing handles the next 5", WAIT, || {
-        let done = billing_seen.lock().unwrap().len() == 15;
-        async move { done }
-    })
-    .await;
-    wait_until_async("billing acknowledges everything", WAIT, || {
-        let mut c = conn.clone();
-        async move { pending(&mut c, "billing", None).await == 0 }
-    })
-    .await;
+    wait_seen(&billing_seen, 15, "billing handles the next 5").await;
+    wait_pending(&conn, "billing", None, 0, "billing acknowledges everything").await;
     assert_eq!(pending(&mut conn, "mail", None).await, 0, "mail acknowledged its first 10 before stopping");
     assert_eq!(sorted(&mail_seen), first, "mail saw nothing while stopped");
 
     let mail = Running::start(builder(&redis, "mail", "m1").build(recording(&mail_seen, |_| None)).unwrap());
-    wait_until_async("mail catches up", WAIT, || {
-        let done = mail_seen.lock().unwrap().len() == 15;
-        async move { done }
-    })
-    .await;
+    wait_seen(&mail_seen, 15, "mail catches up").await;
     let all: Vec<(String, u64)> = (0..15).map(|i| (format!("el-{i:02}"), 1)).collect();
     assert_eq!(sorted(&billing_seen), all);
     assert_eq!(sorted(&mail_seen), all);
@@ -214,9 +245,7 @@ async fn two_groups_each_receive_every_element() {
 /// after claim_idle, then acknowledged; nothing goes to :dead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_once_is_redelivered_then_acknowledged() {
-    let redis = RedisServer::start();
-    let mut conn = redis.conn().await;
-    create_group(&mut conn, "g").await;
+    let (redis, mut conn) = with_group("g").await;
     let seen: Seen = Arc::default();
     let failed_at = Arc::new(Mutex::new(None::<Instant>));
     let retried_at = Arc::new(Mutex::new(None::<Instant>));
@@ -234,12 +263,7 @@ async fn failing_once_is_redelivered_then_acknowledged() {
     for id in ["a", "b", "c"] {
         release(&mut conn, id.as_bytes(), 1, &[(b"k", b"v")]).await;
     }
-    wait_until_async("each element is handled twice and acknowledged", WAIT, || {
-        let n = seen.lock().unwrap().len();
-        let mut c = conn.clone();
-        async move { n == 6 && pending(&mut c, "g", None).await == 0 }
-    })
-    .await;
+    wait_acked(&conn, &seen, 6, "each element is handled twice and acknowledged").await;
     for id in ["a", "b", "c"] {
         assert_eq!(seen_of(&seen, id), [1, 2], "deliveries of {id}");
     }
@@ -256,9 +280,7 @@ async fn failing_once_is_redelivered_then_acknowledged() {
 /// original fields, and no longer pending.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn always_failing_goes_to_dead_after_max_deliveries() {
-    let redis = RedisServer::start();
-    let mut conn = redis.conn().await;
-    create_group(&mut conn, "g").await;
+    let (redis, mut conn) = with_group("g").await;
     let seen: Seen = Arc::default();
     let handler = recording(&seen, |el| Some(format!("boom on delivery {}", el.delivery)));
     let consumer = Running::start(builder(&redis, "g", "c1").max_deliveries(3).build(handler).unwrap());
@@ -307,11 +329,7 @@ async fn always_failing_goes_to_dead_after_max_deliveries() {
     consumer.stop().await;
     let consumer = Running::start(builder(&redis, "g", "c1").build(recording(&seen_ok, |_| None)).unwrap());
     release(&mut conn, b"fine", 9, &[]).await;
-    wait_until_async("a healthy element after the poison ones", WAIT, || {
-        let n = seen_ok.lock().unwrap().len();
-        async move { n == 1 }
-    })
-    .await;
+    wait_seen(&seen_ok, 1, "a healthy element after the poison ones").await;
     assert_eq!(seen_ok.lock().unwrap().clone(), [("fine".to_string(), 1)]);
     assert_eq!(seen.lock().unwrap().len(), 6, "exactly max_deliveries attempts per poison element");
     consumer.stop().await;
@@ -321,9 +339,7 @@ async fn always_failing_goes_to_dead_after_max_deliveries() {
 /// dead-lettered when claimed, without running the handler again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exhausted_entry_of_a_dead_consumer_is_dead_lettered_on_claim() {
-    let redis = RedisServer::start();
-    let mut conn = redis.conn().await;
-    create_group(&mut conn, "g").await;
+    let (redis, mut conn) = with_group("g").await;
     let e1 = release(&mut conn, b"x", 1, &[(b"k", b"v")]).await;
     // The ghost (no lease) is delivered it twice: read, then claimed.
     let _: redis::Value = redis::cmd("XREADGROUP")
@@ -348,11 +364,7 @@ async fn exhausted_entry_of_a_dead_consumer_is_dead_lettered_on_claim() {
     let seen: Seen = Arc::default();
     let consumer =
         Running::start(builder(&redis, "g", "c1").max_deliveries(2).build(recording(&seen, |_| None)).unwrap());
-    wait_until_async("the exhausted entry is dead-lettered", WAIT, || {
-        let mut c = conn.clone();
-        async move { read_stream_async(&mut c, &keys().dead).await.len() == 1 }
-    })
-    .await;
+    wait_dead(&conn, 1, "the exhausted entry is dead-lettered").await;
     let dead = read_stream_async(&mut conn, &keys().dead).await;
     assert_eq!(field(&dead[0].1, "reason"), Some(&b"max_deliveries"[..]));
     assert_eq!(
@@ -369,21 +381,14 @@ async fn exhausted_entry_of_a_dead_consumer_is_dead_lettered_on_claim() {
 /// consumer goes on with other elements.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn panicking_handler_is_a_failure_not_a_crash() {
-    let redis = RedisServer::start();
-    let mut conn = redis.conn().await;
-    create_group(&mut conn, "g").await;
+    let (redis, mut conn) = with_group("g").await;
     let seen: Seen = Arc::default();
-    let s = seen.clone();
-    let handler = move |el: Element| {
-        let s = s.clone();
-        async move {
-            s.lock().unwrap().push((el.id_lossy().into_owned(), el.delivery));
-            if el.id == b"bomb" && el.delivery == 1 {
-                panic!("handler exploded on {}", el.id_lossy());
-            }
-            Ok::<(), String>(())
+    let handler = recording(&seen, |el| {
+        if el.id == b"bomb" && el.delivery == 1 {
+            panic!("handler exploded on {}", el.id_lossy());
         }
-    };
+        None
+    });
     let consumer = Running::start(builder(&redis, "g", "c1").build(handler).unwrap());
     release(&mut conn, b"bomb", 1, &[]).await;
     wait_until_async("the panicking element is retried and acknowledged", WAIT, || {
@@ -406,9 +411,7 @@ async fn panicking_handler_is_a_failure_not_a_crash() {
 /// A handler over `handler_timeout` is cancelled and counts as a failure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handler_timeout_is_a_failure() {
-    let redis = RedisServer::start();
-    let mut conn = redis.conn().await;
-    create_group(&mut conn, "g").await;
+    let (redis, mut conn) = with_group("g").await;
     let handler = |_: Element| async {
         tokio::time::sleep(Duration::from_secs(30)).await;
         Ok::<(), String>(())
@@ -421,11 +424,7 @@ async fn handler_timeout_is_a_failure() {
             .unwrap(),
     );
     release(&mut conn, b"stuck", 1, &[]).await;
-    wait_until_async("the stuck element is dead-lettered", WAIT, || {
-        let mut c = conn.clone();
-        async move { read_stream_async(&mut c, &keys().dead).await.len() == 1 }
-    })
-    .await;
+    wait_dead(&conn, 1, "the stuck element is dead-lettered").await;
     let dead = read_stream_async(&mut conn, &keys().dead).await;
     assert_eq!(
         field(&dead[0].1, "detail"),
@@ -440,9 +439,7 @@ async fn handler_timeout_is_a_failure() {
 /// consumer takes the element over at once (not after claim_idle).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_leaves_unfinished_work_to_peers() {
-    let redis = RedisServer::start();
-    let mut conn = redis.conn().await;
-    create_group(&mut conn, "g").await;
+    let (redis, mut conn) = with_group("g").await;
     let started: Seen = Arc::default();
     let s = started.clone();
     let endless = move |el: Element| {
@@ -461,11 +458,7 @@ async fn shutdown_leaves_unfinished_work_to_peers() {
             .unwrap(),
     );
     release(&mut conn, b"long", 1, &[]).await;
-    wait_until_async("a starts the element", WAIT, || {
-        let n = started.lock().unwrap().len();
-        async move { n == 1 }
-    })
-    .await;
+    wait_seen(&started, 1, "a starts the element").await;
     let stopping = Instant::now();
     a.stop().await;
     eprintln!("stop with a handler over the 300ms grace took {:?}", stopping.elapsed());
@@ -477,12 +470,7 @@ async fn shutdown_leaves_unfinished_work_to_peers() {
     let b = Running::start(
         builder(&redis, "g", "b").claim_idle(Duration::from_secs(60)).build(recording(&seen, |_| None)).unwrap(),
     );
-    wait_until_async("b takes the element over and finishes it", WAIT, || {
-        let mut c = conn.clone();
-        let n = seen.lock().unwrap().len();
-        async move { n == 1 && pending(&mut c, "g", None).await == 0 }
-    })
-    .await;
+    wait_acked(&conn, &seen, 1, "b takes the element over and finishes it").await;
     eprintln!("taken over {:?} after the stop began (claim_idle 60s)", stopping.elapsed());
     assert_eq!(seen.lock().unwrap().clone(), [("long".to_string(), 2)]);
     b.stop().await;
@@ -493,9 +481,7 @@ async fn shutdown_leaves_unfinished_work_to_peers() {
 /// takes none of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_consumer_keeps_its_entries() {
-    let redis = RedisServer::start();
-    let mut conn = redis.conn().await;
-    create_group(&mut conn, "g").await;
+    let (redis, mut conn) = with_group("g").await;
     let slow_seen: Seen = Arc::default();
     let s = slow_seen.clone();
     let slow = move |el: Element| {
@@ -511,19 +497,10 @@ async fn slow_consumer_keeps_its_entries() {
     let a = Running::start(builder(&redis, "g", "slow").build(slow).unwrap());
     release(&mut conn, b"s1", 1, &[]).await;
     release(&mut conn, b"s2", 2, &[]).await;
-    wait_until_async("the slow consumer holds both", WAIT, || {
-        let mut c = conn.clone();
-        async move { pending(&mut c, "g", Some("slow")).await == 2 }
-    })
-    .await;
+    wait_pending(&conn, "g", Some("slow"), 2, "the slow consumer holds both").await;
     let other_seen: Seen = Arc::default();
     let b = Running::start(builder(&redis, "g", "other").build(recording(&other_seen, |_| None)).unwrap());
-    wait_until_async("the slow consumer finishes both", WAIT, || {
-        let mut c = conn.clone();
-        let n = slow_seen.lock().unwrap().len();
-        async move { n == 2 && pending(&mut c, "g", None).await == 0 }
-    })
-    .await;
+    wait_acked(&conn, &slow_seen, 2, "the slow consumer finishes both").await;
     assert!(other_seen.lock().unwrap().is_empty(), "the live peer took work: {:?}", other_seen.lock().unwrap());
     let mut got = slow_seen.lock().unwrap().clone();
     got.sort();
@@ -563,13 +540,7 @@ async fn prefetch_reads_ahead_of_free_slots_and_no_further() {
         };
         let consumer = builder(&redis, &group, "c").concurrency(1).prefetch(prefetch).build(handler);
         let running = Running::start(consumer.unwrap());
-        let g = group.clone();
-        wait_until_async(&format!("prefetch {prefetch}: the consumer holds {held}"), WAIT, || {
-            let mut c = conn.clone();
-            let g = g.clone();
-            async move { pending(&mut c, &g, Some("c")).await == held }
-        })
-        .await;
+        wait_pending(&conn, &group, Some("c"), held, &format!("prefetch {prefetch}: the consumer holds {held}")).await;
         // No more than that, after several read, touch and claim rounds.
         tokio::time::sleep(Duration::from_millis(1200)).await;
         assert_eq!(pending(&mut conn, &group, None).await, held, "prefetch {prefetch}");
@@ -624,8 +595,8 @@ async fn a_database_number_in_the_url_reaches_every_connection() {
     let running = Running::start(consumer);
 
     let mut db3 = Conn::Single(client.get_multiplexed_async_connection().await.expect("connect to db 3"));
-    harness::xadd_fields_async(&mut db3, &keys().input, &[(b"op", b"add"), (b"id", b"e1"), (b"ts", b"5")]).await;
-    harness::xadd_fields_async(&mut db3, &keys().input, &[(b"op", b"watermark"), (b"ts", b"10")]).await;
+    testkit::xadd_fields_async(&mut db3, &keys().input, &[(b"op", b"add"), (b"id", b"e1"), (b"ts", b"5")]).await;
+    testkit::xadd_fields_async(&mut db3, &keys().input, &[(b"op", b"watermark"), (b"ts", b"10")]).await;
     wait_until_async("e1 handled and acknowledged on db 3", WAIT, || {
         let mut c = db3.clone();
         let n = seen.lock().unwrap().len();
@@ -644,9 +615,7 @@ async fn a_database_number_in_the_url_reaches_every_connection() {
 /// grace period it is removed from the group. A leased peer stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_peers_are_taken_over_and_removed_after_the_grace_period() {
-    let redis = RedisServer::start();
-    let mut conn = redis.conn().await;
-    create_group(&mut conn, "g").await;
+    let (redis, mut conn) = with_group("g").await;
     release(&mut conn, b"orphan", 1, &[]).await;
     let _: redis::Value = redis::cmd("XREADGROUP")
         .arg("GROUP")
@@ -685,11 +654,7 @@ async fn dead_peers_are_taken_over_and_removed_after_the_grace_period() {
             .build(recording(&seen, |_| None))
             .unwrap(),
     );
-    wait_until_async("the orphan is taken over from the dead peer", WAIT, || {
-        let n = seen.lock().unwrap().len();
-        async move { n == 1 }
-    })
-    .await;
+    wait_seen(&seen, 1, "the orphan is taken over from the dead peer").await;
     eprintln!("orphan of a lease-less peer taken over after {:?} (claim_idle 60s)", started.elapsed());
     assert_eq!(seen.lock().unwrap().clone(), [("orphan".to_string(), 2)]);
     wait_until_async("dead peers are removed", WAIT, || {
@@ -717,6 +682,15 @@ fn spawn_consume(url: &str, consumer: &str, extra: &[&str], command: &[&str], en
     let d = Daemon::spawn(&consume_args(url, consumer, extra, command), envs);
     d.wait_log("consuming", WAIT);
     d
+}
+
+/// Waits until the file at `path` holds `n` lines.
+async fn wait_lines(path: &Path, n: usize, what: &str) {
+    wait_until_async(what, WAIT, || {
+        let done = lines(path).len() == n;
+        async move { done }
+    })
+    .await;
 }
 
 fn lines(path: &Path) -> Vec<String> {
@@ -897,11 +871,7 @@ async fn consume_timeout_kills_the_command_and_retries() {
     );
     let started = Instant::now();
     let entry = release(&mut conn, b"sleepy", 1, &[]).await;
-    wait_until_async("the sleepy element is dead-lettered", WAIT, || {
-        let mut c = conn.clone();
-        async move { read_stream_async(&mut c, &keys().dead).await.len() == 1 }
-    })
-    .await;
+    wait_dead(&conn, 1, "the sleepy element is dead-lettered").await;
     eprintln!("two 500ms timeouts and a retry took {:?}", started.elapsed());
     let dead = read_stream_async(&mut conn, &keys().dead).await;
     assert_eq!(field(&dead[0].1, "detail"), Some(&b"delivery 2 of 2 failed: timed out after 500ms; killed"[..]));
@@ -933,11 +903,7 @@ async fn consume_sigterm_drains_and_exits_0() {
         &[("STARTED", started.to_str().unwrap()), ("DONE", done.to_str().unwrap())],
     );
     release(&mut conn, b"in-flight", 1, &[]).await;
-    wait_until_async("the command starts", WAIT, || {
-        let n = lines(&started).len();
-        async move { n == 1 }
-    })
-    .await;
+    wait_lines(&started, 1, "the command starts").await;
     d.sigterm();
     let status = d.wait_exit(WAIT).expect("consume exits after SIGTERM");
     assert_eq!(status.code(), Some(0), "log:\n{}", d.log());
@@ -957,11 +923,7 @@ async fn consume_missing_command_is_a_failure() {
     let mut conn = redis.conn().await;
     let d = spawn_consume(&redis.url(), "c", &["--max-deliveries", "1"], &["/nonexistent/tidemark-handler"], &[]);
     release(&mut conn, b"x", 1, &[]).await;
-    wait_until_async("the element is dead-lettered", WAIT, || {
-        let mut c = conn.clone();
-        async move { read_stream_async(&mut c, &keys().dead).await.len() == 1 }
-    })
-    .await;
+    wait_dead(&conn, 1, "the element is dead-lettered").await;
     let dead = read_stream_async(&mut conn, &keys().dead).await;
     let detail = String::from_utf8_lossy(field(&dead[0].1, "detail").unwrap()).into_owned();
     assert!(detail.contains("cannot run \"/nonexistent/tidemark-handler\""), "{detail}");
@@ -986,11 +948,7 @@ async fn consume_survives_a_redis_restart() {
     );
     let mut conn = redis.conn().await;
     release(&mut conn, b"before", 1, &[]).await;
-    wait_until_async("before is handled", WAIT, || {
-        let n = lines(&done).len();
-        async move { n == 1 }
-    })
-    .await;
+    wait_lines(&done, 1, "before is handled").await;
     redis.restart();
     let mut conn = redis.conn().await;
     release(&mut conn, b"after", 2, &[]).await;

@@ -10,12 +10,11 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use crate::harness::{self, Daemon, Keys, RedisOptions, RedisServer, StreamEntry};
+use testkit::{exists, watermark, xlen, zcard, Daemon, Keys, RedisOptions, RedisServer, StreamEntry};
+use tidemark::store::INPUT_GROUP;
 
 /// Deadline for anything that should happen "soon" on a loaded CI box.
 const LONG: Duration = Duration::from_secs(60);
-/// Input group of the daemons (fixed by the contract).
-const INPUT_GROUP: &str = "tidemark";
 /// XADDs per pipeline when filling the input stream.
 const FILL_BATCH: usize = 1_000;
 
@@ -46,12 +45,7 @@ fn small_elem(id: &str, ts: i64) -> Elem {
 }
 
 fn add_cmd(keys: &Keys, e: &Elem) -> redis::Cmd {
-    let mut cmd = redis::cmd("XADD");
-    cmd.arg(&keys.input).arg("*").arg("op").arg("add").arg("id").arg(&e.id).arg("ts").arg(e.ts);
-    for (f, v) in &e.payload {
-        cmd.arg(f.as_slice()).arg(v.as_slice());
-    }
-    cmd
+    testkit::add_cmd(keys, &e.id, e.ts, &e.payload)
 }
 
 /// XADDs `op add` for every element, pipelined in batches of [`FILL_BATCH`].
@@ -66,24 +60,7 @@ fn fill_adds(conn: &mut redis::Connection, keys: &Keys, elems: &[Elem]) {
 }
 
 fn add(conn: &mut redis::Connection, keys: &Keys, e: &Elem) -> String {
-    add_cmd(keys, e).query(conn).unwrap_or_else(|err| panic!("XADD add {}: {err}", e.id))
-}
-
-fn watermark(conn: &mut redis::Connection, keys: &Keys, ts: i64) -> String {
-    let ts = ts.to_string();
-    harness::xadd_fields(conn, &keys.input, &[(b"op", b"watermark"), (b"ts", ts.as_bytes())])
-}
-
-fn zcard(conn: &mut redis::Connection, key: &str) -> u64 {
-    redis::cmd("ZCARD").arg(key).query(conn).unwrap_or_else(|e| panic!("ZCARD {key}: {e}"))
-}
-
-fn xlen(conn: &mut redis::Connection, key: &str) -> u64 {
-    redis::cmd("XLEN").arg(key).query(conn).unwrap_or_else(|e| panic!("XLEN {key}: {e}"))
-}
-
-fn exists(conn: &mut redis::Connection, key: &str) -> bool {
-    redis::cmd("EXISTS").arg(key).query::<i64>(conn).unwrap_or_else(|e| panic!("EXISTS {key}: {e}")) == 1
+    testkit::add(conn, keys, &e.id, e.ts, &e.payload)
 }
 
 fn get_wm(conn: &mut redis::Connection, keys: &Keys) -> Option<String> {
@@ -122,8 +99,8 @@ fn poll_tight<F: FnMut() -> bool>(what: &str, timeout: Duration, mut f: F) -> Du
 
 /// Waits until every input entry is applied (none pending, none left
 /// unread by the group) and the schedule holds `n` elements.
-fn wait_scheduled(conn: &mut redis::Connection, keys: &Keys, n: u64) {
-    harness::wait_until(&format!("{n} elements scheduled and no input pending"), LONG, || {
+fn wait_scheduled(conn: &mut redis::Connection, keys: &Keys, n: usize) {
+    testkit::wait_until(&format!("{n} elements scheduled and no input pending"), LONG, || {
         zcard(conn, &keys.sched) == n && input_pending(conn, keys) == Some(0) && group_lag(conn, keys) == Some(0)
     });
 }
@@ -237,7 +214,7 @@ fn assert_drained(conn: &mut redis::Connection, keys: &Keys) {
     assert_eq!(zcard(conn, &keys.sched), 0, ":sched must be empty");
     assert!(!exists(conn, &keys.sched), ":sched must not exist");
     assert!(!exists(conn, &keys.body), ":body must be empty");
-    assert_eq!(harness::read_stream(conn, &keys.dead), Vec::new(), ":dead must be empty");
+    assert_eq!(testkit::read_stream(conn, &keys.dead), Vec::new(), ":dead must be empty");
 }
 
 fn spawn_daemon(redis_url: &str, consumer: &str, extra_env: &[(&str, &str)]) -> Daemon {
@@ -304,7 +281,7 @@ const KILL_RELEASE_CHUNK: &str = "100";
 
 fn kill9_during_release_then_restart(second_consumer: &str) {
     let redis = RedisServer::start();
-    let keys = harness::keys("default");
+    let keys = testkit::keys("default");
     let mut conn = redis.sync_conn();
     let elems: Vec<Elem> = (0..BULK).map(bulk_elem).collect();
 
@@ -315,7 +292,7 @@ fn kill9_during_release_then_restart(second_consumer: &str) {
     let chunk_env = [("TIDEMARK__DAEMON__RELEASE_CHUNK", KILL_RELEASE_CHUNK)];
     let mut d1 = spawn_daemon(&redis.url(), "d1", &chunk_env);
     d1.wait_log("connected to Redis", LONG);
-    wait_scheduled(&mut conn, &keys, BULK as u64);
+    wait_scheduled(&mut conn, &keys, BULK);
     let scheduled = started.elapsed();
     assert_eq!(xlen(&mut conn, &keys.out), 0, "nothing may be released before a watermark");
 
@@ -324,7 +301,7 @@ fn kill9_during_release_then_restart(second_consumer: &str) {
     d1.kill9();
     // One atomic read: a release call the daemon sent just before dying may
     // still run, and must not land between the two counts.
-    let (at_kill, left): (u64, u64) = redis::pipe()
+    let (at_kill, left): (usize, usize) = redis::pipe()
         .atomic()
         .cmd("XLEN")
         .arg(&keys.out)
@@ -333,25 +310,23 @@ fn kill9_during_release_then_restart(second_consumer: &str) {
         .query(&mut conn)
         .expect("MULTI XLEN ZCARD EXEC");
     assert!(
-        at_kill < BULK as u64,
+        at_kill < BULK,
         "the release finished before the kill ({at_kill} released, seen after {waited:?}); lower KILL_RELEASE_CHUNK"
     );
-    assert_eq!(left + at_kill, BULK as u64, "released + still scheduled must account for every element at the kill");
+    assert_eq!(left + at_kill, BULK, "released + still scheduled must account for every element at the kill");
     assert_eq!(get_wm(&mut conn, &keys).as_deref(), Some(BULK.to_string().as_str()), "watermark is stored");
 
     let d2 = spawn_daemon(&redis.url(), second_consumer, &[]);
     d2.wait_log("connected to Redis", LONG);
-    harness::wait_until("all 100k elements released after the restart", LONG, || {
-        xlen(&mut conn, &keys.out) >= BULK as u64
-    });
+    testkit::wait_until("all 100k elements released after the restart", LONG, || xlen(&mut conn, &keys.out) >= BULK);
     // Let anything wrongly re-released show up before reading: a later op
     // must be applied after all of it (ops take effect in input order).
     let marker = small_elem("marker", BULK as i64 + 1);
     add(&mut conn, &keys, &marker);
     watermark(&mut conn, &keys, BULK as i64 + 1);
-    harness::wait_until("the marker released", LONG, || xlen(&mut conn, &keys.out) > BULK as u64);
+    testkit::wait_until("the marker released", LONG, || xlen(&mut conn, &keys.out) > BULK);
 
-    let out = harness::read_stream(&mut conn, &keys.out);
+    let out = testkit::read_stream(&mut conn, &keys.out);
     let mut expected = elems;
     expected.push(marker);
     assert_output(&out, &expected);
@@ -382,7 +357,7 @@ fn kill9_during_release_then_restart_other_consumer() {
 #[test]
 fn redis_restart_daemon_reconnects_and_continues() {
     let mut redis = RedisServer::start_with(RedisOptions { aof: true, ..Default::default() });
-    let keys = harness::keys("default");
+    let keys = testkit::keys("default");
     let mut d = spawn_daemon(&redis.url(), "d1", &[("TIDEMARK__DAEMON__RECONNECT_MAX", "500ms")]);
     d.wait_log("connected to Redis", LONG);
 
@@ -394,16 +369,16 @@ fn redis_restart_daemon_reconnects_and_continues() {
         }
         watermark(&mut conn, &keys, 3);
         wait_scheduled(&mut conn, &keys, 2);
-        let out: Vec<Elem> = harness::read_stream(&mut conn, &keys.out).iter().map(decode_out).collect();
+        let out: Vec<Elem> = testkit::read_stream(&mut conn, &keys.out).iter().map(decode_out).collect();
         assert_eq!(out, before[..3].to_vec(), "a1..a3 released before the crash");
     }
 
     redis.kill9();
     let down_at = Instant::now();
-    harness::wait_until("the daemon noticed that Redis is gone", LONG, || !disconnect_warnings(&d.log()).is_empty());
+    testkit::wait_until("the daemon noticed that Redis is gone", LONG, || !disconnect_warnings(&d.log()).is_empty());
     // Let the outage last ~3 s, with several reconnect attempts (each logged
     // at debug level only). Nothing is written while Redis is down.
-    harness::wait_until("at least 4 reconnect attempts", LONG, || retry_count(&d) >= 4);
+    testkit::wait_until("at least 4 reconnect attempts", LONG, || retry_count(&d) >= 4);
     if let Some(rest) = Duration::from_secs(3).checked_sub(down_at.elapsed()) {
         std::thread::sleep(rest);
     }
@@ -411,7 +386,7 @@ fn redis_restart_daemon_reconnects_and_continues() {
     assert_eq!(connect_count(&d), 1, "no session can start while Redis is down");
 
     redis.restart();
-    harness::wait_until("the daemon reconnected (second `connected to Redis`)", LONG, || connect_count(&d) >= 2);
+    testkit::wait_until("the daemon reconnected (second `connected to Redis`)", LONG, || connect_count(&d) >= 2);
 
     let mut conn = redis.sync_conn();
     // The AOF kept everything from before the crash.
@@ -425,10 +400,10 @@ fn redis_restart_daemon_reconnects_and_continues() {
     add(&mut conn, &keys, &a7);
     add(&mut conn, &keys, &a8);
     watermark(&mut conn, &keys, 10);
-    harness::wait_until("a7, a4, a5, a6 released after the reconnect", LONG, || xlen(&mut conn, &keys.out) >= 7);
+    testkit::wait_until("a7, a4, a5, a6 released after the reconnect", LONG, || xlen(&mut conn, &keys.out) >= 7);
     wait_scheduled(&mut conn, &keys, 1);
 
-    let out = harness::read_stream(&mut conn, &keys.out);
+    let out = testkit::read_stream(&mut conn, &keys.out);
     let expected =
         vec![before[0].clone(), before[1].clone(), before[2].clone(), a7, before[3].clone(), before[4].clone(), a6];
     assert_output(&out, &expected);
@@ -455,7 +430,7 @@ fn redis_restart_daemon_reconnects_and_continues() {
 #[test]
 fn redis_restart_mid_release_releases_everything_once_in_order() {
     let mut redis = RedisServer::start_with(RedisOptions { aof: true, ..Default::default() });
-    let keys = harness::keys("default");
+    let keys = testkit::keys("default");
     let elems: Vec<Elem> = (0..BULK).map(bulk_elem).collect();
     let started = Instant::now();
     {
@@ -472,14 +447,14 @@ fn redis_restart_mid_release_releases_everything_once_in_order() {
     d.wait_log("connected to Redis", LONG);
     let at_kill = {
         let mut conn = redis.sync_conn();
-        wait_scheduled(&mut conn, &keys, BULK as u64);
+        wait_scheduled(&mut conn, &keys, BULK);
         watermark(&mut conn, &keys, BULK as i64);
         poll_tight("the release to start", LONG, || xlen(&mut conn, &keys.out) > 0);
         // With appendfsync always, what this connection saw is in the AOF.
         xlen(&mut conn, &keys.out)
     };
     redis.kill9();
-    assert!(at_kill < BULK as u64, "the release finished before Redis was killed ({at_kill} released)");
+    assert!(at_kill < BULK, "the release finished before Redis was killed ({at_kill} released)");
     let scheduled = started.elapsed();
 
     redis.restart();
@@ -492,16 +467,14 @@ fn redis_restart_mid_release_releases_everything_once_in_order() {
         after_restart >= at_kill,
         "after the restart :out has {after_restart} entries; {at_kill} were seen before the crash"
     );
-    harness::wait_until("the daemon reconnected", LONG, || connect_count(&d) >= 2);
-    harness::wait_until("all elements released after the Redis restart", LONG, || {
-        xlen(&mut conn, &keys.out) >= BULK as u64
-    });
+    testkit::wait_until("the daemon reconnected", LONG, || connect_count(&d) >= 2);
+    testkit::wait_until("all elements released after the Redis restart", LONG, || xlen(&mut conn, &keys.out) >= BULK);
     let marker = small_elem("marker", BULK as i64 + 1);
     add(&mut conn, &keys, &marker);
     watermark(&mut conn, &keys, BULK as i64 + 1);
-    harness::wait_until("the marker released", LONG, || xlen(&mut conn, &keys.out) > BULK as u64);
+    testkit::wait_until("the marker released", LONG, || xlen(&mut conn, &keys.out) > BULK);
 
-    let out = harness::read_stream(&mut conn, &keys.out);
+    let out = testkit::read_stream(&mut conn, &keys.out);
     let mut expected = elems;
     expected.push(marker);
     assert_output(&out, &expected);
@@ -524,11 +497,11 @@ fn redis_restart_mid_release_releases_everything_once_in_order() {
 fn daemon_started_before_redis_waits_and_then_works() {
     let mut redis = RedisServer::start();
     redis.kill9();
-    let keys = harness::keys("default");
+    let keys = testkit::keys("default");
 
     let mut d = spawn_daemon(&redis.url(), "d1", &[("TIDEMARK__DAEMON__RECONNECT_MAX", "500ms")]);
     d.wait_log("cannot reach Redis", LONG);
-    harness::wait_until("at least 3 reconnect attempts", LONG, || retry_count(&d) >= 3);
+    testkit::wait_until("at least 3 reconnect attempts", LONG, || retry_count(&d) >= 3);
     assert!(d.is_running(), "the daemon must keep retrying, not exit; log:\n{}", d.log());
     assert_eq!(connect_count(&d), 0);
 
@@ -543,9 +516,9 @@ fn daemon_started_before_redis_waits_and_then_works() {
     add(&mut conn, &keys, &x3);
     add(&mut conn, &keys, &x1);
     watermark(&mut conn, &keys, 25);
-    harness::wait_until("x1, x2 released", LONG, || xlen(&mut conn, &keys.out) >= 2);
+    testkit::wait_until("x1, x2 released", LONG, || xlen(&mut conn, &keys.out) >= 2);
     wait_scheduled(&mut conn, &keys, 1);
-    assert_output(&harness::read_stream(&mut conn, &keys.out), &[x1, x2]);
+    assert_output(&testkit::read_stream(&mut conn, &keys.out), &[x1, x2]);
 
     let warnings = disconnect_warnings(&d.log());
     assert_eq!(warnings.len(), 1, "one warning for the whole outage, got:\n{}", warnings.join("\n"));
@@ -562,7 +535,7 @@ fn sigterm_during_ingest_exits_cleanly_and_a_new_daemon_finishes() {
     const N: usize = 50_000;
     const GRACE: Duration = Duration::from_secs(10);
     let redis = RedisServer::start();
-    let keys = harness::keys("default");
+    let keys = testkit::keys("default");
     let mut conn = redis.sync_conn();
     let elems: Vec<Elem> = (0..N).map(bulk_elem).collect();
     fill_adds(&mut conn, &keys, &elems);
@@ -579,10 +552,7 @@ fn sigterm_during_ingest_exits_cleanly_and_a_new_daemon_finishes() {
     assert!(took < GRACE, "exit took {took:?}, more than the grace period");
     assert!(d1.log().contains("tidemark daemon stopped"), "clean stop is logged; log:\n{}", d1.log());
     let after_exit = zcard(&mut conn, &keys.sched);
-    assert!(
-        after_exit < N as u64,
-        "SIGTERM must stop reading: all {N} got scheduled anyway ({at_signal} at the signal)"
-    );
+    assert!(after_exit < N, "SIGTERM must stop reading: all {N} got scheduled anyway ({at_signal} at the signal)");
     assert_eq!(xlen(&mut conn, &keys.out), 0);
     // Entries the stopped daemon read but did not apply (a read in flight
     // at the signal) stay pending at d1; d2 must claim them (see test 6).
@@ -590,7 +560,7 @@ fn sigterm_during_ingest_exits_cleanly_and_a_new_daemon_finishes() {
 
     let d2 = spawn_daemon(&redis.url(), "d2", &[]);
     d2.wait_log("connected to Redis", LONG);
-    wait_scheduled(&mut conn, &keys, N as u64);
+    wait_scheduled(&mut conn, &keys, N);
     // Every element is scheduled exactly once, with its ts as score.
     let scheduled: Vec<(String, i64)> = redis::cmd("ZRANGE")
         .arg(&keys.sched)
@@ -604,12 +574,12 @@ fn sigterm_during_ingest_exits_cleanly_and_a_new_daemon_finishes() {
 
     // Releasing everything shows the bodies: each element once, intact.
     watermark(&mut conn, &keys, N as i64);
-    harness::wait_until("all elements released", LONG, || xlen(&mut conn, &keys.out) >= N as u64);
+    testkit::wait_until("all elements released", LONG, || xlen(&mut conn, &keys.out) >= N);
     let marker = small_elem("marker", N as i64 + 1);
     add(&mut conn, &keys, &marker);
     watermark(&mut conn, &keys, N as i64 + 1);
-    harness::wait_until("the marker released", LONG, || xlen(&mut conn, &keys.out) > N as u64);
-    let out = harness::read_stream(&mut conn, &keys.out);
+    testkit::wait_until("the marker released", LONG, || xlen(&mut conn, &keys.out) > N);
+    let out = testkit::read_stream(&mut conn, &keys.out);
     let mut expected = elems;
     expected.push(marker);
     assert_output(&out, &expected);
@@ -639,7 +609,7 @@ fn input_pending_at_a_dead_daemon_is_claimed_behind_a_full_backlog() {
     const N: usize = 5_000;
     const CRASHED: usize = 10;
     let redis = RedisServer::start();
-    let keys = harness::keys("default");
+    let keys = testkit::keys("default");
     let mut conn = redis.sync_conn();
 
     // Entry 0 adds `victim`, a later entry cancels it: if the claimed entry
@@ -648,7 +618,7 @@ fn input_pending_at_a_dead_daemon_is_claimed_behind_a_full_backlog() {
     add(&mut conn, &keys, &victim);
     let elems: Vec<Elem> = (0..N).map(|i| bulk_elem(i + 10)).collect();
     fill_adds(&mut conn, &keys, &elems[..N / 2]);
-    harness::xadd_fields(&mut conn, &keys.input, &[(b"op", b"cancel"), (b"id", b"victim")]);
+    testkit::xadd_fields(&mut conn, &keys.input, &[(b"op", b"cancel"), (b"id", b"victim")]);
     fill_adds(&mut conn, &keys, &elems[N / 2..]);
 
     let _: () = redis::cmd("XGROUP")
@@ -676,7 +646,7 @@ fn input_pending_at_a_dead_daemon_is_claimed_behind_a_full_backlog() {
     // must be claimed later, while its backlog is full.
     let d = spawn_daemon(&redis.url(), "live", &[("TIDEMARK__DAEMON__CLAIM_IDLE", "2s")]);
     d.wait_log("connected to Redis", LONG);
-    wait_scheduled(&mut conn, &keys, N as u64);
+    wait_scheduled(&mut conn, &keys, N);
     assert!(
         d.log().contains("claimed input entries left pending by another daemon"),
         "the crashed daemon's entries must have been claimed; log:\n{}",
@@ -684,13 +654,13 @@ fn input_pending_at_a_dead_daemon_is_claimed_behind_a_full_backlog() {
     );
 
     watermark(&mut conn, &keys, (N + 10) as i64);
-    harness::wait_until("all elements released", LONG, || xlen(&mut conn, &keys.out) >= N as u64);
+    testkit::wait_until("all elements released", LONG, || xlen(&mut conn, &keys.out) >= N);
     let marker = small_elem("marker", (N + 11) as i64);
     add(&mut conn, &keys, &marker);
     watermark(&mut conn, &keys, (N + 11) as i64);
-    harness::wait_until("the marker released", LONG, || xlen(&mut conn, &keys.out) > N as u64);
+    testkit::wait_until("the marker released", LONG, || xlen(&mut conn, &keys.out) > N);
     let mut expected = elems;
     expected.push(marker);
-    assert_output(&harness::read_stream(&mut conn, &keys.out), &expected);
+    assert_output(&testkit::read_stream(&mut conn, &keys.out), &expected);
     assert_drained(&mut conn, &keys);
 }

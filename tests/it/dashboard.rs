@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use scraper::{ElementRef, Html, Selector};
 use serde_json::Value as Json;
 
-use crate::harness::{keys, wait_until, Daemon, RedisOptions, RedisServer};
+use testkit::{keys, query, read_group, wait_until, Daemon, RedisOptions, RedisServer};
 
 const WAIT: Duration = Duration::from_secs(60);
 const PASSWORD: &str = "dash-s3cret-pw";
@@ -198,16 +198,6 @@ fn api(addr: SocketAddr) -> (u16, Json) {
     (status, serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}")))
 }
 
-/// The address the daemon serves HTTP on (it was given port 0), from its log.
-fn http_addr(d: &Daemon) -> SocketAddr {
-    let needle = "over HTTP addr=";
-    d.wait_log(needle, WAIT);
-    let log = d.log();
-    let at = log.find(needle).expect("log line") + needle.len();
-    let addr = log[at..].split_whitespace().next().expect("address after addr=");
-    addr.parse().unwrap_or_else(|e| panic!("{addr:?} is not an address: {e}\n{log}"))
-}
-
 fn xadd(conn: &mut redis::Connection, key: &str, fields: &[(&str, String)]) -> String {
     let mut cmd = redis::cmd("XADD");
     cmd.arg(key).arg("*");
@@ -215,10 +205,6 @@ fn xadd(conn: &mut redis::Connection, key: &str, fields: &[(&str, String)]) -> S
         cmd.arg(*f).arg(v);
     }
     cmd.query(conn).unwrap_or_else(|e| panic!("XADD {key}: {e}"))
-}
-
-fn query<T: redis::FromRedisValue>(conn: &mut redis::Connection, cmd: &mut redis::Cmd) -> T {
-    cmd.query(conn).unwrap_or_else(|e| panic!("{:?}: {e}", cmd.args_iter().collect::<Vec<_>>()))
 }
 
 /// `XINFO GROUPS key` as (name, pending, lag) triples.
@@ -233,22 +219,6 @@ fn groups(conn: &mut redis::Connection, key: &str) -> Vec<(String, u64, u64)> {
             (name, num(&g["pending"]), num(&g["lag"]))
         })
         .collect()
-}
-
-fn xreadgroup(conn: &mut redis::Connection, stream: &str, group: &str, consumer: &str, count: usize) {
-    let reply: redis::Value = query(
-        conn,
-        redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg(group)
-            .arg(consumer)
-            .arg("COUNT")
-            .arg(count)
-            .arg("STREAMS")
-            .arg(stream)
-            .arg(">"),
-    );
-    assert_ne!(reply, redis::Value::Nil, "{consumer} read nothing");
 }
 
 #[test]
@@ -283,7 +253,7 @@ fn dashboard_shows_what_redis_holds_then_an_error_banner() {
             ("TIDEMARK__HOUSEKEEPING__TRIM_OUTPUT", "false"),
         ],
     );
-    let addr = http_addr(&d);
+    let addr = d.http_addr(WAIT);
 
     // A known state, written as producers do: a watermark, late elements
     // (released at once), scheduled ones spread over 250,000 ts, and two
@@ -318,11 +288,11 @@ fn dashboard_shows_what_redis_holds_then_an_error_banner() {
         sched == SCHEDULED && out == LATE && dead == 2
     });
     // Consumers: worker-a holds its liveness lease, worker-b is gone.
-    xreadgroup(&mut conn, &k.out, "billing", "worker-a", 2);
-    xreadgroup(&mut conn, &k.out, "billing", "worker-b", 1);
+    assert_eq!(read_group(&mut conn, &k.out, "billing", "worker-a", 2).len(), 2);
+    assert_eq!(read_group(&mut conn, &k.out, "billing", "worker-b", 1).len(), 1);
     let () = query(
         &mut conn,
-        redis::cmd("SET").arg("tidemark:{default}:lease:out:billing:worker-a").arg("alive").arg("PX").arg(600_000),
+        redis::cmd("SET").arg(k.lease("out", "billing", "worker-a")).arg("alive").arg("PX").arg(600_000),
     );
 
     // The watermark's speed needs samples a second apart: once the endpoint

@@ -3,26 +3,16 @@
 //! with a new dead-letter id) and output letters to `:out` as fresh
 //! entries for the group, `--reason`, `--all` in pages, and errors.
 
-use std::process::Output;
 use std::time::Duration;
 
 use serde_json::{json, Value as Json};
 
-use crate::harness::{field, keys, read_stream, run_cli, wait_until, xadd_fields, Daemon, Keys, RedisServer};
+use testkit::default_keys as ks;
+use testkit::{
+    describe, field, fields as owned, read_stream, run_cli, text, wait_until, xadd_fields, Daemon, RedisServer,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn ks() -> Keys {
-    keys("default")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn describe(out: &Output) -> String {
-    format!("status {:?}\nstdout:\n{}\nstderr:\n{}", out.status, text(&out.stdout), text(&out.stderr))
-}
 
 /// Runs `tidemark --redis-url URL <args>`, which must succeed; returns stdout.
 fn ok(url: &str, args: &[&str]) -> String {
@@ -69,10 +59,6 @@ fn dead_letter(
     ];
     fields.extend_from_slice(original);
     xadd_fields(conn, &ks().dead, &fields)
-}
-
-fn owned(pairs: &[(&[u8], &[u8])]) -> Vec<(Vec<u8>, Vec<u8>)> {
-    pairs.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect()
 }
 
 /// Parses a replay line `<dead id> (<reason>) -> <stream> <new id>`.
@@ -267,7 +253,7 @@ fn replayed_output_letter_is_a_fresh_entry_for_the_group() {
         .expect("XREADGROUP");
     let redis::Value::Array(streams) = reply else { panic!("nothing for the group: {reply:?}") };
     let redis::Value::Array(stream) = &streams[0] else { panic!("{streams:?}") };
-    let entries = crate::harness::parse_xrange(stream[1].clone());
+    let entries = testkit::parse_xrange(stream[1].clone());
     assert_eq!(entries, [(fresh, owned(&original))]);
 }
 

@@ -8,8 +8,6 @@
 //! element from `:in` through the daemons to the consumer.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -17,7 +15,8 @@ use std::time::Duration;
 use serde_json::Value as Json;
 use tempfile::TempDir;
 
-use crate::harness::{keys, run_cli, wait_until, Daemon, RedisOptions, RedisServer};
+use testkit::{http_get, keys, run_cli, wait_until, Daemon, RedisOptions, RedisServer};
+use testkit::{read_file as read, repo_dir as repo};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -25,53 +24,12 @@ const WAIT: Duration = Duration::from_secs(60);
 // HTTP helpers (also used by tests/it/security.rs)
 // ---------------------------------------------------------------------------
 
-/// The address a `run` or `consume` process serves HTTP on, read from its
-/// log (start it with `--http 127.0.0.1:0` or `TIDEMARK__HTTP__ADDR`).
-pub(crate) fn http_addr(process: &Daemon) -> String {
-    const LINE: &str = "serving /healthz";
-    process.wait_log(LINE, WAIT);
-    let log = process.log();
-    let line = log.lines().find(|l| l.contains(LINE)).expect("the line waited for");
-    if let Ok(json) = serde_json::from_str::<Json>(line) {
-        // --log-format json
-        return str_at(&json, "/addr").to_owned();
-    }
-    let start = line.find("addr=").unwrap_or_else(|| panic!("no addr= in {line:?}")) + "addr=".len();
-    line[start..].split_whitespace().next().expect("an address").trim_matches('"').to_owned()
-}
-
-/// `GET path` over HTTP/1.0 (the server closes the connection after the
-/// response): the status code and the body.
-pub(crate) fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
-    let mut stream = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| format!("write: {e}"))?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).map_err(|e| format!("read: {e}"))?;
-    let response = String::from_utf8_lossy(&response).into_owned();
-    let (head, body) = response.split_once("\r\n\r\n").ok_or_else(|| format!("no header end in {response:?}"))?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("no status code in {head:?}"))?;
-    Ok((code, body.to_owned()))
-}
-
 // ---------------------------------------------------------------------------
 // Reading the files
 // ---------------------------------------------------------------------------
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn deploy_dir() -> PathBuf {
     repo().join("deploy")
-}
-
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
 }
 
 /// Every document of a YAML file, merge keys (`<<: *anchor`) applied, as
@@ -365,7 +323,7 @@ fn spawn(args: &[String], env: &BTreeMap<String, String>) -> Daemon {
 
 /// Waits until `/readyz` answers 200, then checks `/healthz`.
 fn wait_ready(process: &Daemon, what: &str) -> String {
-    let addr = http_addr(process);
+    let addr = process.http_addr(WAIT).to_string();
     wait_until(&format!("{what}: /readyz 200"), WAIT, || matches!(http_get(&addr, "/readyz"), Ok((200, _))));
     let (code, body) = http_get(&addr, "/healthz").unwrap_or_else(|e| panic!("{what}: GET /healthz: {e}"));
     assert_eq!(code, 200, "{what}: /healthz: {body}");
@@ -519,7 +477,7 @@ fn compose_file_agrees_with_the_binary_and_its_services_run() {
     env.insert("REDIS_URL".to_owned(), format!("redis://127.0.0.1:{closed}"));
     env.insert("TIDEMARK__HTTP__ADDR".to_owned(), "127.0.0.1:0".to_owned());
     let stranded = spawn(&["consume".into(), "--group".into(), "g".into(), "--".into(), "cat".into()], &env);
-    let addr = http_addr(&stranded);
+    let addr = stranded.http_addr(WAIT).to_string();
     let (code, _) = http_get(&addr, "/readyz").expect("GET /readyz");
     assert_eq!(code, 503);
     let script = strings(&services[running[0].0.as_str()]["healthcheck"]["test"])[3]

@@ -1,15 +1,9 @@
 //! The documentation against the code: the README's examples are the files
 //! the tests run, and every link into the repository resolves.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
-}
+use testkit::{read_file as read, repo_dir as repo};
 
 /// The fenced code blocks of a Markdown text with their info string.
 fn code_blocks(markdown: &str) -> Vec<(String, String)> {
@@ -259,7 +253,7 @@ impl tidemark::config::Env for NoEnv {
 /// its data before Chromium is done (that is what the budget is for).
 #[test]
 fn readme_screenshot_command_works() {
-    use crate::harness::{Daemon, RedisServer};
+    use testkit::{Daemon, RedisServer};
     let browser = crate::dashboard::chromium();
     let readme = read(&repo().join("README.md"));
     let command = code_blocks(&readme)
@@ -270,7 +264,7 @@ fn readme_screenshot_command_works() {
     assert!(command.contains("--virtual-time-budget="), "{command}");
     let redis = RedisServer::start();
     let daemon = Daemon::spawn(&["run", "--redis-url", &redis.url(), "--consumer", "d1", "--http", "127.0.0.1:0"], &[]);
-    let addr = crate::deploy::http_addr(&daemon);
+    let addr = daemon.http_addr(std::time::Duration::from_secs(60)).to_string();
     let dir = tempfile::tempdir().unwrap();
     let profile = dir.path().join("profile");
     let run = |args: Vec<String>| {

@@ -4,15 +4,13 @@
 //! where the entry-by-entry walk would: at another consumer's entry in
 //! between, at an add that is already due, at an element id seen twice.
 
-use std::time::Duration;
-
-use tidemark::core::op::Limits;
 use tidemark::store::Conn;
-use tidemark::store::{prepare, read_new, ApplyOutcome, Keys, Prepared, Scripts};
+use tidemark::store::{ApplyOutcome, Keys, Prepared, Scripts};
 
-use crate::harness::RedisServer;
-use crate::model::{hlen, schedule};
-use crate::order::{pending, setup};
+use crate::model::schedule;
+use crate::order::{pending, read_as, setup};
+use testkit::hlen_async as hlen;
+use testkit::RedisServer;
 
 const CHUNK: usize = 100;
 
@@ -25,11 +23,6 @@ async fn xadd(conn: &mut Conn, keys: &Keys, id: &str, fields: &[(&str, &str)]) {
     }
     let written: String = cmd.query_async(conn).await.expect("XADD");
     assert_eq!(written, id);
-}
-
-async fn read_as(conn: &mut Conn, keys: &Keys, consumer: &str, count: usize) -> Vec<Prepared> {
-    let entries = read_new(conn, keys, consumer, count, Duration::from_millis(100)).await.expect("XREADGROUP");
-    entries.iter().map(|e| prepare(e, &Limits::default())).collect()
 }
 
 async fn apply(conn: &mut Conn, keys: &Keys, batch: &[&Prepared]) -> ApplyOutcome {

@@ -8,7 +8,8 @@
 use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
-use crate::harness::{field, keys, read_stream, run_cli, wait_until, Daemon, RedisServer};
+use testkit::repo_dir as repo;
+use testkit::{field, keys, read_stream, run_cli, wait_until, Daemon, RedisServer};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -109,7 +110,7 @@ fn dead_letters_of_consume_end_with_the_commands_stderr() {
 fn run_cli_with_stdin(args: &[&str], input: &[u8]) -> std::process::Output {
     use std::io::Write;
     use std::process::{Command, Stdio};
-    let mut cmd = Command::new(crate::harness::bin_path());
+    let mut cmd = Command::new(testkit::bin_path());
     cmd.args(args).current_dir(std::env::temp_dir());
     for (key, _) in std::env::vars_os() {
         let k = key.to_string_lossy();
@@ -233,7 +234,7 @@ impl DefaultHttp {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("tidemark.log");
         let out = std::fs::File::create(&log).expect("log file");
-        let mut cmd = Command::new(crate::harness::bin_path());
+        let mut cmd = Command::new(testkit::bin_path());
         // Its own directory: no config/tidemark.toml, no developer's environment.
         cmd.args(args).current_dir(dir.path()).env("RUST_LOG", "info");
         for (key, _) in std::env::vars_os() {
@@ -296,10 +297,10 @@ fn several_processes_share_a_host_with_default_settings() {
     assert_eq!(distinct.len(), 3, "three addresses: {addrs:?}");
     for (p, addr) in [&a, &b, &c].into_iter().zip(&addrs) {
         assert!(addr.starts_with("127.0.0.1:"), "{addr}");
-        let (code, body) = crate::deploy::http_get(addr, "/healthz").expect("GET /healthz");
+        let (code, body) = testkit::http_get(addr, "/healthz").expect("GET /healthz");
         assert_eq!((code, body.as_str()), (200, "ok\n"), "{}", p.log());
         wait_until(&format!("{addr}: /readyz 200"), WAIT, || {
-            matches!(crate::deploy::http_get(addr, "/readyz"), Ok((200, _)))
+            matches!(testkit::http_get(addr, "/readyz"), Ok((200, _)))
         });
     }
     // Those that did not get the default port said so.
@@ -345,10 +346,6 @@ fn several_processes_share_a_host_with_default_settings() {
 }
 
 /// The repository's root.
-fn repo() -> std::path::PathBuf {
-    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 /// Fails, naming the fix, unless `program` runs.
 fn require(program: &str, why: &str) {
     let found = std::process::Command::new(program)
@@ -385,7 +382,7 @@ fn make_run_banner_lines_work_and_sigterm_stops_it() {
         .env("RUN_LOCAL", repo().join("scripts/run-local.sh"))
         .env("LOG", &log)
         .env("PIDFILE", &pidfile)
-        .env("TIDEMARK_BIN", crate::harness::bin_path())
+        .env("TIDEMARK_BIN", testkit::bin_path())
         .env("RUST_LOG", "info")
         .current_dir(repo());
     for (key, _) in std::env::vars_os() {
@@ -620,7 +617,7 @@ fn a_namespace_no_daemon_serves_is_reported() {
         ],
         &[],
     );
-    let addr: std::net::SocketAddr = crate::deploy::http_addr(&consumer).parse().unwrap();
+    let addr: std::net::SocketAddr = consumer.http_addr(Duration::from_secs(60));
     let dom = crate::dashboard::rendered(addr, "ok");
     let notice = crate::dashboard::one(&dom, "#no-daemon");
     assert!(notice.value().attr("hidden").is_none(), "the notice is shown:\n{}", dom.html());
@@ -656,7 +653,7 @@ fn measuring_proxy(upstream: String, script: &'static str) -> std::net::SocketAd
             let path = first.split_whitespace().nth(1).unwrap_or("/").to_owned();
             let (code, kind, body) = match path.as_str() {
                 "/" => {
-                    let (code, page) = crate::deploy::http_get(&upstream, "/").unwrap_or((502, String::new()));
+                    let (code, page) = testkit::http_get(&upstream, "/").unwrap_or((502, String::new()));
                     (
                         code,
                         "text/html; charset=utf-8",
@@ -664,8 +661,7 @@ fn measuring_proxy(upstream: String, script: &'static str) -> std::net::SocketAd
                     )
                 }
                 p if p.starts_with("/api/dashboard") => {
-                    let (code, json) =
-                        crate::deploy::http_get(&upstream, "/api/dashboard").unwrap_or((502, String::new()));
+                    let (code, json) = testkit::http_get(&upstream, "/api/dashboard").unwrap_or((502, String::new()));
                     (code, "application/json", json)
                 }
                 _ => (404, "text/plain", String::new()),
@@ -719,10 +715,10 @@ fn dashboard_keeps_numbers_on_one_line_and_shows_epoch_ms_as_utc() {
     let url = redis.url();
     let k = keys("default");
     let daemon = Daemon::spawn(&["run", "--redis-url", &url, "--consumer", "d1", "--http", "127.0.0.1:0"], &[]);
-    let upstream = crate::deploy::http_addr(&daemon);
+    let upstream = daemon.http_addr(Duration::from_secs(60)).to_string();
     // 2027-01-15 08:00:00 UTC, and an element a minute later.
-    crate::harness::xadd_fields(&mut conn, &k.input, &[(b"op", b"watermark"), (b"ts", b"1800000000000")]);
-    crate::harness::xadd_fields(&mut conn, &k.input, &[(b"op", b"add"), (b"id", b"later"), (b"ts", b"1800000060000")]);
+    testkit::xadd_fields(&mut conn, &k.input, &[(b"op", b"watermark"), (b"ts", b"1800000000000")]);
+    testkit::xadd_fields(&mut conn, &k.input, &[(b"op", b"add"), (b"id", b"later"), (b"ts", b"1800000060000")]);
     wait_until("applied", WAIT, || {
         let n: i64 = redis::cmd("ZCARD").arg(&k.sched).query(&mut conn).unwrap();
         n == 1
@@ -777,15 +773,15 @@ fn the_daemon_logs_a_periodic_summary() {
     );
     daemon.wait_log("connected to Redis", WAIT);
     let add = |conn: &mut redis::Connection, id: &str, ts: &str| {
-        crate::harness::xadd_fields(conn, &k.input, &[(b"op", b"add"), (b"id", id.as_bytes()), (b"ts", ts.as_bytes())]);
+        testkit::xadd_fields(conn, &k.input, &[(b"op", b"add"), (b"id", id.as_bytes()), (b"ts", ts.as_bytes())]);
     };
-    crate::harness::xadd_fields(&mut conn, &k.input, &[(b"op", b"watermark"), (b"ts", b"1800000000000")]);
+    testkit::xadd_fields(&mut conn, &k.input, &[(b"op", b"watermark"), (b"ts", b"1800000000000")]);
     add(&mut conn, "late", "1799999999000");
     add(&mut conn, "a", "1800000001000");
     add(&mut conn, "b", "1800000002000");
-    crate::harness::xadd_fields(&mut conn, &k.input, &[(b"op", b"cancel"), (b"id", b"b")]);
-    crate::harness::xadd_fields(&mut conn, &k.input, &[(b"op", b"bogus")]);
-    crate::harness::xadd_fields(&mut conn, &k.input, &[(b"op", b"watermark"), (b"ts", b"1800000001500")]);
+    testkit::xadd_fields(&mut conn, &k.input, &[(b"op", b"cancel"), (b"id", b"b")]);
+    testkit::xadd_fields(&mut conn, &k.input, &[(b"op", b"bogus")]);
+    testkit::xadd_fields(&mut conn, &k.input, &[(b"op", b"watermark"), (b"ts", b"1800000001500")]);
 
     let total = |field: &str| -> u64 {
         log_events(&daemon.log(), "summary").iter().map(|e| e[field].as_u64().unwrap_or(0)).sum()

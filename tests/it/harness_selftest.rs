@@ -1,8 +1,9 @@
-//! Tests of the test harness itself (Redis lifecycle, waiting, stream helpers).
+//! Tests of the shared harness itself (`testkit`: Redis lifecycle, the
+//! tidemark binary, waiting, stream helpers).
 
 use std::time::Duration;
 
-use crate::harness::{self, RedisOptions, RedisServer};
+use testkit::{RedisOptions, RedisServer};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_starts_and_aof_survives_kill9_restart() {
@@ -43,18 +44,49 @@ fn two_servers_get_different_ports() {
 #[test]
 #[should_panic(expected = "never true")]
 fn wait_until_panics_on_timeout() {
-    harness::wait_until("never true", Duration::from_millis(50), || false);
+    testkit::wait_until("never true", Duration::from_millis(50), || false);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[should_panic(expected = "never true async")]
 async fn wait_until_async_panics_on_timeout() {
-    harness::wait_until_async("never true async", Duration::from_millis(50), || async { false }).await;
+    testkit::wait_until_async("never true async", Duration::from_millis(50), || async { false }).await;
+}
+
+#[test]
+fn the_binary_is_the_one_cargo_built_for_this_run() {
+    assert_eq!(testkit::bin_path(), std::path::Path::new(env!("CARGO_BIN_EXE_tidemark")));
+}
+
+#[test]
+fn input_helpers_write_the_producer_format() {
+    let server = RedisServer::start();
+    let mut conn = server.sync_conn();
+    let k = testkit::keys("selftest");
+    testkit::add(&mut conn, &k, "a", -3, &[("customer", "7")]);
+    testkit::cancel(&mut conn, &k, "a");
+    testkit::watermark(&mut conn, &k, 9);
+    let fields: Vec<Vec<String>> = testkit::read_stream(&mut conn, &k.input)
+        .into_iter()
+        .map(|(_, f)| f.iter().flat_map(|(f, v)| [testkit::text(f), testkit::text(v)]).collect())
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            vec!["op", "add", "id", "a", "ts", "-3", "customer", "7"],
+            vec!["op", "cancel", "id", "a"],
+            vec!["op", "watermark", "ts", "9"],
+        ]
+    );
+    assert_eq!(testkit::xlen(&mut conn, &k.input), 3);
+    assert_eq!(testkit::zcard(&mut conn, &k.sched), 0);
+    assert!(testkit::exists(&mut conn, &k.input));
+    assert!(!testkit::exists(&mut conn, &k.out));
 }
 
 #[test]
 fn keys_have_literal_hash_tag() {
-    let k = harness::keys("default");
+    let k = testkit::keys("default");
     assert_eq!(k.input, "tidemark:{default}:in");
     assert_eq!(k.wm, "tidemark:{default}:wm");
     assert_eq!(k.sched, "tidemark:{default}:sched");
@@ -69,10 +101,10 @@ fn stream_helpers_are_binary_safe_and_page() {
     let mut conn = server.sync_conn();
     let key = "harness:stream";
 
-    assert!(harness::read_stream(&mut conn, key).is_empty());
+    assert!(testkit::read_stream(&mut conn, key).is_empty());
 
     let binary: &[u8] = &[0, 0xff, b'\r', b'\n', 0x80];
-    let first = harness::xadd_fields(&mut conn, key, &[(b"f\0", binary), (b"n", b"0")]);
+    let first = testkit::xadd_fields(&mut conn, key, &[(b"f\0", binary), (b"n", b"0")]);
 
     // More than one XRANGE page.
     let total = 10_000 + 7;
@@ -82,12 +114,12 @@ fn stream_helpers_are_binary_safe_and_page() {
     }
     let _: () = pipe.query(&mut conn).unwrap();
 
-    let entries = harness::read_stream(&mut conn, key);
+    let entries = testkit::read_stream(&mut conn, key);
     assert_eq!(entries.len(), total);
     assert_eq!(entries[0].0, first);
     assert_eq!(entries[0].1, vec![(b"f\0".to_vec(), binary.to_vec()), (b"n".to_vec(), b"0".to_vec())]);
     for (i, (_, fields)) in entries.iter().enumerate() {
-        assert_eq!(harness::field(fields, "n"), Some(i.to_string().as_bytes()));
+        assert_eq!(testkit::field(fields, "n"), Some(i.to_string().as_bytes()));
     }
 }
 
@@ -95,14 +127,14 @@ fn stream_helpers_are_binary_safe_and_page() {
 async fn async_stream_helpers_round_trip() {
     let server = RedisServer::start();
     let mut conn = server.conn().await;
-    let key = harness::keys("selftest").input;
+    let key = testkit::keys("selftest").input;
 
-    let id = harness::xadd_fields_async(&mut conn, &key, &[(b"body", b"\x00\x01")]).await;
-    let entries = harness::read_stream_async(&mut conn, &key).await;
+    let id = testkit::xadd_fields_async(&mut conn, &key, &[(b"body", b"\x00\x01")]).await;
+    let entries = testkit::read_stream_async(&mut conn, &key).await;
     assert_eq!(entries, vec![(id, vec![(b"body".to_vec(), vec![0u8, 1])])]);
 
     let mut probe = conn.clone();
-    harness::wait_until_async("stream has one entry", Duration::from_secs(5), || {
+    testkit::wait_until_async("stream has one entry", Duration::from_secs(5), || {
         let mut c = probe.clone();
         let key = key.clone();
         async move {

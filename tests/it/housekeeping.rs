@@ -15,25 +15,16 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use redis::{Connection, Value};
 
-use crate::harness::{self, field, keys, wait_until, Daemon, Keys, RedisOptions, RedisServer, StreamEntry};
+use testkit::default_keys as ks;
+use testkit::{
+    exists, field, parse_read, read_group, wait_until, xlen, Daemon, RedisOptions, RedisServer, StreamEntry,
+};
+use tidemark::store::INPUT_GROUP;
 
 /// Deadline for anything that should happen "soon" on a loaded CI box.
 const WAIT: Duration = Duration::from_secs(20);
 /// Entries per stream node in the test Redis.
 const NODE: usize = 10;
-/// Input group of the daemons (fixed by the contract).
-const INPUT_GROUP: &str = "tidemark";
-/// The housekeeping lock of the default namespace.
-const LOCK_KEY: &str = "tidemark:{default}:lock:housekeeping";
-
-fn ks() -> Keys {
-    keys("default")
-}
-
-fn lease_key(tag: &str, group: &str, consumer: &str) -> String {
-    format!("tidemark:{{default}}:lease:{tag}:{group}:{consumer}")
-}
-
 fn start_redis() -> RedisServer {
     RedisServer::start_with(RedisOptions {
         extra_args: vec!["--stream-node-max-entries".into(), NODE.to_string()],
@@ -60,14 +51,6 @@ fn spawn(url: &str, consumer: &str, groups: &[&str], extra_env: &[(&str, &str)])
     let d = Daemon::spawn(&args, &env);
     d.wait_log("connected to Redis", WAIT);
     d
-}
-
-fn xlen(conn: &mut Connection, key: &str) -> usize {
-    redis::cmd("XLEN").arg(key).query(conn).unwrap_or_else(|e| panic!("XLEN {key}: {e}"))
-}
-
-fn exists(conn: &mut Connection, key: &str) -> bool {
-    redis::cmd("EXISTS").arg(key).query::<i64>(conn).unwrap_or_else(|e| panic!("EXISTS {key}: {e}")) == 1
 }
 
 fn set_lease(conn: &mut Connection, key: &str) {
@@ -114,34 +97,6 @@ fn consumers(conn: &mut Connection, stream: &str, group: &str) -> BTreeSet<Strin
             pairs.iter().find(|(k, _)| text(k) == "name").map(|(_, v)| text(v)).expect("consumer name")
         })
         .collect()
-}
-
-/// `XREADGROUP GROUP group consumer COUNT count STREAMS stream >`.
-fn read_group(conn: &mut Connection, stream: &str, group: &str, consumer: &str, count: usize) -> Vec<StreamEntry> {
-    let v: Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg(group)
-        .arg(consumer)
-        .arg("COUNT")
-        .arg(count.max(1))
-        .arg("STREAMS")
-        .arg(stream)
-        .arg(">")
-        .query(conn)
-        .unwrap_or_else(|e| panic!("XREADGROUP {group}: {e}"));
-    parse_read(v)
-}
-
-fn parse_read(v: Value) -> Vec<StreamEntry> {
-    match v {
-        Value::Nil => Vec::new(),
-        Value::Array(mut streams) => match streams.pop() {
-            Some(Value::Array(mut parts)) => harness::parse_xrange(parts.pop().expect("entries")),
-            other => panic!("XREADGROUP stream: {other:?}"),
-        },
-        Value::Map(mut m) => harness::parse_xrange(m.pop().expect("one stream").1),
-        other => panic!("XREADGROUP: {other:?}"),
-    }
 }
 
 fn ack(conn: &mut Connection, stream: &str, group: &str, ids: &[String]) {
@@ -197,11 +152,11 @@ fn wait_released(conn: &mut Connection, last: &str, after: Option<&str>) -> Vec<
             .arg(1)
             .query(conn)
             .expect("XREVRANGE");
-        harness::parse_xrange(v).first().is_some_and(|e| elem_id(e) == last)
+        testkit::parse_xrange(v).first().is_some_and(|e| elem_id(e) == last)
     });
     let start = after.map_or_else(|| "-".to_string(), |a| format!("({a}"));
     let v: Value = redis::cmd("XRANGE").arg(&ks().out).arg(start).arg("+").query(conn).expect("XRANGE");
-    harness::parse_xrange(v)
+    testkit::parse_xrange(v)
 }
 
 fn passes(d: &Daemon) -> usize {
@@ -254,7 +209,7 @@ fn read_next(conn: &mut Connection, reader: &mut Reader, released: &[(String, St
     if count == 0 {
         return Vec::new();
     }
-    let got = read_group(conn, &ks().out, reader.name, "c", count);
+    let got = read_group(conn, &ks().out, reader.name, "c", count.max(1));
     let want = &released[reader.read..(reader.read + count).min(released.len())];
     let got_pairs: Vec<(String, String)> = got.iter().map(|e| (e.0.clone(), elem_id(e))).collect();
     assert_eq!(got_pairs, want, "group {} read something other than its next unread entries", reader.name);
@@ -349,7 +304,7 @@ fn retention_keeps_what_any_group_needs_and_trims_the_rest() {
         // Acknowledged history gets trimmed (to node precision) ...
         let floor = released.get(below).map(|(s, _)| sid(s));
         wait_until(&format!("round {round}: :out trimmed below entry #{below}"), WAIT, || {
-            let out = harness::read_stream(&mut conn, &ks().out);
+            let out = testkit::read_stream(&mut conn, &ks().out);
             out.iter().filter(|e| floor.is_none_or(|f| sid(&e.0) < f)).count() < NODE
         });
         // ... and acknowledged input too (the daemon applied all of it).
@@ -357,7 +312,7 @@ fn retention_keeps_what_any_group_needs_and_trims_the_rest() {
         // A few more passes, then: nothing any group needs is gone.
         wait_passes(&d, 3);
         let out: BTreeMap<String, String> =
-            harness::read_stream(&mut conn, &ks().out).iter().map(|e| (e.0.clone(), elem_id(e))).collect();
+            testkit::read_stream(&mut conn, &ks().out).iter().map(|e| (e.0.clone(), elem_id(e))).collect();
         for (i, (s, element)) in released.iter().enumerate() {
             let needed_by: Vec<&str> = groups.iter().filter(|g| g.needs(i, &released)).map(|g| g.name).collect();
             if !needed_by.is_empty() {
@@ -399,7 +354,7 @@ fn pending_input_is_kept_and_claimed_fast_once_its_lease_is_gone() {
 
     // A live "ghost" consumer (its lease exists) takes the next two entries
     // in the same transaction that adds them, before the daemon can.
-    let ghost_lease = lease_key("in", INPUT_GROUP, "ghost");
+    let ghost_lease = ks().lease("in", INPUT_GROUP, "ghost");
     set_lease(&mut conn, &ghost_lease);
     let (_, _, read): (String, String, Value) = redis::pipe()
         .atomic()
@@ -443,12 +398,12 @@ fn pending_input_is_kept_and_claimed_fast_once_its_lease_is_gone() {
     wait_until("d1 holds the 26 entries behind the ghost's", WAIT, || {
         pending_by_consumer(&mut conn, &ks().input, INPUT_GROUP).get("d1") == Some(&26)
     });
-    let held = harness::read_stream(&mut conn, &ks().input);
+    let held = testkit::read_stream(&mut conn, &ks().input);
     assert_eq!(held.len(), 28);
 
     // Housekeeping runs and leaves every one of them alone.
     wait_passes(&d, 5);
-    assert_eq!(harness::read_stream(&mut conn, &ks().input), held, "pending input was trimmed");
+    assert_eq!(testkit::read_stream(&mut conn, &ks().input), held, "pending input was trimmed");
     assert_eq!(xlen(&mut conn, &ks().out), 30, "nothing behind the ghost's entries may be released yet");
 
     // The ghost dies (its lease is gone): claimed within about a lease
@@ -471,7 +426,7 @@ fn pending_input_is_kept_and_claimed_fast_once_its_lease_is_gone() {
 
 /// The stream id of the 30th (last history) output entry.
 fn history_last(conn: &mut Connection) -> String {
-    let out = harness::read_stream(conn, &ks().out);
+    let out = testkit::read_stream(conn, &ks().out);
     out.iter().find(|e| elem_id(e) == "h30").map(|e| e.0.clone()).expect("h30 in :out")
 }
 
@@ -485,7 +440,7 @@ fn kill9_daemon_holding_input_is_taken_over_within_a_lease() {
     let mut conn = redis.sync_conn();
 
     // d1 takes 21 entries that must wait behind an entry a leased "ghost" holds.
-    let ghost_lease = lease_key("in", INPUT_GROUP, "ghost");
+    let ghost_lease = ks().lease("in", INPUT_GROUP, "ghost");
     set_lease(&mut conn, &ghost_lease);
     let (_, read): (String, Value) = redis::pipe()
         .atomic()
@@ -518,7 +473,7 @@ fn kill9_daemon_holding_input_is_taken_over_within_a_lease() {
         pending_by_consumer(&mut conn, &ks().input, INPUT_GROUP).get("d1") == Some(&21)
     });
     let d2 = spawn(&redis.url(), "d2", &[], &[]);
-    wait_until("d2 holds its lease", WAIT, || exists(&mut conn, &lease_key("in", INPUT_GROUP, "d2")));
+    wait_until("d2 holds its lease", WAIT, || exists(&mut conn, &ks().lease("in", INPUT_GROUP, "d2")));
 
     let t0 = Instant::now();
     d1.kill9();
@@ -557,8 +512,8 @@ fn housekeeping_lock_moves_to_another_daemon_when_its_holder_is_killed() {
     wait_until("a housekeeping leader", WAIT, || is_leader(&a) || is_leader(&b));
     let (mut holder, mut other) = if is_leader(&a) { (a, b) } else { (b, a) };
     assert!(!is_leader(&other), "both daemons became leader:\n{}\n{}", holder.log(), other.log());
-    let pttl: i64 = redis::cmd("PTTL").arg(LOCK_KEY).query(&mut conn).expect("PTTL");
-    assert!(pttl > 0 && pttl <= 2000, "lock key {LOCK_KEY} with PTTL {pttl}");
+    let pttl: i64 = redis::cmd("PTTL").arg(ks().lock("housekeeping")).query(&mut conn).expect("PTTL");
+    assert!(pttl > 0 && pttl <= 2000, "the housekeeping lock with PTTL {pttl}");
     // The leader extends the lock well past its TTL.
     wait_passes(&holder, 15);
     assert!(!is_leader(&other), "the lock moved while its holder was alive:\n{}", other.log());
@@ -583,7 +538,7 @@ fn housekeeping_lock_moves_to_another_daemon_when_its_holder_is_killed() {
     other.sigterm();
     let status = other.wait_exit(WAIT).expect("daemon exits on SIGTERM");
     assert!(status.success(), "{status}:\n{}", other.log());
-    assert!(!exists(&mut conn, LOCK_KEY), "the lock must be released on shutdown, not left to lapse");
+    assert!(!exists(&mut conn, &ks().lock("housekeeping")), "the lock must be released on shutdown, not left to lapse");
     assert!(other.log().contains("released the housekeeping lock"), "{}", other.log());
 }
 
@@ -615,10 +570,10 @@ fn dead_consumers_are_removed_from_input_and_output_groups() {
     };
     create(&mut conn, &ks().input, INPUT_GROUP, "in-dead");
     create(&mut conn, &ks().input, INPUT_GROUP, "in-alive");
-    set_lease(&mut conn, &lease_key("in", INPUT_GROUP, "in-alive"));
+    set_lease(&mut conn, &ks().lease("in", INPUT_GROUP, "in-alive"));
     create(&mut conn, &ks().out, "g1", "out-dead");
     create(&mut conn, &ks().out, "g1", "out-alive");
-    set_lease(&mut conn, &lease_key("out", "g1", "out-alive"));
+    set_lease(&mut conn, &ks().lease("out", "g1", "out-alive"));
     assert_eq!(read_group(&mut conn, &ks().out, "g1", "out-busy", 2).len(), 2, "out-busy holds 2 entries");
 
     let t0 = Instant::now();
@@ -674,10 +629,10 @@ fn dead_letters_are_capped_keeping_the_newest() {
     }
     let ids: Vec<String> = pipe.query(&mut conn).expect("XADD");
     wait_until("45 inputs dead-lettered and :dead capped", WAIT, || {
-        let dead = harness::read_stream(&mut conn, &ks().dead);
+        let dead = testkit::read_stream(&mut conn, &ks().dead);
         dead.last().and_then(|e| field(&e.1, "origin_id")) == Some(ids[44].as_bytes()) && dead.len() < 10 + NODE
     });
-    let dead = harness::read_stream(&mut conn, &ks().dead);
+    let dead = testkit::read_stream(&mut conn, &ks().dead);
     assert!(dead.len() >= 10, "capped below dead_maxlen: {}", dead.len());
     let origins: Vec<&[u8]> = dead.iter().map(|e| field(&e.1, "origin_id").expect("origin_id")).collect();
     let newest: Vec<&[u8]> = ids[45 - dead.len()..].iter().map(|s| s.as_bytes()).collect();
@@ -691,6 +646,7 @@ fn housekeeping_survives_a_redis_restart() {
     let mut redis = RedisServer::start_with(RedisOptions {
         aof: true,
         extra_args: vec!["--stream-node-max-entries".into(), NODE.to_string()],
+        ..Default::default()
     });
     let d = spawn(&redis.url(), "d1", &["g1"], &[]);
     d.wait_log("became the housekeeping leader", WAIT);

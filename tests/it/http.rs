@@ -7,7 +7,9 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::time::Duration;
 
-use crate::harness::{keys, read_stream, run_cli, wait_until, xadd_fields, Daemon, RedisOptions, RedisServer};
+use testkit::{
+    add, keys, read_stream, run_cli, wait_until, watermark, xadd_fields, Daemon, RedisOptions, RedisServer, NO_PAYLOAD,
+};
 
 const WAIT: Duration = Duration::from_secs(60);
 const PASSWORD: &str = "http-s3cret-pw";
@@ -79,17 +81,6 @@ fn sample(body: &str, name_and_labels: &str) -> Option<f64> {
     })
 }
 
-/// The address a process started with `--http 127.0.0.1:0` listens on,
-/// from its log line.
-fn http_addr(d: &Daemon) -> SocketAddr {
-    let needle = "over HTTP addr=";
-    d.wait_log(needle, WAIT);
-    let log = d.log();
-    let at = log.find(needle).expect("log line") + needle.len();
-    let addr = log[at..].split_whitespace().next().expect("address after addr=");
-    addr.parse().unwrap_or_else(|e| panic!("{addr:?} is not an address: {e}\n{log}"))
-}
-
 /// TCP sockets that process `pid` listens on (from /proc: its socket
 /// inodes matched against the LISTEN entries of /proc/net/tcp{,6}).
 fn listening_sockets(pid: u32) -> usize {
@@ -124,16 +115,6 @@ fn authed_conn(redis: &RedisServer) -> redis::Connection {
         .expect("connect with the password")
 }
 
-fn add(conn: &mut redis::Connection, id: &str, ts: i64) {
-    let ts = ts.to_string();
-    xadd_fields(conn, &keys("default").input, &[(b"op", b"add"), (b"id", id.as_bytes()), (b"ts", ts.as_bytes())]);
-}
-
-fn watermark(conn: &mut redis::Connection, ts: i64) {
-    let ts = ts.to_string();
-    xadd_fields(conn, &keys("default").input, &[(b"op", b"watermark"), (b"ts", ts.as_bytes())]);
-}
-
 /// The daemon: `/healthz`, `/readyz` once connected, exact metrics after 3
 /// adds, a watermark releasing 2 and a malformed entry, `/readyz` 503 with
 /// a reason while Redis is down and 200 after it is back; the password
@@ -149,7 +130,7 @@ fn daemon_health_readiness_and_metrics() {
         &["run", "--redis-url", &url, "--consumer", "d1", "--group", "billing", "--http", "127.0.0.1:0"],
         &[("TIDEMARK__DAEMON__RECONNECT_MAX", "300ms")],
     );
-    let addr = http_addr(&d);
+    let addr = d.http_addr(WAIT);
 
     let health = must_get(addr, "/healthz");
     assert_eq!((health.status, health.body.as_str()), (200, "ok\n"));
@@ -157,10 +138,10 @@ fn daemon_health_readiness_and_metrics() {
     assert_eq!(must_get(addr, "/readyz").body, "ready\n");
 
     let mut conn = authed_conn(&redis);
-    add(&mut conn, "a", 10);
-    add(&mut conn, "b", 20);
-    add(&mut conn, "c", 30);
-    watermark(&mut conn, 20);
+    add(&mut conn, &keys("default"), "a", 10, NO_PAYLOAD);
+    add(&mut conn, &keys("default"), "b", 20, NO_PAYLOAD);
+    add(&mut conn, &keys("default"), "c", 30, NO_PAYLOAD);
+    watermark(&mut conn, &keys("default"), 20);
     xadd_fields(&mut conn, &keys("default").input, &[(b"id", b"no-op")]);
     wait_until("2 elements are released", WAIT, || read_stream(&mut conn, &keys("default").out).len() == 2);
     wait_until("the daemon counted the malformed entry", WAIT, || {
@@ -257,7 +238,7 @@ fn readyz_waits_for_redis() {
         &["run", "--redis-url", &redis.url(), "--consumer", "d1", "--http", "127.0.0.1:0"],
         &[("TIDEMARK__DAEMON__RECONNECT_MAX", "300ms")],
     );
-    let addr = http_addr(&d);
+    let addr = d.http_addr(WAIT);
     assert_eq!(must_get(addr, "/healthz").status, 200);
     let ready = must_get(addr, "/readyz");
     assert_eq!(ready.status, 503, "{ready:?}");
@@ -305,20 +286,20 @@ fn consume_serves_endpoints_and_is_unready_while_draining() {
             ("TIDEMARK__CONSUME__SHUTDOWN_GRACE", "60s"),
         ],
     );
-    let addr = http_addr(&c);
+    let addr = c.http_addr(WAIT);
     assert_eq!(must_get(addr, "/healthz").status, 200);
     wait_until("/readyz answers 200", WAIT, || must_get(addr, "/readyz").status == 200);
 
     let mut conn = redis.sync_conn();
-    add(&mut conn, "fast", 1);
-    watermark(&mut conn, 1);
+    add(&mut conn, &keys("default"), "fast", 1, NO_PAYLOAD);
+    watermark(&mut conn, &keys("default"), 1);
     wait_until("fast is handled", WAIT, || {
         sample(&must_get(addr, "/metrics").body, r#"tidemark_consumer_handled_total{group="g"}"#) == Some(1.0)
     });
     wait_until("fast is acknowledged", WAIT, || {
         sample(&must_get(addr, "/metrics").body, r#"tidemark_group_pending{group="g"}"#) == Some(0.0)
     });
-    add(&mut conn, "slow", 1);
+    add(&mut conn, &keys("default"), "slow", 1, NO_PAYLOAD);
     wait_until("slow is running", WAIT, || started.exists());
     wait_until("the in-flight gauge shows it", WAIT, || {
         sample(&must_get(addr, "/metrics").body, r#"tidemark_consumer_in_flight{group="g"}"#) == Some(1.0)
@@ -384,13 +365,13 @@ fn consume_prefetch_reads_ahead_and_shows_in_the_queued_gauge() {
         ],
         &[("FINISH", finish.to_str().unwrap()), ("TIDEMARK__CONSUME__PREFETCH", "2")],
     );
-    let addr = http_addr(&c);
+    let addr = c.http_addr(WAIT);
     wait_until("/readyz answers 200", WAIT, || must_get(addr, "/readyz").status == 200);
     let mut conn = redis.sync_conn();
     for id in ["a", "b", "c", "d"] {
-        add(&mut conn, id, 1);
+        add(&mut conn, &keys("default"), id, 1, NO_PAYLOAD);
     }
-    watermark(&mut conn, 1);
+    watermark(&mut conn, &keys("default"), 1);
     let gauge = |name: &str| sample(&must_get(addr, "/metrics").body, &format!(r#"{name}{{group="g"}}"#));
     wait_until("one command runs and two elements wait", WAIT, || {
         gauge("tidemark_consumer_in_flight") == Some(1.0) && gauge("tidemark_consumer_queued") == Some(2.0)
@@ -417,7 +398,7 @@ fn http_off_binds_nothing() {
     let on = Daemon::spawn(&["run", "--redis-url", &url, "--consumer", "on", "--http", "127.0.0.1:0"], &[]);
     off.wait_log("connected to Redis", WAIT);
     on.wait_log("connected to Redis", WAIT);
-    http_addr(&on);
+    on.http_addr(WAIT);
     assert_eq!(listening_sockets(off.pid()), 0, "{}", off.log());
     assert_eq!(listening_sockets(on.pid()), 1, "{}", on.log());
     assert!(!off.log().contains("over HTTP"), "{}", off.log());

@@ -4,21 +4,10 @@
 
 use std::time::Duration;
 
-use redis::streams::StreamInfoGroupsReply;
-
-use crate::harness::{keys, parse_xrange, read_stream, wait_until, xadd_fields, Daemon, Keys, RedisServer};
+use testkit::default_keys as ks;
+use testkit::{fields, input_applied, read_stream, wait_until, xadd_fields, Daemon, Fields, RedisServer};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-type Fields = Vec<(Vec<u8>, Vec<u8>)>;
-
-fn ks() -> Keys {
-    keys("default")
-}
-
-fn fields(pairs: &[(&[u8], &[u8])]) -> Fields {
-    pairs.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect()
-}
 
 /// Escaped text of a field list, for assertion messages.
 fn show(f: &[(Vec<u8>, Vec<u8>)]) -> String {
@@ -37,23 +26,6 @@ fn start_daemon(redis: &RedisServer, envs: &[(&str, &str)]) -> Daemon {
 fn xadd(conn: &mut redis::Connection, f: &Fields) -> String {
     let refs: Vec<(&[u8], &[u8])> = f.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
     xadd_fields(conn, &ks().input, &refs)
-}
-
-fn input_group(conn: &mut redis::Connection) -> Option<redis::streams::StreamInfoGroup> {
-    let reply: StreamInfoGroupsReply =
-        redis::cmd("XINFO").arg("GROUPS").arg(&ks().input).query(conn).expect("XINFO GROUPS in");
-    reply.groups.into_iter().find(|g| g.name == "tidemark")
-}
-
-/// Waits until every entry of `:in` has been delivered to the input group
-/// and acknowledged (applied: apply and XACK are one script).
-fn wait_input_applied(conn: &mut redis::Connection) {
-    wait_until("every input entry applied and acknowledged", WAIT, || {
-        let v: redis::Value =
-            redis::cmd("XREVRANGE").arg(&ks().input).arg("+").arg("-").arg("COUNT").arg(1).query(conn).unwrap();
-        let Some((last, _)) = parse_xrange(v).into_iter().next() else { return false };
-        input_group(conn).is_some_and(|g| g.pending == 0 && g.last_delivered_id == last)
-    });
 }
 
 fn pending_count(conn: &mut redis::Connection) -> u64 {
@@ -160,7 +132,7 @@ fn one_batch_with_every_reason_code() {
             ("TIDEMARK__LIMITS__MAX_PAYLOAD_FIELDS", "3"),
         ],
     );
-    wait_input_applied(&mut conn);
+    wait_until("every input entry applied and acknowledged", WAIT, || input_applied(&mut conn, &ks()));
 
     // Dead letters: one per malformed entry, in input order, exactly.
     let dead = read_stream(&mut conn, &ks().dead);
@@ -261,7 +233,7 @@ fn deleted_while_pending(conn: &mut redis::Connection, consumer: &str) -> String
 fn check_deleted_entry_was_only_acknowledged(conn: &mut redis::Connection, d: &mut Daemon) {
     wait_until("`after` released", WAIT, || !released(conn).is_empty());
     wait_until("nothing pending in the input group", WAIT, || pending_count(conn) == 0);
-    wait_input_applied(conn);
+    wait_until("every input entry applied and acknowledged", WAIT, || input_applied(conn, &ks()));
     assert_eq!(released(conn), vec![rel("after", "1", "")], "the deleted entry is never released");
     assert!(read_stream(conn, &ks().dead).is_empty(), "a deleted entry is not a dead letter");
     let sched: i64 = redis::cmd("ZCARD").arg(&ks().sched).query(conn).unwrap();

@@ -21,7 +21,7 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use tidemark::store::Conn;
 
-use crate::harness::{self, Daemon, RedisServer};
+use testkit::{Daemon, RedisServer};
 
 /// Payload field/value pairs, in order.
 pub type Payload = Vec<(Vec<u8>, Vec<u8>)>;
@@ -80,7 +80,7 @@ impl Model {
     }
 
     /// Replays every entry of an input stream, in order.
-    pub fn run(entries: &[harness::StreamEntry]) -> Model {
+    pub fn run(entries: &[testkit::StreamEntry]) -> Model {
         let mut m = Model::new();
         for (entry_id, fields) in entries {
             m.apply(entry_id, fields);
@@ -170,7 +170,7 @@ impl Model {
 }
 
 /// An output stream entry as (id, ts, payload); panics if it lacks `id`/`ts` in front.
-pub fn out_triple(entry: &harness::StreamEntry) -> (Vec<u8>, String, Payload) {
+pub fn out_triple(entry: &testkit::StreamEntry) -> (Vec<u8>, String, Payload) {
     let (entry_id, fields) = entry;
     assert!(
         fields.len() >= 2 && fields[0].0 == b"id" && fields[1].0 == b"ts",
@@ -186,7 +186,7 @@ fn show(bytes: &[u8]) -> String {
 
 /// Asserts that the output stream equals the model's output exactly, with a
 /// readable report of the first difference.
-pub fn assert_output_matches(context: &str, actual: &[harness::StreamEntry], model: &Model) {
+pub fn assert_output_matches(context: &str, actual: &[testkit::StreamEntry], model: &Model) {
     let actual: Vec<_> = actual.iter().map(out_triple).collect();
     let expected = model.triples();
     if actual == expected {
@@ -251,7 +251,7 @@ pub async fn last_entry_id(conn: &mut Conn, stream: &str) -> String {
         .query_async(conn)
         .await
         .expect("XREVRANGE");
-    harness::parse_xrange(v).first().map_or_else(|| "0-0".into(), |e| e.0.clone())
+    testkit::parse_xrange(v).first().map_or_else(|| "0-0".into(), |e| e.0.clone())
 }
 
 /// True once every input entry was delivered and acknowledged.
@@ -260,19 +260,11 @@ pub async fn input_drained(conn: &mut Conn, input: &str) -> bool {
     pending == 0 && delivered == last_entry_id(conn, input).await
 }
 
-pub async fn xlen(conn: &mut Conn, key: &str) -> u64 {
-    redis::cmd("XLEN").arg(key).query_async(conn).await.expect("XLEN")
-}
-
 /// The schedule as (member, score) pairs in sorted-set order.
 pub async fn schedule(conn: &mut Conn, sched: &str) -> Vec<(Vec<u8>, i64)> {
     let raw: Vec<(Vec<u8>, f64)> =
         redis::cmd("ZRANGE").arg(sched).arg(0).arg(-1).arg("WITHSCORES").query_async(conn).await.expect("ZRANGE");
     raw.into_iter().map(|(m, s)| (m, s as i64)).collect()
-}
-
-pub async fn hlen(conn: &mut Conn, key: &str) -> u64 {
-    redis::cmd("HLEN").arg(key).query_async(conn).await.expect("HLEN")
 }
 
 pub async fn get_wm(conn: &mut Conn, key: &str) -> Option<String> {
@@ -457,7 +449,7 @@ async fn produce(
 /// Watches the namespace while the daemons run: in every atomic snapshot of
 /// (watermark, new output entries) no released element is ahead of the
 /// watermark. Returns the number of output entries checked.
-async fn watch_never_early(mut conn: Conn, keys: harness::Keys, stop: Arc<AtomicBool>) -> usize {
+async fn watch_never_early(mut conn: Conn, keys: testkit::Keys, stop: Arc<AtomicBool>) -> usize {
     let mut after = "-".to_string();
     let mut checked = 0;
     loop {
@@ -475,7 +467,7 @@ async fn watch_never_early(mut conn: Conn, keys: harness::Keys, stop: Arc<Atomic
             .query_async(&mut conn)
             .await
             .expect("snapshot");
-        let entries = harness::parse_xrange(out);
+        let entries = testkit::parse_xrange(out);
         for entry in &entries {
             let (id, ts, _) = out_triple(entry);
             let ts: i64 = ts.parse().expect("output ts is an integer");
@@ -502,7 +494,7 @@ async fn randomized_run(seed: u64) {
     eprintln!("model run: seed {seed} (rerun this seed with TIDEMARK_MODEL_SEED={seed})");
     let ctx = format!("seed {seed}");
     let redis = RedisServer::start();
-    let keys = harness::keys("default");
+    let keys = testkit::keys("default");
     let url = redis.url();
     let chunk = RELEASE_CHUNK.to_string();
     let common = [
@@ -535,7 +527,7 @@ async fn randomized_run(seed: u64) {
     // partition over within about a lease lifetime and applies the second
     // half; then the frozen one wakes up, deposed, and must apply nothing
     // more (its calls are fenced by the owner token).
-    harness::wait_until(&format!("{ctx}: the owner applied some input"), Duration::from_secs(30), || {
+    testkit::wait_until(&format!("{ctx}: the owner applied some input"), Duration::from_secs(30), || {
         applied_entries(&d1) + applied_entries(&d2) > 0
     });
     let owner_is_d1 = applied_entries(&d1) > 0;
@@ -545,24 +537,24 @@ async fn randomized_run(seed: u64) {
     for p in producers {
         p.await.expect("producer task");
     }
-    harness::wait_until(&format!("{ctx}: the standby took the partition over"), Duration::from_secs(30), || {
+    testkit::wait_until(&format!("{ctx}: the standby took the partition over"), Duration::from_secs(30), || {
         applied_entries(standby) > 0
     });
     owner.signal("CONT");
     let produced = started.elapsed();
     let mut conn = redis.conn().await;
     let final_wm = FINAL_WM.to_string();
-    harness::xadd_fields_async(&mut conn, &keys.input, &[(b"op", b"watermark"), (b"ts", final_wm.as_bytes())]).await;
+    testkit::xadd_fields_async(&mut conn, &keys.input, &[(b"op", b"watermark"), (b"ts", final_wm.as_bytes())]).await;
 
     // The input stream's final order is the real total order.
-    let input = harness::read_stream_async(&mut conn, &keys.input).await;
+    let input = testkit::read_stream_async(&mut conn, &keys.input).await;
     assert_eq!(input.len(), PRODUCERS as usize * OPS_PER_PRODUCER + 1, "{ctx}: input length");
     let model = Model::run(&input);
     assert!(model.sched.is_empty(), "{ctx}: the model's final watermark leaves nothing scheduled");
-    let expected_len = model.out.len() as u64;
+    let expected_len = model.out.len();
 
     let input_key = keys.input.clone();
-    harness::wait_until_async(&format!("{ctx}: the input group is drained"), Duration::from_secs(60), || {
+    testkit::wait_until_async(&format!("{ctx}: the input group is drained"), Duration::from_secs(60), || {
         let mut c = conn.clone();
         let k = input_key.clone();
         async move { input_drained(&mut c, &k).await }
@@ -574,7 +566,7 @@ async fn randomized_run(seed: u64) {
     poll_until(Duration::from_secs(10), || {
         let mut c = conn.clone();
         let k = out_key.clone();
-        async move { xlen(&mut c, &k).await >= expected_len }
+        async move { testkit::xlen_async(&mut c, &k).await >= expected_len }
     })
     .await;
     let elapsed = started.elapsed();
@@ -589,11 +581,11 @@ async fn randomized_run(seed: u64) {
     // fenced (the exact comparison with the model below would show an
     // entry applied twice or out of order), and it notices.
     let owner = if owner_is_d1 { &d1 } else { &d2 };
-    harness::wait_until(&format!("{ctx}: the deposed owner noticed"), Duration::from_secs(30), || {
+    testkit::wait_until(&format!("{ctx}: the deposed owner noticed"), Duration::from_secs(30), || {
         let log = owner.log();
         log.contains("ownership of the partition ended here") || log.contains("lost the ownership of a partition")
     });
-    let out = harness::read_stream_async(&mut conn, &keys.out).await;
+    let out = testkit::read_stream_async(&mut conn, &keys.out).await;
     assert_output_matches(&ctx, &out, &model);
 
     // Every output entry was due when released (the model says when).
@@ -610,14 +602,14 @@ async fn randomized_run(seed: u64) {
     assert_eq!(checked_live, out.len(), "{ctx}: the live watcher saw every output entry");
 
     assert_eq!(schedule(&mut conn, &keys.sched).await, vec![], "{ctx}: :sched is empty");
-    assert_eq!(hlen(&mut conn, &keys.body).await, 0, "{ctx}: :body is empty");
+    assert_eq!(testkit::hlen_async(&mut conn, &keys.body).await, 0, "{ctx}: :body is empty");
     assert_eq!(get_wm(&mut conn, &keys.wm).await, model.wm.map(|w| w.to_string()), "{ctx}: :wm");
 
-    let dead = harness::read_stream_async(&mut conn, &keys.dead).await;
+    let dead = testkit::read_stream_async(&mut conn, &keys.dead).await;
     let got: Vec<(String, String, String, Payload)> = dead
         .iter()
         .map(|(_, f)| {
-            let text = |name| String::from_utf8(harness::field(f, name).unwrap_or_default().to_vec()).unwrap();
+            let text = |name| String::from_utf8(testkit::field(f, name).unwrap_or_default().to_vec()).unwrap();
             (text("origin"), text("origin_id"), text("reason"), f[4..].to_vec())
         })
         .collect();
@@ -713,7 +705,7 @@ async fn watermark_after_an_exhausted_release_budget_matches_the_model() {
         &[(b"op", b"add"), (b"id", b"d"), (b"ts", b"3"), (b"p", b"d1")],
     ];
     for op in ops {
-        harness::xadd_fields_async(&mut conn, &keys.input, op).await;
+        testkit::xadd_fields_async(&mut conn, &keys.input, op).await;
     }
     let batch = read_new(&mut conn, &keys, "c1", 100, Duration::from_millis(100)).await.unwrap();
     assert_eq!(batch.len(), ops.len());
@@ -731,9 +723,9 @@ async fn watermark_after_an_exhausted_release_budget_matches_the_model() {
         todo = &todo[outcome.processed..];
     }
 
-    let input = harness::read_stream_async(&mut conn, &keys.input).await;
+    let input = testkit::read_stream_async(&mut conn, &keys.input).await;
     let model = Model::run(&input);
-    let out = harness::read_stream_async(&mut conn, &keys.out).await;
+    let out = testkit::read_stream_async(&mut conn, &keys.out).await;
     assert_output_matches("budget exhausted by the first watermark", &out, &model);
     assert_eq!(schedule(&mut conn, &keys.sched).await, vec![]);
 }
@@ -747,7 +739,7 @@ async fn watermark_after_an_exhausted_release_budget_matches_the_model() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_sent_ahead_of_an_early_stop_match_the_model() {
     let redis = RedisServer::start();
-    let keys = harness::keys("default");
+    let keys = testkit::keys("default");
     let mut conn = redis.conn().await;
     let mut ops: Vec<Vec<(String, String)>> = Vec::new();
     let op = |pairs: &[(&str, String)]| pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect::<Vec<_>>();
@@ -769,9 +761,9 @@ async fn batches_sent_ahead_of_an_early_stop_match_the_model() {
     ops.push(op(&[("op", "watermark".into()), ("ts", "100000".into())]));
     for fields in &ops {
         let pairs: Vec<(&[u8], &[u8])> = fields.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())).collect();
-        harness::xadd_fields_async(&mut conn, &keys.input, &pairs).await;
+        testkit::xadd_fields_async(&mut conn, &keys.input, &pairs).await;
     }
-    let input = harness::read_stream_async(&mut conn, &keys.input).await;
+    let input = testkit::read_stream_async(&mut conn, &keys.input).await;
     let model = Model::run(&input);
 
     let d = spawn_daemon(
@@ -784,16 +776,16 @@ async fn batches_sent_ahead_of_an_early_stop_match_the_model() {
         ],
     );
     let input_key = keys.input.clone();
-    harness::wait_until_async("the input group is drained", Duration::from_secs(60), || {
+    testkit::wait_until_async("the input group is drained", Duration::from_secs(60), || {
         let mut c = conn.clone();
         let k = input_key.clone();
         async move { input_drained(&mut c, &k).await }
     })
     .await;
-    let out = harness::read_stream_async(&mut conn, &keys.out).await;
+    let out = testkit::read_stream_async(&mut conn, &keys.out).await;
     assert_output_matches("calls in flight", &out, &model);
     assert_eq!(schedule(&mut conn, &keys.sched).await, vec![]);
-    assert_eq!(hlen(&mut conn, &keys.body).await, 0);
+    assert_eq!(testkit::hlen_async(&mut conn, &keys.body).await, 0);
 
     // With one daemon, a call applies nothing only when it was sent before
     // the previous one stopped early: the case under test happened.

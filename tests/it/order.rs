@@ -8,8 +8,9 @@ use tidemark::store::entries::decode_entries;
 use tidemark::store::Conn;
 use tidemark::store::{ensure_group, prepare, read_new, ApplyOutcome, Keys, Prepared, Scripts, INPUT_GROUP};
 
-use crate::harness::{self, RedisServer};
-use crate::model::{claim_lines, get_wm, hlen, input_drained, schedule, spawn_daemon, xlen, Model};
+use crate::model::{claim_lines, get_wm, input_drained, schedule, spawn_daemon, Model};
+use testkit::RedisServer;
+use testkit::{hlen_async as hlen, xlen_async as xlen};
 
 const CHUNK: usize = 100;
 
@@ -17,13 +18,13 @@ const CHUNK: usize = 100;
 /// input group created.
 pub async fn setup(redis: &RedisServer) -> (Conn, Keys) {
     let mut conn = redis.conn().await;
-    let keys = Keys::new("tidemark", "default");
+    let keys = testkit::default_keys();
     ensure_group(&mut conn, &keys.input, INPUT_GROUP).await.expect("create input group");
     (conn, keys)
 }
 
 /// Reads up to `count` new entries as `consumer` and prepares them.
-async fn read_as(conn: &mut Conn, keys: &Keys, consumer: &str, count: usize) -> Vec<Prepared> {
+pub async fn read_as(conn: &mut Conn, keys: &Keys, consumer: &str, count: usize) -> Vec<Prepared> {
     let entries = read_new(conn, keys, consumer, count, Duration::from_millis(100)).await.expect("XREADGROUP");
     entries.iter().map(|e| prepare(e, &Limits::default())).collect()
 }
@@ -55,7 +56,7 @@ fn owned(list: &[(&str, &str)]) -> Vec<(String, String)> {
 }
 
 /// The state a test can observe: schedule, body count, output, watermark.
-async fn state(conn: &mut Conn, keys: &Keys) -> (Vec<(Vec<u8>, i64)>, u64, u64, Option<String>) {
+async fn state(conn: &mut Conn, keys: &Keys) -> (Vec<(Vec<u8>, i64)>, usize, usize, Option<String>) {
     (
         schedule(conn, &keys.sched).await,
         hlen(conn, &keys.body).await,
@@ -70,13 +71,13 @@ async fn state(conn: &mut Conn, keys: &Keys) -> (Vec<(Vec<u8>, i64)>, u64, u64, 
 async fn add_and_cancel_held_by_different_consumers_apply_in_stream_order() {
     let redis = RedisServer::start();
     let (mut conn, keys) = setup(&redis).await;
-    let add = harness::xadd_fields_async(
+    let add = testkit::xadd_fields_async(
         &mut conn,
         &keys.input,
         &[(b"op", b"add"), (b"id", b"X"), (b"ts", b"10"), (b"k", b"v")],
     )
     .await;
-    let cancel = harness::xadd_fields_async(&mut conn, &keys.input, &[(b"op", b"cancel"), (b"id", b"X")]).await;
+    let cancel = testkit::xadd_fields_async(&mut conn, &keys.input, &[(b"op", b"cancel"), (b"id", b"X")]).await;
 
     let c1 = read_as(&mut conn, &keys, "c1", 1).await;
     let c2 = read_as(&mut conn, &keys, "c2", 1).await;
@@ -102,7 +103,7 @@ async fn add_and_cancel_held_by_different_consumers_apply_in_stream_order() {
     assert_eq!(pending(&mut conn, &keys).await, vec![]);
 
     // A watermark above X's ts proves X is gone, not just unscheduled for now.
-    harness::xadd_fields_async(&mut conn, &keys.input, &[(b"op", b"watermark"), (b"ts", b"100")]).await;
+    testkit::xadd_fields_async(&mut conn, &keys.input, &[(b"op", b"watermark"), (b"ts", b"100")]).await;
     let w = read_as(&mut conn, &keys, "c1", 10).await;
     let o = apply(&mut conn, &keys, &w.iter().collect::<Vec<_>>()).await;
     assert_eq!((o.processed, o.watermarks, o.released), (1, 1, 0), "{o:?}");
@@ -120,14 +121,14 @@ async fn add_and_cancel_held_by_different_consumers_apply_in_stream_order() {
 async fn interleaved_batches_applied_out_of_order_take_effect_in_stream_order() {
     let redis = RedisServer::start();
     let (mut conn, keys) = setup(&redis).await;
-    let e1 = harness::xadd_fields_async(
+    let e1 = testkit::xadd_fields_async(
         &mut conn,
         &keys.input,
         &[(b"op", b"add"), (b"id", b"A"), (b"ts", b"10"), (b"v", b"first")],
     )
     .await;
-    let e2 = harness::xadd_fields_async(&mut conn, &keys.input, &[(b"op", b"cancel"), (b"id", b"A")]).await;
-    let e3 = harness::xadd_fields_async(
+    let e2 = testkit::xadd_fields_async(&mut conn, &keys.input, &[(b"op", b"cancel"), (b"id", b"A")]).await;
+    let e3 = testkit::xadd_fields_async(
         &mut conn,
         &keys.input,
         &[(b"op", b"add"), (b"id", b"A"), (b"ts", b"20"), (b"v", b"third")],
@@ -178,15 +179,15 @@ async fn interleaved_batches_applied_out_of_order_take_effect_in_stream_order() 
     assert_eq!(pending(&mut conn, &keys).await, vec![]);
 
     // Release it: exactly the third entry's version, once.
-    harness::xadd_fields_async(&mut conn, &keys.input, &[(b"op", b"watermark"), (b"ts", b"100")]).await;
+    testkit::xadd_fields_async(&mut conn, &keys.input, &[(b"op", b"watermark"), (b"ts", b"100")]).await;
     let w = read_as(&mut conn, &keys, "c2", 10).await;
     let o = apply(&mut conn, &keys, &w.iter().collect::<Vec<_>>()).await;
     assert_eq!((o.processed, o.released), (1, 1), "{o:?}");
-    let out = harness::read_stream_async(&mut conn, &keys.out).await;
+    let out = testkit::read_stream_async(&mut conn, &keys.out).await;
     let fields: Vec<_> = out.iter().map(|(_, f)| f.clone()).collect();
     let pair = |k: &[u8], v: &[u8]| (k.to_vec(), v.to_vec());
     assert_eq!(fields, vec![vec![pair(b"id", b"A"), pair(b"ts", b"20"), pair(b"v", b"third")]]);
-    let input = harness::read_stream_async(&mut conn, &keys.input).await;
+    let input = testkit::read_stream_async(&mut conn, &keys.input).await;
     crate::model::assert_output_matches("stream order", &out, &Model::run(&input));
 }
 
@@ -198,7 +199,7 @@ async fn interleaved_batches_applied_out_of_order_take_effect_in_stream_order() 
 async fn daemon_waits_for_an_add_held_by_a_dead_consumer_before_its_cancel() {
     let redis = RedisServer::start();
     let (mut conn, keys) = setup(&redis).await;
-    let add = harness::xadd_fields_async(
+    let add = testkit::xadd_fields_async(
         &mut conn,
         &keys.input,
         &[(b"op", b"add"), (b"id", b"X"), (b"ts", b"10"), (b"k", b"v")],
@@ -206,8 +207,8 @@ async fn daemon_waits_for_an_add_held_by_a_dead_consumer_before_its_cancel() {
     .await;
     let ghost = read_as(&mut conn, &keys, "ghost", 1).await;
     assert_eq!(ids(&ghost), [add.as_str()]);
-    let cancel = harness::xadd_fields_async(&mut conn, &keys.input, &[(b"op", b"cancel"), (b"id", b"X")]).await;
-    let wm = harness::xadd_fields_async(&mut conn, &keys.input, &[(b"op", b"watermark"), (b"ts", b"50")]).await;
+    let cancel = testkit::xadd_fields_async(&mut conn, &keys.input, &[(b"op", b"cancel"), (b"id", b"X")]).await;
+    let wm = testkit::xadd_fields_async(&mut conn, &keys.input, &[(b"op", b"watermark"), (b"ts", b"50")]).await;
 
     let d = spawn_daemon(
         &redis.url(),
@@ -215,7 +216,7 @@ async fn daemon_waits_for_an_add_held_by_a_dead_consumer_before_its_cancel() {
         &[("TIDEMARK__DAEMON__CLAIM_IDLE", "1s"), ("TIDEMARK__DAEMON__BLOCK", "200ms")],
     );
     let input = keys.input.clone();
-    harness::wait_until_async("the daemon applies all three entries", Duration::from_secs(30), || {
+    testkit::wait_until_async("the daemon applies all three entries", Duration::from_secs(30), || {
         let mut c = conn.clone();
         let input = input.clone();
         async move { input_drained(&mut c, &input).await }
@@ -235,11 +236,11 @@ async fn daemon_waits_for_an_add_held_by_a_dead_consumer_before_its_cancel() {
         matches!((blocked, claimed), (Some(b), Some(c)) if b < c),
         "the daemon first found its batch held back by the ghost's add, then claimed the add; log:\n{log}"
     );
-    let all = harness::read_stream_async(&mut conn, &keys.input).await;
+    let all = testkit::read_stream_async(&mut conn, &keys.input).await;
     let ids_in: Vec<&str> = all.iter().map(|(id, _)| id.as_str()).collect();
     assert_eq!(ids_in, [add.as_str(), cancel.as_str(), wm.as_str()]);
     let model = Model::run(&all);
     assert!(model.out.is_empty() && model.sched.is_empty());
-    let out = harness::read_stream_async(&mut conn, &keys.out).await;
+    let out = testkit::read_stream_async(&mut conn, &keys.out).await;
     crate::model::assert_output_matches("ghost add", &out, &model);
 }

@@ -5,27 +5,16 @@
 
 use std::time::{Duration, Instant};
 
-use tidemark::core::op::Limits;
 use tidemark::store::Conn;
-use tidemark::store::{ensure_group, prepare, read_new, ApplyOutcome, Keys, Prepared, Scripts, INPUT_GROUP};
+use tidemark::store::{ApplyOutcome, Keys, Prepared, Scripts, INPUT_GROUP};
 
-use crate::harness::{self, Daemon, RedisServer};
 use crate::model::{
-    assert_output_matches, claim_lines, daemon_args, get_wm, hlen, input_drained, input_group, last_entry_id,
-    poll_until, schedule, spawn_daemon, xlen, Model, Payload,
+    assert_output_matches, claim_lines, daemon_args, get_wm, input_drained, input_group, last_entry_id, poll_until,
+    schedule, spawn_daemon, Model, Payload,
 };
-
-async fn setup(redis: &RedisServer) -> (Conn, Keys) {
-    let mut conn = redis.conn().await;
-    let keys = Keys::new("tidemark", "default");
-    ensure_group(&mut conn, &keys.input, INPUT_GROUP).await.expect("create input group");
-    (conn, keys)
-}
-
-async fn read_as(conn: &mut Conn, keys: &Keys, consumer: &str, count: usize) -> Vec<Prepared> {
-    let entries = read_new(conn, keys, consumer, count, Duration::from_millis(100)).await.expect("XREADGROUP");
-    entries.iter().map(|e| prepare(e, &Limits::default())).collect()
-}
+use crate::order::{read_as, setup};
+use testkit::{hlen_async as hlen, xlen_async as xlen};
+use testkit::{Daemon, RedisServer};
 
 async fn apply(conn: &mut Conn, keys: &Keys, batch: &[Prepared]) -> ApplyOutcome {
     let refs: Vec<&Prepared> = batch.iter().collect();
@@ -86,7 +75,7 @@ async fn pending_of(conn: &mut Conn, input: &str, consumer: &str) -> usize {
 
 /// Waits until the input group is drained and `:out` holds `out_len`
 /// entries; on timeout, panics with who holds what.
-async fn wait_drained(conn: &Conn, keys: &Keys, out_len: u64, timeout: Duration, what: &str) {
+async fn wait_drained(conn: &Conn, keys: &Keys, out_len: usize, timeout: Duration, what: &str) {
     let done = poll_until(timeout, || {
         let mut c = conn.clone();
         let (input, out) = (keys.input.clone(), keys.out.clone());
@@ -111,11 +100,11 @@ async fn wait_drained(conn: &Conn, keys: &Keys, out_len: u64, timeout: Duration,
 /// Checks the output stream against the model of the whole input stream,
 /// plus that no element id appears twice.
 async fn assert_released_exactly_once(conn: &mut Conn, keys: &Keys, context: &str) -> Model {
-    let input = harness::read_stream_async(conn, &keys.input).await;
+    let input = testkit::read_stream_async(conn, &keys.input).await;
     let model = Model::run(&input);
-    let out = harness::read_stream_async(conn, &keys.out).await;
+    let out = testkit::read_stream_async(conn, &keys.out).await;
     assert_output_matches(context, &out, &model);
-    let mut ids: Vec<&[u8]> = out.iter().map(|(_, f)| harness::field(f, "id").expect("id field")).collect();
+    let mut ids: Vec<&[u8]> = out.iter().map(|(_, f)| testkit::field(f, "id").expect("id field")).collect();
     ids.sort();
     let n = ids.len();
     ids.dedup();
@@ -173,18 +162,18 @@ async fn kill9_mid_stream_then_another_daemon_finishes_exactly_once() {
     // read but not applied. Polled without pause: it is quick.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let scheduled: u64 = redis::cmd("ZCARD").arg(&keys.sched).query_async(&mut conn).await.expect("ZCARD");
-        assert!(scheduled < N as u64, "d1 finished all {N} entries before it could be killed mid-way");
+        let scheduled = testkit::zcard_async(&mut conn, &keys.sched).await;
+        assert!(scheduled < N, "d1 finished all {N} entries before it could be killed mid-way");
         if scheduled > 0 && pending_of(&mut conn, &keys.input, "d1").await > 0 {
             d1.kill9();
             break;
         }
         assert!(Instant::now() < deadline, "d1 made no progress; log:\n{}", d1.log());
     }
-    let at_kill: u64 = redis::cmd("ZCARD").arg(&keys.sched).query_async(&mut conn).await.expect("ZCARD");
+    let at_kill = testkit::zcard_async(&mut conn, &keys.sched).await;
     let held = pending_of(&mut conn, &keys.input, "d1").await;
     eprintln!("killed d1 with {at_kill} of {N} scheduled and {held} entries pending at d1");
-    assert!(at_kill > 0 && at_kill < N as u64, "killed mid-way: {at_kill} scheduled");
+    assert!(at_kill > 0 && at_kill < N, "killed mid-way: {at_kill} scheduled");
 
     let d2 = spawn_daemon(&redis.url(), "d2", &env);
     wait_drained(&conn, &keys, 0, Duration::from_secs(30), "d2 applies everything").await;
@@ -198,14 +187,14 @@ async fn kill9_mid_stream_then_another_daemon_finishes_exactly_once() {
         expected.iter().map(|(ts, id)| (id.clone(), *ts)).collect::<Vec<_>>(),
         "the schedule holds exactly the {N} elements with their ts"
     );
-    assert_eq!(hlen(&mut conn, &keys.body).await, N as u64);
+    assert_eq!(hlen(&mut conn, &keys.body).await, N);
     assert_eq!(xlen(&mut conn, &keys.out).await, 0, "nothing is due yet");
     if held > 0 {
         assert!(!claim_lines(&d2.log()).is_empty(), "d2 claimed input entries; log:\n{}", d2.log());
     }
 
-    harness::xadd_fields_async(&mut conn, &keys.input, &[(b"op", b"watermark"), (b"ts", b"1000000")]).await;
-    wait_drained(&conn, &keys, N as u64, Duration::from_secs(30), "d2 releases everything").await;
+    testkit::xadd_fields_async(&mut conn, &keys.input, &[(b"op", b"watermark"), (b"ts", b"1000000")]).await;
+    wait_drained(&conn, &keys, N, Duration::from_secs(30), "d2 releases everything").await;
     let model = assert_released_exactly_once(&mut conn, &keys, "after kill -9").await;
     assert_eq!(model.out.len(), N);
     assert_eq!(schedule(&mut conn, &keys.sched).await, vec![]);

@@ -5,7 +5,6 @@
 //! `RUST_LOG=trace`), `status`, `/metrics`, the dashboard or messages.
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::time::Duration;
 
 use rcgen::{
@@ -13,8 +12,10 @@ use rcgen::{
 };
 use tempfile::TempDir;
 
-use crate::deploy::{http_addr, http_get};
-use crate::harness::{keys, read_stream, run_cli, wait_until, Daemon, RedisOptions, RedisServer};
+use testkit::{
+    describe, free_port, http_get, keys, read_stream, run_cli, text, total_connections, wait_until, Daemon,
+    RedisOptions, RedisServer,
+};
 
 /// Extra environment of one run: (name, value) pairs.
 type Vars<'a> = Vec<(&'a str, &'a str)>;
@@ -28,14 +29,6 @@ const ODD_PASSWORD: &str = "p@ss:w/rd#?&=+ %ü";
 
 /// The ACL the README recommends for tidemark's user.
 const TIDEMARK_ACL: [&str; 5] = ["~tidemark:*", "&tidemark:*", "+@all", "-@dangerous", "+info"];
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn describe(out: &Output) -> String {
-    format!("status {:?}\nstdout:\n{}\nstderr:\n{}", out.status, text(&out.stdout), text(&out.stderr))
-}
 
 /// Every way `secret` could appear in text: as is and percent-encoded.
 fn leaks(haystack: &str, secret: &str) -> bool {
@@ -70,14 +63,6 @@ fn redis_with_users(default_password: &str, users: &[(&str, &str, &[&str])]) -> 
         let () = cmd.query(&mut conn).unwrap_or_else(|e| panic!("ACL SETUSER {user}: {e}"));
     }
     (redis, conn)
-}
-
-fn total_connections(conn: &mut redis::Connection) -> u64 {
-    let info: String = redis::cmd("INFO").arg("stats").query(conn).expect("INFO stats");
-    info.lines()
-        .find_map(|l| l.strip_prefix("total_connections_received:"))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("total_connections_received in INFO stats")
 }
 
 /// `ACL LOG` entries for commands, keys or channels Redis refused a user
@@ -174,7 +159,7 @@ fn acl_user_with_the_recommended_acl_runs_everything_and_the_password_never_show
     }
     assert!(shown.contains("billing") && shown.contains("missing_op"), "{shown}");
     for (process, name) in [(&daemon, "daemon"), (&consumer, "consumer")] {
-        let addr = http_addr(process);
+        let addr = process.http_addr(WAIT).to_string();
         for path in ["/metrics", "/", "/api/dashboard", "/readyz"] {
             let (code, body) = http_get(&addr, path).unwrap_or_else(|e| panic!("GET {path} of the {name}: {e}"));
             assert_eq!(code, 200, "GET {path} of the {name}: {body}");
@@ -445,10 +430,6 @@ impl Pki {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("local_addr").port()
-}
-
 /// A Redis with a plain port (for the harness and for checking results) and
 /// a TLS port. `None` when redis-server was built without TLS.
 fn tls_redis(pki: &Pki, auth_clients: bool) -> Option<(RedisServer, u16)> {
@@ -467,7 +448,8 @@ fn tls_redis(pki: &Pki, auth_clients: bool) -> Option<(RedisServer, u16)> {
     ]
     .map(String::from)
     .to_vec();
-    let started = std::panic::catch_unwind(|| RedisServer::start_with(RedisOptions { extra_args: args, aof: false }));
+    let started =
+        std::panic::catch_unwind(|| RedisServer::start_with(RedisOptions { extra_args: args, ..Default::default() }));
     match started {
         Ok(redis) => Some((redis, tls_port)),
         Err(panic) => {
@@ -529,7 +511,7 @@ fn tls_with_a_private_ca() {
     let out_key = keys("default").out;
     wait_until("over-tls released", WAIT, || read_stream(&mut conn, &out_key).len() == 1);
     let released = read_stream(&mut conn, &out_key);
-    assert_eq!(crate::harness::field(&released[0].1, "id"), Some(&b"over-tls"[..]));
+    assert_eq!(testkit::field(&released[0].1, "id"), Some(&b"over-tls"[..]));
     let log = stop(d, "daemon");
     assert!(log.contains(&format!("redis={tls_url}")), "{log}");
 }

@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use redis::streams::StreamInfoGroupsReply;
 
-use crate::harness::{self, keys, read_stream, wait_until, xadd_fields, Daemon, Keys, RedisServer};
+use testkit::default_keys as ks;
+use testkit::{
+    exists, input_applied, read_stream, wait_until, xadd_fields, xlen, Daemon, Fields, RedisServer, NO_PAYLOAD,
+};
 
 /// Generous: CI has two cores and runs tests in parallel.
 const WAIT: Duration = Duration::from_secs(60);
@@ -14,8 +17,6 @@ const TS_MAX: i64 = (1 << 53) - 1;
 /// The smallest timestamp; an add at this ts is late as soon as any watermark
 /// exists, which makes it a barrier that proves everything before it ran.
 const TS_MIN: i64 = -TS_MAX;
-
-type Fields = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// One released element as read back from `:out`.
 #[derive(Clone, PartialEq, Eq)]
@@ -41,8 +42,12 @@ impl std::fmt::Debug for Released {
     }
 }
 
-fn ks() -> Keys {
-    keys("default")
+/// A private Redis, a connection to it and a daemon (see [`start_daemon`]).
+fn with_daemon(extra_args: &[&str], envs: &[(&str, &str)]) -> (RedisServer, redis::Connection, Daemon) {
+    let redis = RedisServer::start();
+    let conn = redis.sync_conn();
+    let d = start_daemon(&redis, extra_args, envs);
+    (redis, conn, d)
 }
 
 /// Starts `tidemark run` as consumer `d1` and waits until it is connected.
@@ -55,21 +60,6 @@ fn start_daemon(redis: &RedisServer, extra_args: &[&str], envs: &[(&str, &str)])
     let d = Daemon::spawn(&args, &all_envs);
     d.wait_log("connected to Redis", WAIT);
     d
-}
-
-fn add(conn: &mut redis::Connection, id: &str, ts: i64, payload: &[(&str, &str)]) -> String {
-    let ts = ts.to_string();
-    let mut fields: Vec<(&[u8], &[u8])> = vec![(b"op", b"add"), (b"id", id.as_bytes()), (b"ts", ts.as_bytes())];
-    fields.extend(payload.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())));
-    xadd_fields(conn, &ks().input, &fields)
-}
-
-fn cancel(conn: &mut redis::Connection, id: &str) -> String {
-    xadd_fields(conn, &ks().input, &[(b"op", b"cancel"), (b"id", id.as_bytes())])
-}
-
-fn watermark(conn: &mut redis::Connection, ts: i64) -> String {
-    xadd_fields(conn, &ks().input, &[(b"op", b"watermark"), (b"ts", ts.to_string().as_bytes())])
 }
 
 /// Reads `:out` and splits each entry into (id, ts, payload), checking that
@@ -97,20 +87,16 @@ fn rel(id: &str, ts: i64, payload: &[(&str, &str)]) -> Released {
     }
 }
 
-fn out_len(conn: &mut redis::Connection) -> usize {
-    redis::cmd("XLEN").arg(&ks().out).query(conn).expect("XLEN out")
-}
-
 /// Waits until `:out` holds at least `n` entries.
 fn wait_out_len(conn: &mut redis::Connection, n: usize) {
-    wait_until(&format!(":out has {n} entries"), WAIT, || out_len(conn) >= n);
+    wait_until(&format!(":out has {n} entries"), WAIT, || xlen(conn, &ks().out) >= n);
 }
 
 /// Adds a late element at `TS_MIN` (a barrier: it is released at once, so
 /// once it shows up in `:out` every earlier input entry has been applied)
 /// and waits for it. Needs a watermark to exist.
 fn barrier(conn: &mut redis::Connection, name: &str) -> Released {
-    add(conn, name, TS_MIN, &[]);
+    testkit::add(conn, &ks(), name, TS_MIN, NO_PAYLOAD);
     let what = format!("barrier {name} released");
     wait_until(&what, WAIT, || released(conn).iter().any(|r| r.id == name.as_bytes()));
     rel(name, TS_MIN, &[])
@@ -132,51 +118,26 @@ fn body_ids(conn: &mut redis::Connection) -> Vec<String> {
     ids
 }
 
-fn exists(conn: &mut redis::Connection, key: &str) -> bool {
-    redis::cmd("EXISTS").arg(key).query::<i64>(conn).expect("EXISTS") == 1
-}
-
 fn groups(conn: &mut redis::Connection, stream: &str) -> StreamInfoGroupsReply {
     redis::cmd("XINFO").arg("GROUPS").arg(stream).query(conn).expect("XINFO GROUPS")
 }
 
-/// Waits until every entry of `:in` has been delivered to the input group
-/// and acknowledged (applying and acknowledging are one atomic script, so
-/// this means every entry has been applied).
-fn wait_input_applied(conn: &mut redis::Connection) {
-    let k = ks();
-    wait_until("every input entry applied and acknowledged", WAIT, || {
-        let last: Vec<harness::StreamEntry> = {
-            let v: redis::Value =
-                redis::cmd("XREVRANGE").arg(&k.input).arg("+").arg("-").arg("COUNT").arg(1).query(conn).unwrap();
-            harness::parse_xrange(v)
-        };
-        let Some((last_id, _)) = last.first() else { return true };
-        groups(conn, &k.input)
-            .groups
-            .iter()
-            .any(|g| g.name == "tidemark" && g.pending == 0 && &g.last_delivered_id == last_id)
-    });
-}
-
-fn dead_letters(conn: &mut redis::Connection) -> Vec<harness::StreamEntry> {
+fn dead_letters(conn: &mut redis::Connection) -> Vec<testkit::StreamEntry> {
     read_stream(conn, &ks().dead)
 }
 
 #[test]
 fn seed_scenario() {
-    let redis = RedisServer::start();
-    let mut conn = redis.sync_conn();
-    let _d = start_daemon(&redis, &[], &[]);
+    let (_redis, mut conn, _d) = with_daemon(&[], &[]);
 
-    add(&mut conn, "a", 1, &[("payload", "alpha")]);
-    add(&mut conn, "b", 2, &[("payload", "bravo")]);
-    add(&mut conn, "c", 3, &[("payload", "charlie")]);
-    watermark(&mut conn, 2);
+    testkit::add(&mut conn, &ks(), "a", 1, &[("payload", "alpha")]);
+    testkit::add(&mut conn, &ks(), "b", 2, &[("payload", "bravo")]);
+    testkit::add(&mut conn, &ks(), "c", 3, &[("payload", "charlie")]);
+    testkit::watermark(&mut conn, &ks(), 2);
     wait_out_len(&mut conn, 2);
     // d comes after the watermark in the input, so once d is out, the
     // watermark 2 has been fully applied: c must not be out.
-    add(&mut conn, "d", 2, &[("payload", "delta")]);
+    testkit::add(&mut conn, &ks(), "d", 2, &[("payload", "delta")]);
     wait_out_len(&mut conn, 3);
     assert_eq!(
         released(&mut conn),
@@ -191,9 +152,9 @@ fn seed_scenario() {
     assert_eq!(body_ids(&mut conn), vec!["c".to_string()]);
     assert_eq!(wm_value(&mut conn).as_deref(), Some("2"));
 
-    watermark(&mut conn, 3);
+    testkit::watermark(&mut conn, &ks(), 3);
     wait_out_len(&mut conn, 4);
-    wait_input_applied(&mut conn);
+    wait_until("every input entry applied and acknowledged", WAIT, || input_applied(&mut conn, &ks()));
     assert_eq!(
         released(&mut conn),
         vec![
@@ -211,19 +172,17 @@ fn seed_scenario() {
 
 #[test]
 fn lower_or_equal_watermark_changes_nothing() {
-    let redis = RedisServer::start();
-    let mut conn = redis.sync_conn();
-    let _d = start_daemon(&redis, &[], &[]);
+    let (_redis, mut conn, _d) = with_daemon(&[], &[]);
 
-    add(&mut conn, "later", 11, &[("k", "v")]);
-    watermark(&mut conn, 10);
-    watermark(&mut conn, 8); // lower: ignored
-    watermark(&mut conn, 10); // equal: ignored
+    testkit::add(&mut conn, &ks(), "later", 11, &[("k", "v")]);
+    testkit::watermark(&mut conn, &ks(), 10);
+    testkit::watermark(&mut conn, &ks(), 8); // lower: ignored
+    testkit::watermark(&mut conn, &ks(), 10); // equal: ignored
 
     // If the watermark had dropped to 8, y@9 would be scheduled instead of
     // released at once.
-    add(&mut conn, "y", 9, &[("n", "1")]);
-    add(&mut conn, "z", 10, &[("n", "2")]); // inclusive
+    testkit::add(&mut conn, &ks(), "y", 9, &[("n", "1")]);
+    testkit::add(&mut conn, &ks(), "z", 10, &[("n", "2")]); // inclusive
     let b = barrier(&mut conn, "barrier");
     assert_eq!(released(&mut conn), vec![rel("y", 9, &[("n", "1")]), rel("z", 10, &[("n", "2")]), b]);
     assert_eq!(wm_value(&mut conn).as_deref(), Some("10"));
@@ -233,28 +192,26 @@ fn lower_or_equal_watermark_changes_nothing() {
 
 #[test]
 fn upsert_replaces_ts_and_payload() {
-    let redis = RedisServer::start();
-    let mut conn = redis.sync_conn();
-    let _d = start_daemon(&redis, &[], &[]);
+    let (_redis, mut conn, _d) = with_daemon(&[], &[]);
 
     // Moved later: not released at the old time.
-    add(&mut conn, "u", 5, &[("v", "old"), ("extra", "x")]);
-    add(&mut conn, "u", 8, &[("v", "new"), ("w", "2")]);
+    testkit::add(&mut conn, &ks(), "u", 5, &[("v", "old"), ("extra", "x")]);
+    testkit::add(&mut conn, &ks(), "u", 8, &[("v", "new"), ("w", "2")]);
     // Moved earlier.
-    add(&mut conn, "e", 20, &[("v", "old")]);
-    add(&mut conn, "e", 6, &[("v", "new")]);
-    watermark(&mut conn, 5);
+    testkit::add(&mut conn, &ks(), "e", 20, &[("v", "old")]);
+    testkit::add(&mut conn, &ks(), "e", 6, &[("v", "new")]);
+    testkit::watermark(&mut conn, &ks(), 5);
     let b1 = barrier(&mut conn, "b1");
     assert_eq!(released(&mut conn), vec![b1.clone()], "nothing is due at 5 any more");
     assert_eq!(schedule(&mut conn), vec![("e".to_string(), 6), ("u".to_string(), 8)]);
 
-    watermark(&mut conn, 7);
+    testkit::watermark(&mut conn, &ks(), 7);
     let b2 = barrier(&mut conn, "b2");
     assert_eq!(released(&mut conn), vec![b1.clone(), rel("e", 6, &[("v", "new")]), b2.clone()]);
 
-    watermark(&mut conn, 8);
+    testkit::watermark(&mut conn, &ks(), 8);
     let b3 = barrier(&mut conn, "b3");
-    wait_input_applied(&mut conn);
+    wait_until("every input entry applied and acknowledged", WAIT, || input_applied(&mut conn, &ks()));
     assert_eq!(
         released(&mut conn),
         vec![b1, rel("e", 6, &[("v", "new")]), b2, rel("u", 8, &[("v", "new"), ("w", "2")]), b3],
@@ -264,39 +221,37 @@ fn upsert_replaces_ts_and_payload() {
     assert!(!exists(&mut conn, &ks().body));
 
     // Upserts that drop or gain a payload: no stale body survives.
-    add(&mut conn, "drops", 30, &[("stale", "yes")]);
-    add(&mut conn, "gains", 30, &[]);
-    add(&mut conn, "drops", 31, &[]);
-    add(&mut conn, "gains", 31, &[("fresh", "yes")]);
-    watermark(&mut conn, 31);
+    testkit::add(&mut conn, &ks(), "drops", 30, &[("stale", "yes")]);
+    testkit::add(&mut conn, &ks(), "gains", 30, NO_PAYLOAD);
+    testkit::add(&mut conn, &ks(), "drops", 31, NO_PAYLOAD);
+    testkit::add(&mut conn, &ks(), "gains", 31, &[("fresh", "yes")]);
+    testkit::watermark(&mut conn, &ks(), 31);
     wait_out_len(&mut conn, 7);
-    wait_input_applied(&mut conn);
+    wait_until("every input entry applied and acknowledged", WAIT, || input_applied(&mut conn, &ks()));
     assert_eq!(released(&mut conn)[5..], [rel("drops", 31, &[]), rel("gains", 31, &[("fresh", "yes")])]);
-    assert_eq!(out_len(&mut conn), 7);
+    assert_eq!(xlen(&mut conn, &ks().out), 7);
     assert!(!exists(&mut conn, &ks().sched));
     assert!(!exists(&mut conn, &ks().body));
 }
 
 #[test]
 fn cancel_semantics() {
-    let redis = RedisServer::start();
-    let mut conn = redis.sync_conn();
-    let _d = start_daemon(&redis, &[], &[]);
+    let (_redis, mut conn, _d) = with_daemon(&[], &[]);
 
-    add(&mut conn, "k1", 5, &[("p", "1")]);
-    add(&mut conn, "k2", 6, &[("p", "2")]);
-    add(&mut conn, "k3", 50, &[("p", "3")]);
-    cancel(&mut conn, "k1");
-    watermark(&mut conn, 10);
+    testkit::add(&mut conn, &ks(), "k1", 5, &[("p", "1")]);
+    testkit::add(&mut conn, &ks(), "k2", 6, &[("p", "2")]);
+    testkit::add(&mut conn, &ks(), "k3", 50, &[("p", "3")]);
+    testkit::cancel(&mut conn, &ks(), "k1");
+    testkit::watermark(&mut conn, &ks(), 10);
     let b1 = barrier(&mut conn, "b1");
     assert_eq!(released(&mut conn), vec![rel("k2", 6, &[("p", "2")]), b1.clone()]);
     assert_eq!(schedule(&mut conn), vec![("k3".to_string(), 50)]);
 
     // Cancel after release: a no-op. Cancel of an unknown id: harmless.
-    cancel(&mut conn, "k2");
-    cancel(&mut conn, "never-added");
+    testkit::cancel(&mut conn, &ks(), "k2");
+    testkit::cancel(&mut conn, &ks(), "never-added");
     let b2 = barrier(&mut conn, "b2");
-    wait_input_applied(&mut conn);
+    wait_until("every input entry applied and acknowledged", WAIT, || input_applied(&mut conn, &ks()));
     assert_eq!(released(&mut conn), vec![rel("k2", 6, &[("p", "2")]), b1, b2]);
     assert_eq!(schedule(&mut conn), vec![("k3".to_string(), 50)], "the schedule is unchanged");
     assert_eq!(body_ids(&mut conn), vec!["k3".to_string()]);
@@ -304,25 +259,23 @@ fn cancel_semantics() {
     assert!(dead_letters(&mut conn).is_empty());
 
     // k1 stays cancelled for good: a later watermark does not bring it back.
-    watermark(&mut conn, 100);
+    testkit::watermark(&mut conn, &ks(), 100);
     wait_out_len(&mut conn, 4);
-    wait_input_applied(&mut conn);
+    wait_until("every input entry applied and acknowledged", WAIT, || input_applied(&mut conn, &ks()));
     let ids: Vec<Vec<u8>> = released(&mut conn).into_iter().map(|r| r.id).collect();
     assert_eq!(ids, vec![b"k2".to_vec(), b"b1".to_vec(), b"b2".to_vec(), b"k3".to_vec()]);
 }
 
 #[test]
 fn release_order_is_ts_then_id_bytes() {
-    let redis = RedisServer::start();
-    let mut conn = redis.sync_conn();
-    let _d = start_daemon(&redis, &[], &[]);
+    let (_redis, mut conn, _d) = with_daemon(&[], &[]);
 
     for (id, ts) in [("z", 1), ("a", 2), ("m", 2), ("b", 1), ("a9", 3), ("a10", 3), ("B", 3), ("neg", -4)] {
-        add(&mut conn, id, ts, &[("id_was", id)]);
+        testkit::add(&mut conn, &ks(), id, ts, &[("id_was", id)]);
     }
-    watermark(&mut conn, 3);
+    testkit::watermark(&mut conn, &ks(), 3);
     wait_out_len(&mut conn, 8);
-    wait_input_applied(&mut conn);
+    wait_until("every input entry applied and acknowledged", WAIT, || input_applied(&mut conn, &ks()));
     let got: Vec<(String, String)> = released(&mut conn)
         .into_iter()
         .map(|r| (String::from_utf8(r.id).unwrap(), String::from_utf8(r.ts).unwrap()))
@@ -358,9 +311,7 @@ fn awkward_payload() -> Fields {
 
 #[test]
 fn binary_safe_payload_roundtrip() {
-    let redis = RedisServer::start();
-    let mut conn = redis.sync_conn();
-    let _d = start_daemon(&redis, &[], &[]);
+    let (_redis, mut conn, _d) = with_daemon(&[], &[]);
     let payload = awkward_payload();
     assert!(payload.len() >= 50);
 
@@ -376,11 +327,11 @@ fn binary_safe_payload_roundtrip() {
     };
     // Scheduled, then released by a watermark (payload stored in :body)...
     xadd(&mut conn, b"scheduled \xc3\xa9l\xc3\xa9ment", b"7");
-    watermark(&mut conn, 7);
+    testkit::watermark(&mut conn, &ks(), 7);
     // ... and late (released straight from the input entry).
     xadd(&mut conn, b"late", b"3");
     wait_out_len(&mut conn, 2);
-    wait_input_applied(&mut conn);
+    wait_until("every input entry applied and acknowledged", WAIT, || input_applied(&mut conn, &ks()));
 
     let out = released(&mut conn);
     assert_eq!(out.len(), 2);
@@ -395,12 +346,51 @@ fn binary_safe_payload_roundtrip() {
     }
 }
 
+/// An upgrade in place: bodies written before `ts` moved into them (payload
+/// pairs only, as an older daemon left them) are released with the right
+/// `ts` and payload, interleaved in (ts, id) order with elements scheduled
+/// now and elements without a payload, in chunks that mix all three.
+#[test]
+fn bodies_from_before_ts_moved_into_them_are_still_released() {
+    let redis = RedisServer::start();
+    let mut conn = redis.sync_conn();
+    let k = ks();
+    let old_body = |pairs: &[(&[u8], &[u8])]| tidemark::core::codec::encode(pairs.iter().flat_map(|(f, v)| [*f, *v]));
+    let bin: &[u8] = &[0, 0xff, b't', b's'];
+    let mut pipe = redis::pipe();
+    pipe.cmd("ZADD").arg(&k.sched).arg(1).arg("o1").arg(3).arg("o3").arg(5).arg("o5").ignore();
+    pipe.cmd("HSET").arg(&k.body).arg("o1").arg(old_body(&[(b"k", b"old1")])).ignore();
+    pipe.cmd("HSET").arg(&k.body).arg("o3").arg(old_body(&[(b"tz", b"x"), (b"bin", bin)])).ignore();
+    let () = pipe.query(&mut conn).expect("write an older daemon's schedule");
+
+    let _d = start_daemon(&redis, &[], &[("TIDEMARK__DAEMON__RELEASE_CHUNK", "2")]);
+    testkit::add(&mut conn, &k, "n2", 2, &[("k", "new2")]);
+    testkit::add(&mut conn, &k, "n4", 4, NO_PAYLOAD);
+    testkit::add(&mut conn, &k, "n6", 6, &[("k", "new6"), ("k", "again")]);
+    testkit::add(&mut conn, &k, "n7", 7, &[("k", "new7")]);
+    testkit::watermark(&mut conn, &k, 10);
+    wait_out_len(&mut conn, 7);
+
+    let mut o3 = rel("o3", 3, &[("tz", "x")]);
+    o3.payload.push((b"bin".to_vec(), bin.to_vec()));
+    let want = vec![
+        rel("o1", 1, &[("k", "old1")]),
+        rel("n2", 2, &[("k", "new2")]),
+        o3,
+        rel("n4", 4, &[]),
+        rel("o5", 5, &[]),
+        rel("n6", 6, &[("k", "new6"), ("k", "again")]),
+        rel("n7", 7, &[("k", "new7")]),
+    ];
+    assert_eq!(released(&mut conn), want);
+    assert!(!exists(&mut conn, &k.sched));
+    assert!(!exists(&mut conn, &k.body));
+}
+
 #[test]
 fn bounded_chunks_release_everything_once_in_order() {
     const N: usize = 5000;
-    let redis = RedisServer::start();
-    let mut conn = redis.sync_conn();
-    let _d = start_daemon(&redis, &[], &[("TIDEMARK__DAEMON__RELEASE_CHUNK", "100")]);
+    let (_redis, mut conn, _d) = with_daemon(&[], &[("TIDEMARK__DAEMON__RELEASE_CHUNK", "100")]);
 
     // ts is a permutation of 0..N/2 with each ts used twice, so neither the
     // insertion order nor the ts alone gives the output order.
@@ -421,9 +411,9 @@ fn bounded_chunks_release_everything_once_in_order() {
             .ignore();
     }
     pipe.query::<()>(&mut conn).expect("pipeline of adds");
-    watermark(&mut conn, (N / 2) as i64);
+    testkit::watermark(&mut conn, &ks(), (N / 2) as i64);
     wait_out_len(&mut conn, N);
-    wait_input_applied(&mut conn);
+    wait_until("every input entry applied and acknowledged", WAIT, || input_applied(&mut conn, &ks()));
 
     want.sort();
     let got: Vec<(i64, String)> = released(&mut conn)
@@ -450,15 +440,15 @@ fn bounded_chunks_release_everything_once_in_order() {
 fn exhausted_release_budget_does_not_skip_a_later_advance() {
     let redis = RedisServer::start();
     let mut conn = redis.sync_conn();
-    add(&mut conn, "a", 1, &[]);
-    add(&mut conn, "b", 2, &[]);
-    watermark(&mut conn, 2);
-    add(&mut conn, "c", 3, &[]);
-    watermark(&mut conn, 3);
-    cancel(&mut conn, "c");
+    testkit::add(&mut conn, &ks(), "a", 1, NO_PAYLOAD);
+    testkit::add(&mut conn, &ks(), "b", 2, NO_PAYLOAD);
+    testkit::watermark(&mut conn, &ks(), 2);
+    testkit::add(&mut conn, &ks(), "c", 3, NO_PAYLOAD);
+    testkit::watermark(&mut conn, &ks(), 3);
+    testkit::cancel(&mut conn, &ks(), "c");
     let _d = start_daemon(&redis, &[], &[("TIDEMARK__DAEMON__RELEASE_CHUNK", "2")]);
     let b = barrier(&mut conn, "barrier");
-    wait_input_applied(&mut conn);
+    wait_until("every input entry applied and acknowledged", WAIT, || input_applied(&mut conn, &ks()));
     assert_eq!(
         released(&mut conn),
         vec![rel("a", 1, &[]), rel("b", 2, &[]), rel("c", 3, &[]), b],
@@ -511,8 +501,8 @@ fn check_groups_created_at_start(extra_args: &[&str], envs: &[(&str, &str)], wan
     let _d = start_daemon(&redis, extra_args, envs);
     assert_groups_at_zero(&mut conn, want);
 
-    add(&mut conn, "early", 1, &[("k", "v")]);
-    watermark(&mut conn, 1);
+    testkit::add(&mut conn, &ks(), "early", 1, &[("k", "v")]);
+    testkit::watermark(&mut conn, &ks(), 1);
     wait_out_len(&mut conn, 2);
     let out = read_stream(&mut conn, &ks().out);
     let new = out[1].0.clone();
@@ -542,9 +532,7 @@ fn output_groups_from_env_exist_at_start() {
 
 #[test]
 fn output_group_exists_before_anything_is_released() {
-    let redis = RedisServer::start();
-    let mut conn = redis.sync_conn();
-    let _d = start_daemon(&redis, &["--group", "g1", "--group", "g2"], &[]);
+    let (_redis, mut conn, _d) = with_daemon(&["--group", "g1", "--group", "g2"], &[]);
     assert_groups_at_zero(&mut conn, &["g1", "g2"]);
     let len: usize = redis::cmd("XLEN").arg(&ks().out).query(&mut conn).unwrap();
     assert_eq!(len, 0);
@@ -555,15 +543,15 @@ fn input_written_before_the_first_daemon_is_processed() {
     let redis = RedisServer::start();
     let mut conn = redis.sync_conn();
     assert!(!exists(&mut conn, &ks().input));
-    add(&mut conn, "p1", 2, &[("n", "1")]);
-    add(&mut conn, "p2", 1, &[("n", "2")]);
-    watermark(&mut conn, 2);
-    add(&mut conn, "p3", 9, &[("n", "3")]);
-    let last = add(&mut conn, "p4", 0, &[("n", "4")]);
+    testkit::add(&mut conn, &ks(), "p1", 2, &[("n", "1")]);
+    testkit::add(&mut conn, &ks(), "p2", 1, &[("n", "2")]);
+    testkit::watermark(&mut conn, &ks(), 2);
+    testkit::add(&mut conn, &ks(), "p3", 9, &[("n", "3")]);
+    let last = testkit::add(&mut conn, &ks(), "p4", 0, &[("n", "4")]);
 
     let _d = start_daemon(&redis, &[], &[]);
     wait_out_len(&mut conn, 3);
-    wait_input_applied(&mut conn);
+    wait_until("every input entry applied and acknowledged", WAIT, || input_applied(&mut conn, &ks()));
     assert_eq!(
         released(&mut conn),
         vec![rel("p2", 1, &[("n", "2")]), rel("p1", 2, &[("n", "1")]), rel("p4", 0, &[("n", "4")])]
@@ -576,27 +564,25 @@ fn input_written_before_the_first_daemon_is_processed() {
 
 #[test]
 fn negative_and_extreme_timestamps() {
-    let redis = RedisServer::start();
-    let mut conn = redis.sync_conn();
-    let _d = start_daemon(&redis, &[], &[]);
+    let (_redis, mut conn, _d) = with_daemon(&[], &[]);
 
-    add(&mut conn, "n1", -5, &[]);
-    add(&mut conn, "min", TS_MIN, &[]);
-    add(&mut conn, "max", TS_MAX, &[]);
-    add(&mut conn, "zero", 0, &[]);
-    add(&mut conn, "m1", -1, &[]);
-    add(&mut conn, "almost-max", TS_MAX - 1, &[]);
-    watermark(&mut conn, TS_MIN);
+    testkit::add(&mut conn, &ks(), "n1", -5, NO_PAYLOAD);
+    testkit::add(&mut conn, &ks(), "min", TS_MIN, NO_PAYLOAD);
+    testkit::add(&mut conn, &ks(), "max", TS_MAX, NO_PAYLOAD);
+    testkit::add(&mut conn, &ks(), "zero", 0, NO_PAYLOAD);
+    testkit::add(&mut conn, &ks(), "m1", -1, NO_PAYLOAD);
+    testkit::add(&mut conn, &ks(), "almost-max", TS_MAX - 1, NO_PAYLOAD);
+    testkit::watermark(&mut conn, &ks(), TS_MIN);
     wait_out_len(&mut conn, 1);
     assert_eq!(released(&mut conn), vec![rel("min", TS_MIN, &[])]);
     assert_eq!(wm_value(&mut conn), Some(TS_MIN.to_string()));
 
-    watermark(&mut conn, -3);
+    testkit::watermark(&mut conn, &ks(), -3);
     wait_out_len(&mut conn, 2);
-    watermark(&mut conn, TS_MAX - 1);
+    testkit::watermark(&mut conn, &ks(), TS_MAX - 1);
     wait_out_len(&mut conn, 5);
     // Nothing more until the very last timestamp.
-    add(&mut conn, "late-neg", -1_000_000, &[]);
+    testkit::add(&mut conn, &ks(), "late-neg", -1_000_000, NO_PAYLOAD);
     wait_out_len(&mut conn, 6);
     assert_eq!(
         released(&mut conn),
@@ -611,9 +597,9 @@ fn negative_and_extreme_timestamps() {
     );
     assert_eq!(schedule(&mut conn), vec![("max".to_string(), TS_MAX)]);
 
-    watermark(&mut conn, TS_MAX);
+    testkit::watermark(&mut conn, &ks(), TS_MAX);
     wait_out_len(&mut conn, 7);
-    wait_input_applied(&mut conn);
+    wait_until("every input entry applied and acknowledged", WAIT, || input_applied(&mut conn, &ks()));
     assert_eq!(released(&mut conn)[6], rel("max", TS_MAX, &[]));
     assert_eq!(released(&mut conn).len(), 7);
     assert_eq!(wm_value(&mut conn), Some(TS_MAX.to_string()));
@@ -627,21 +613,19 @@ fn negative_and_extreme_timestamps() {
 #[test]
 fn payload_at_the_field_limit() {
     const MAX: usize = 3900;
-    let redis = RedisServer::start();
-    let mut conn = redis.sync_conn();
-    let _d = start_daemon(&redis, &[], &[("TIDEMARK__LIMITS__MAX_PAYLOAD_FIELDS", "3900")]);
+    let (_redis, mut conn, _d) = with_daemon(&[], &[("TIDEMARK__LIMITS__MAX_PAYLOAD_FIELDS", "3900")]);
     let owned: Vec<(String, String)> = (0..MAX).map(|i| (format!("f{i}"), format!("v{}", MAX - i))).collect();
     let payload: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    add(&mut conn, "scheduled", 5, &payload);
-    watermark(&mut conn, 5);
-    add(&mut conn, "late", 5, &payload);
+    testkit::add(&mut conn, &ks(), "scheduled", 5, &payload);
+    testkit::watermark(&mut conn, &ks(), 5);
+    testkit::add(&mut conn, &ks(), "late", 5, &payload);
     let mut one_more = payload.clone();
     one_more.push(("extra", "x"));
-    let refused = add(&mut conn, "too-many", 5, &one_more);
-    wait_input_applied(&mut conn);
+    let refused = testkit::add(&mut conn, &ks(), "too-many", 5, &one_more);
+    wait_until("every input entry applied and acknowledged", WAIT, || input_applied(&mut conn, &ks()));
     assert!(released(&mut conn) == vec![rel("scheduled", 5, &payload), rel("late", 5, &payload)]);
     let dead = dead_letters(&mut conn);
     assert_eq!(dead.len(), 1);
-    assert_eq!(harness::field(&dead[0].1, "reason"), Some(&b"too_large"[..]));
-    assert_eq!(harness::field(&dead[0].1, "origin_id"), Some(refused.as_bytes()));
+    assert_eq!(testkit::field(&dead[0].1, "reason"), Some(&b"too_large"[..]));
+    assert_eq!(testkit::field(&dead[0].1, "origin_id"), Some(refused.as_bytes()));
 }

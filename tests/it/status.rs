@@ -5,45 +5,26 @@ use std::time::Instant;
 
 use serde_json::{json, Value as Json};
 
-use crate::harness::{keys, run_cli, xadd_fields, RedisServer};
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn xreadgroup(conn: &mut redis::Connection, group: &str, consumer: &str, count: usize) {
-    let reply: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg(group)
-        .arg(consumer)
-        .arg("COUNT")
-        .arg(count)
-        .arg("STREAMS")
-        .arg(&keys("default").out)
-        .arg(">")
-        .query(conn)
-        .expect("XREADGROUP");
-    assert_ne!(reply, redis::Value::Nil, "{consumer} read nothing");
-}
+use testkit::{default_keys, read_group, run_cli, text, xadd_fields, RedisServer};
 
 #[test]
 fn status_shows_each_groups_pending_work_and_consumer_leases() {
     let redis = RedisServer::start();
     let url = redis.url();
     let mut conn = redis.sync_conn();
-    let k = keys("default");
+    let k = default_keys();
     let ids: Vec<String> =
         (0..3).map(|i| xadd_fields(&mut conn, &k.out, &[(b"id", format!("e{i}").as_bytes()), (b"ts", b"1")])).collect();
     for group in ["g1", "g2"] {
         let () = redis::cmd("XGROUP").arg("CREATE").arg(&k.out).arg(group).arg("0").query(&mut conn).expect("XGROUP");
     }
     let read_at = Instant::now();
-    xreadgroup(&mut conn, "g1", "gone", 1);
-    xreadgroup(&mut conn, "g1", "alive", 2);
+    assert_eq!(read_group(&mut conn, &k.out, "g1", "gone", 1).len(), 1);
+    assert_eq!(read_group(&mut conn, &k.out, "g1", "alive", 2).len(), 2);
     // `alive` holds its liveness lease (as the consumer runtime does);
     // `gone` has none, like a consumer that was killed.
     let () = redis::cmd("SET")
-        .arg("tidemark:{default}:lease:out:g1:alive")
+        .arg(k.lease("out", "g1", "alive"))
         .arg("alive")
         .arg("PX")
         .arg(60_000)

@@ -2,12 +2,11 @@
 //! processes (and `replicas` per master), each a [`RedisServer`] with its
 //! own port and directory, joined with `redis-cli --cluster create`, torn
 //! down on drop.
-#![allow(dead_code)]
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::{wait_until, RedisOptions, RedisServer};
+use crate::{wait_until, RedisOptions, RedisServer};
 
 /// How long the cluster may take to agree on its slots after creation.
 const FORM_TIMEOUT: Duration = Duration::from_secs(60);
@@ -38,6 +37,7 @@ impl RedisCluster {
                         "--cluster-replica-validity-factor".into(),
                         "0".into(),
                     ],
+                    ..Default::default()
                 })
             })
             .collect();
