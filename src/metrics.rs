@@ -75,6 +75,23 @@ pub const INPUT_CLAIMED: &str = "tidemark_input_claimed_total";
 pub const INPUT_FAILOVERS: &str = "tidemark_input_failovers_total";
 /// Counter: times the connection to Redis was re-established.
 pub const REDIS_RECONNECTS: &str = "tidemark_redis_reconnects_total";
+/// Gauge: the namespace's partitions.
+pub const PARTITIONS: &str = "tidemark_partitions";
+/// Gauge: the highest partition watermark minus the lowest (absent until
+/// every partition has one).
+pub const WATERMARK_SPREAD: &str = "tidemark_watermark_spread";
+/// Gauge, label `partition`: each partition's watermark, for namespaces of
+/// at most [`PER_PARTITION_MAX`] partitions.
+pub const PARTITION_WATERMARK: &str = "tidemark_partition_watermark";
+/// Gauge, label `partition`: each partition's unread input, for namespaces
+/// of at most [`PER_PARTITION_MAX`] partitions.
+pub const PARTITION_INPUT_LAG: &str = "tidemark_partition_input_lag";
+/// Above this many partitions, per-partition series are left out (the
+/// namespace's min, spread and totals remain), so a namespace of 1,024
+/// partitions does not explode the series count.
+pub const PER_PARTITION_MAX: u16 = 64;
+/// Gauge: partitions this daemon owns (applies the input of) right now.
+pub const PARTITIONS_OWNED: &str = "tidemark_partitions_owned";
 /// Gauge: 1 while this daemon holds the housekeeping lock.
 pub const HOUSEKEEPING_LEADER: &str = "tidemark_housekeeping_leader";
 /// Gauge, label `version`: always 1.

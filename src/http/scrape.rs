@@ -63,9 +63,32 @@ fn describe_scraped() {
     describe_counter!(INPUT_FAILOVERS, "Daemons whose pending input this daemon took over after their lease expired.");
     describe_counter!(REDIS_RECONNECTS, "Times the connection to Redis was re-established after a failure.");
     describe_gauge!(HOUSEKEEPING_LEADER, "1 while this daemon holds the housekeeping lock, else 0.");
+    describe_gauge!(PARTITIONS, "Partitions of the namespace.");
+    describe_gauge!(
+        WATERMARK_SPREAD,
+        "The highest partition watermark minus the lowest (the namespace's watermark is the lowest)."
+    );
+    describe_gauge!(PARTITION_WATERMARK, "Each partition's watermark (namespaces of at most 64 partitions).");
+    describe_gauge!(PARTITION_INPUT_LAG, "Each partition's unread input (namespaces of at most 64 partitions).");
+    describe_gauge!(PARTITIONS_OWNED, "Partitions whose input this daemon applies now (the others stand by).");
 }
 
 fn record_status(s: &Status) {
+    gauge!(PARTITIONS).set(f64::from(s.partitions));
+    if let Some(spread) = s.watermark_spread {
+        gauge!(WATERMARK_SPREAD).set(spread as f64);
+    }
+    if s.partitions <= PER_PARTITION_MAX {
+        for p in &s.by_partition {
+            let label = p.partition.to_string();
+            if let Some(wm) = p.watermark {
+                gauge!(PARTITION_WATERMARK, "partition" => label.clone()).set(wm as f64);
+            }
+            if let Some(lag) = p.input_lag {
+                gauge!(PARTITION_INPUT_LAG, "partition" => label).set(lag as f64);
+            }
+        }
+    }
     if let Some(wm) = s.watermark {
         gauge!(WATERMARK).set(wm as f64);
         let waiting = s.next_due_ts.filter(|ts| *ts <= wm);
@@ -109,6 +132,7 @@ fn record_stats(s: &Stats) {
     counter!(INPUT_FAILOVERS).absolute(s.failovers.load(Relaxed));
     counter!(REDIS_RECONNECTS).absolute(s.reconnects.load(Relaxed));
     gauge!(HOUSEKEEPING_LEADER).set(if s.housekeeping_leader.load(Relaxed) { 1.0 } else { 0.0 });
+    gauge!(PARTITIONS_OWNED).set(s.partitions_owned.load(Relaxed) as f64);
 }
 
 #[cfg(test)]
@@ -154,6 +178,45 @@ mod tests {
     /// The sample lines (no comments) of a rendering.
     fn samples(text: &str) -> Vec<&str> {
         text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()).collect()
+    }
+
+    #[test]
+    fn partitions_get_their_own_series_up_to_a_bound() {
+        use crate::store::status::PartitionRow;
+        let row = |p: u16, wm: i64| PartitionRow {
+            partition: p,
+            watermark: Some(wm),
+            scheduled: 0,
+            input_length: 0,
+            input_lag: Some(u64::from(p)),
+            output_length: 0,
+            dead_letters: 0,
+            owner: None,
+        };
+        let mut s = status();
+        s.partitions = 3;
+        s.watermark_spread = Some(7);
+        s.by_partition = vec![row(0, 100), row(1, 107), row(2, 101)];
+        let stats = Stats::default();
+        stats.partitions_owned.store(2, Relaxed);
+        let text = render(Some(&s), Some(&stats));
+        let lines = samples(&text);
+        for expected in [
+            "tidemark_partitions 3",
+            "tidemark_watermark_spread 7",
+            "tidemark_watermark 100",
+            r#"tidemark_partition_watermark{partition="1"} 107"#,
+            r#"tidemark_partition_input_lag{partition="2"} 2"#,
+            "tidemark_partitions_owned 2",
+        ] {
+            assert!(lines.contains(&expected), "missing {expected:?} in:\n{text}");
+        }
+        // A namespace of many partitions keeps only its totals.
+        s.partitions = PER_PARTITION_MAX + 1;
+        s.by_partition = (0..=PER_PARTITION_MAX).map(|p| row(p, 100)).collect();
+        let text = render(Some(&s), None);
+        assert!(!text.contains("tidemark_partition_watermark"), "{text}");
+        assert!(text.contains("tidemark_watermark_spread 7"), "{text}");
     }
 
     #[test]

@@ -532,3 +532,41 @@ async fn backlog_buckets_count_every_scheduled_element_once() {
         [(0, 24, 25, 0), (25, 49, 28, 0), (50, 74, 25, 0), (75, 99, 25, 0)]
     );
 }
+
+/// A namespace of three partitions: the page shows each partition (its
+/// watermark, how far behind the highest it is, its owner) and the spread.
+#[test]
+fn dashboard_shows_each_partition_and_the_spread() {
+    chromium();
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let d = Daemon::spawn(
+        &["run", "--redis-url", &url, "--consumer", "d1", "--partitions", "3", "--http", "127.0.0.1:0"],
+        &[],
+    );
+    d.wait_log("connected to Redis", WAIT);
+    let addr = d.http_addr(WAIT);
+    let ns = tidemark::store::Namespace::new("tidemark", "default", 3);
+    let mut conn = redis.sync_conn();
+    // Partition 1 is ahead of the others by 40.
+    for (p, wm) in [(0u16, 100), (1, 140), (2, 100)] {
+        xadd(&mut conn, &ns.partition(p).input, &[("op", "watermark".into()), ("ts", wm.to_string())]);
+    }
+    testkit::wait_until("every partition applied its watermark", WAIT, || {
+        ns.all().iter().all(|k| {
+            let wm: Option<String> = redis::cmd("GET").arg(&k.wm).query(&mut conn).expect("GET");
+            wm.is_some()
+        })
+    });
+    let dom = rendered(addr, "ok");
+    assert_eq!(shown(&dom, "watermark").0, "100", "the namespace's watermark is the lowest");
+    let (spread, words) = shown(&dom, "watermark-spread");
+    assert_eq!(spread, "40");
+    assert!(words.contains("lowest of 3 partitions") && words.contains("40 ahead"), "{words}");
+    let rows = all(&dom, "#partitions tbody tr");
+    assert_eq!(rows.len(), 3, "{}", dom.html());
+    let row1 = cells(rows[1]);
+    assert_eq!(row1[..3], ["1", "140", "0"], "{row1:?}");
+    assert_eq!(cells(rows[0])[2], "40", "partition 0 is 40 behind");
+    assert!(rows.iter().all(|r| cells(*r)[7] == "d1"), "d1 owns every partition");
+}
