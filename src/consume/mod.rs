@@ -49,6 +49,7 @@
 //!   `shutdown_grace` (then abort them), acknowledge, and delete the lease so
 //!   that peers take whatever is left at once.
 
+mod claims;
 pub mod command;
 mod element;
 mod json;
