@@ -736,3 +736,58 @@ fn a_consumer_follows_the_recorded_partition_count() {
     cli(&url, &["watermark", "1"]);
     wait_until("all 20 handled", WAIT, || std::fs::read_to_string(&done).unwrap_or_default().lines().count() == 20);
 }
+
+/// An ACL user with the README's least-privilege rules works on a cluster as
+/// on one server: the daemon, a consumer and the CLI authenticate on every
+/// node they reach (scripts, blocking readers, the lock).
+#[test]
+fn an_acl_user_works_on_a_cluster() {
+    let cluster = RedisCluster::start(3, 0);
+    for n in &cluster.nodes {
+        let () = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("tidemark")
+            .arg("on")
+            .arg(">s3cret-acl")
+            .arg("~tidemark:*")
+            .arg("&tidemark:*")
+            .arg("+@all")
+            .arg("-@dangerous")
+            .arg("+info")
+            .query(&mut n.sync_conn())
+            .expect("ACL SETUSER");
+    }
+    let url = format!("redis://tidemark:s3cret-acl@127.0.0.1:{}", cluster.nodes[1].port());
+    let d = Daemon::spawn(
+        &["run", "--redis-url", &url, "--consumer", "d1", "--partitions", "3", "--group", "g"],
+        &[("TIDEMARK__LEASE__TTL", "1s")],
+    );
+    d.wait_log("connected to Redis", WAIT);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let done = dir.path().join("done");
+    let c = Daemon::spawn(
+        &[
+            "consume",
+            "--redis-url",
+            &url,
+            "--group",
+            "g",
+            "--consumer",
+            "c",
+            "--",
+            "sh",
+            "-c",
+            r#"echo "$TIDEMARK_ID" >> "$DONE""#,
+        ],
+        &[("DONE", done.to_str().expect("utf-8"))],
+    );
+    c.wait_log("consuming", WAIT);
+    for i in 0..12 {
+        cli(&url, &["add", "--id", &format!("acl-{i}"), "--ts", "1"]);
+    }
+    cli(&url, &["watermark", "1"]);
+    wait_until("all 12 handled", WAIT, || std::fs::read_to_string(&done).unwrap_or_default().lines().count() == 12);
+    for log in [d.log(), c.log()] {
+        assert!(!log.contains("NOPERM") && !log.contains("s3cret-acl"), "{log}");
+    }
+}
