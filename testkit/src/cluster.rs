@@ -22,8 +22,15 @@ pub struct RedisCluster {
 impl RedisCluster {
     /// Starts `masters` masters with `replicas` replicas each.
     pub fn start(masters: usize, replicas: usize) -> RedisCluster {
+        Self::start_with(masters, replicas, |_| Vec::new())
+    }
+
+    /// [`RedisCluster::start`], node `i` with the extra `redis-server`
+    /// arguments `args(i)` (TLS, say).
+    pub fn start_with(masters: usize, replicas: usize, args: impl Fn(usize) -> Vec<String>) -> RedisCluster {
         let nodes: Vec<RedisServer> = (0..masters * (1 + replicas))
-            .map(|_| {
+            .map(|i| {
+                let mut extra = args(i);
                 RedisServer::start_with(RedisOptions {
                     aof: false,
                     extra_args: vec![
@@ -36,7 +43,10 @@ impl RedisCluster {
                         // A replica may take over at once (no data age limit).
                         "--cluster-replica-validity-factor".into(),
                         "0".into(),
-                    ],
+                    ]
+                    .into_iter()
+                    .chain(extra.drain(..))
+                    .collect(),
                     ..Default::default()
                 })
             })
@@ -47,12 +57,33 @@ impl RedisCluster {
             create.arg(format!("127.0.0.1:{}", n.port()));
         }
         create.arg("--cluster-replicas").arg(replicas.to_string()).arg("--cluster-yes");
-        let out = create.stdin(Stdio::null()).output().expect("run redis-cli --cluster create");
+        // `redis-cli` waits forever for nodes that cannot meet (a cluster
+        // bus they cannot reach): bound it, and show what it printed.
+        let dir = tempfile::TempDir::new().expect("tempdir");
+        let out_path = dir.path().join("create.out");
+        let out_file = std::fs::File::create(&out_path).expect("create.out");
+        let mut child = create
+            .stdin(Stdio::null())
+            .stdout(out_file.try_clone().expect("dup"))
+            .stderr(out_file)
+            .spawn()
+            .expect("run redis-cli --cluster create");
+        let deadline = Instant::now() + FORM_TIMEOUT;
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait redis-cli") {
+                break Some(status);
+            }
+            if Instant::now() >= deadline {
+                crate::process::kill_and_reap(&mut child);
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
         assert!(
-            out.status.success(),
-            "redis-cli --cluster create failed:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            status.is_some_and(|s| s.success()),
+            "redis-cli --cluster create {} ({status:?}):\n{}",
+            if status.is_none() { "did not finish within the deadline" } else { "failed" },
+            crate::process::read_file(&out_path)
         );
         let cluster = RedisCluster { nodes, masters };
         cluster.wait_ok();

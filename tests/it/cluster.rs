@@ -791,3 +791,58 @@ fn an_acl_user_works_on_a_cluster() {
         assert!(!log.contains("NOPERM") && !log.contains("s3cret-acl"), "{log}");
     }
 }
+
+/// TLS works on a cluster as on one server: every node serves TLS (and its
+/// cluster bus is TLS); a `rediss://` URL of one node with the private CA
+/// (`redis.tls_ca_file`) is enough for the daemon and the CLI, which reach
+/// the other nodes over TLS too.
+#[test]
+fn tls_works_on_a_cluster() {
+    let pki = crate::security::Pki::new();
+    // The cluster bus listens on the TLS port + 10000 (with `tls-cluster`),
+    // which must be a port too.
+    let tls_ports: Vec<u16> =
+        (0..3).map(|_| std::iter::repeat_with(testkit::free_port).find(|p| *p <= 55_535).expect("a port")).collect();
+    let cluster = RedisCluster::start_with(3, 0, |i| {
+        [
+            "--tls-port",
+            &tls_ports[i].to_string(),
+            "--tls-cert-file",
+            &pki.arg("server.crt"),
+            "--tls-key-file",
+            &pki.arg("server.key"),
+            "--tls-ca-cert-file",
+            &pki.arg("ca.crt"),
+            "--tls-auth-clients",
+            "no",
+            // Nodes authenticate each other on the bus whatever
+            // tls-auth-clients says: a certificate made for clients.
+            "--tls-client-cert-file",
+            &pki.arg("client.crt"),
+            "--tls-client-key-file",
+            &pki.arg("client.key"),
+            "--tls-cluster",
+            "yes",
+        ]
+        .map(String::from)
+        .to_vec()
+    });
+    let url = format!("rediss://127.0.0.1:{}", tls_ports[2]);
+    let ca = pki.arg("ca.crt");
+    let envs = [("TIDEMARK__REDIS__TLS_CA_FILE", ca.as_str()), ("TIDEMARK__LEASE__TTL", "1s")];
+    let d = Daemon::spawn(&["run", "--redis-url", &url, "--consumer", "d1", "--partitions", "3"], &envs);
+    d.wait_log("connected to Redis", WAIT);
+    let cli_tls = |args: &[&str]| {
+        let mut all = vec!["--redis-url", url.as_str()];
+        all.extend_from_slice(args);
+        let out = run_cli(&all, &envs);
+        assert!(out.status.success(), "tidemark {all:?}: {}", text(&out.stderr));
+    };
+    for i in 0..12 {
+        cli_tls(&["add", "--id", &format!("tls-{i}"), "--ts", "1"]);
+    }
+    cli_tls(&["watermark", "1"]);
+    let mut conn = cluster_conn(&cluster);
+    wait_until("all 12 released", WAIT, || total(&released(&mut conn, &ns(3))) == 12);
+    assert!(released(&mut conn, &ns(3)).values().filter(|v| !v.is_empty()).count() > 1, "spread over partitions");
+}

@@ -382,7 +382,7 @@ fn unix_socket_password_is_masked() {
 // ---------------------------------------------------------------------------
 
 /// Certificates for the TLS tests, written as PEM files.
-struct Pki {
+pub(crate) struct Pki {
     dir: TempDir,
 }
 
@@ -390,7 +390,7 @@ impl Pki {
     /// A CA with a server certificate (127.0.0.1, localhost) and a client
     /// certificate, plus a second, untrusted CA with its own client
     /// certificate.
-    fn new() -> Pki {
+    pub(crate) fn new() -> Pki {
         let dir = TempDir::new().expect("tempdir");
         let write = |name: &str, pem: String| std::fs::write(dir.path().join(name), pem).expect("write pem");
         for (prefix, cn) in [("", "tidemark test CA"), ("other-", "some other CA")] {
@@ -421,11 +421,11 @@ impl Pki {
         Pki { dir }
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 
-    fn arg(&self, name: &str) -> String {
+    pub(crate) fn arg(&self, name: &str) -> String {
         self.path(name).to_str().expect("utf-8 path").to_owned()
     }
 }
