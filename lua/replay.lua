@@ -15,6 +15,8 @@
 --   results being flat quadruples <dead id> <outcome> <reason> <text>:
 --   outcome 'in' or 'out': replayed there; text = the new entry id
 --   outcome 'skipped': another reason than ARGV[4]; text = ''
+--   outcome 'route': a wrong_partition input letter, left for the caller
+--     to send to its element's partition; text = ''
 --   outcome 'invalid': cannot be replayed, left in place; text = why
 
 local call = redis.call
@@ -43,6 +45,10 @@ for _, entry in ipairs(entries) do
     report(id, 'invalid', f[2], 'it has no original fields')
   elseif #f - 8 > max_values then
     report(id, 'invalid', f[2], 'it has too many fields to replay in one script call')
+  elseif f[2] == 'wrong_partition' and f[6] == 'in' then
+    -- Its element's partition (whose :in may be on another node of a
+    -- cluster) is the caller's to find: left in place.
+    report(id, 'route', f[2], '')
   else
     local origin, target, outcome = f[6], nil, nil
     if origin == 'in' then

@@ -13,7 +13,7 @@ use crate::core::op::{Field, Reason};
 use crate::core::{json as bin_json, EntryId};
 use crate::store::entries::{decode_entries, StreamEntry};
 use crate::store::scripts::{ReplayOutcome, ReplayPage};
-use crate::store::{Conn, Keys, Scripts, StoreError};
+use crate::store::{Conn, Keys, Namespace, Scripts, StoreError};
 
 /// Dead letters examined per replay script call: bounds how long Redis is
 /// held, however many letters there are.
@@ -259,7 +259,11 @@ impl Tally {
                     self.to_output += 1;
                     println!("{} ({}) -> {} {new_id}", l.dead_id, l.reason, keys.out);
                 }
-                ReplayOutcome::Skipped => {}
+                ReplayOutcome::Routed { stream, id } => {
+                    self.to_input += 1;
+                    println!("{} ({}) -> {stream} {id}", l.dead_id, l.reason);
+                }
+                ReplayOutcome::Skipped | ReplayOutcome::Route => {}
                 ReplayOutcome::Invalid(why) => {
                     self.invalid += 1;
                     let reason = if l.reason.is_empty() { String::new() } else { format!(" ({})", l.reason) };
@@ -306,10 +310,11 @@ impl Tally {
 /// command starts, in pages of [`REPLAY_PAGE`].
 pub async fn cli_replay(
     conn: &mut Conn,
-    parts: &[Keys],
+    ns: &Namespace,
     id: Option<&str>,
     reason: Option<&str>,
 ) -> Result<(), StoreError> {
+    let parts = &ns.all()[..];
     if let Some(r) = reason {
         if !Reason::ALL.iter().any(|known| known.code() == r) {
             eprintln!("tidemark: note: {r:?} is not one of tidemark's reason codes");
@@ -333,7 +338,8 @@ pub async fn cli_replay(
             let Some(keys) = found else {
                 return Err(StoreError::Rejected(format!("no dead letter with id {id} in {}", dead_streams(parts))));
             };
-            let page = Scripts::new().replay_page(conn, keys, &id, &id, 1, reason).await?;
+            let mut page = Scripts::new().replay_page(conn, keys, &id, &id, 1, reason).await?;
+            route_letters(conn, ns, keys, &mut page).await?;
             let Some(letter) = page.letters.first() else {
                 return Err(StoreError::Rejected(format!("no dead letter with id {id} in {}", keys.dead)));
             };
@@ -348,13 +354,16 @@ pub async fn cli_replay(
                 ReplayOutcome::Invalid(why) => {
                     return Err(StoreError::Rejected(format!("dead letter {id} cannot be replayed: {why}")))
                 }
-                ReplayOutcome::ToInput(_) | ReplayOutcome::ToOutput(_) => tally.record(keys, &page),
+                ReplayOutcome::ToInput(_) | ReplayOutcome::ToOutput(_) | ReplayOutcome::Routed { .. } => {
+                    tally.record(keys, &page)
+                }
+                ReplayOutcome::Route => unreachable!("routed above"),
             }
         }
         None => {
             let mut any = false;
             for keys in parts {
-                any |= replay_all(conn, keys, reason, &mut tally).await?;
+                any |= replay_all(conn, ns, keys, reason, &mut tally).await?;
             }
             if !any {
                 println!("no dead letters in {}", dead_streams(parts));
@@ -380,7 +389,13 @@ fn dead_streams(parts: &[Keys]) -> String {
 
 /// Replays every letter of one partition that exists now (of `reason`,
 /// if given). Returns whether there was any.
-async fn replay_all(conn: &mut Conn, keys: &Keys, reason: Option<&str>, tally: &mut Tally) -> Result<bool, StoreError> {
+async fn replay_all(
+    conn: &mut Conn,
+    ns: &Namespace,
+    keys: &Keys,
+    reason: Option<&str>,
+    tally: &mut Tally,
+) -> Result<bool, StoreError> {
     {
         {
             // Only letters that exist now: a replayed input entry that is
@@ -394,7 +409,8 @@ async fn replay_all(conn: &mut Conn, keys: &Keys, reason: Option<&str>, tally: &
             let mut start = "-".to_owned();
             let mut next_progress = PROGRESS_EVERY;
             loop {
-                let page = Scripts::new().replay_page(conn, keys, &start, &newest, REPLAY_PAGE, reason).await?;
+                let mut page = Scripts::new().replay_page(conn, keys, &start, &newest, REPLAY_PAGE, reason).await?;
+                route_letters(conn, ns, keys, &mut page).await?;
                 tally.record(keys, &page);
                 if tally.examined >= next_progress {
                     eprintln!(
@@ -412,6 +428,39 @@ async fn replay_all(conn: &mut Conn, keys: &Keys, reason: Option<&str>, tally: &
         }
     }
     Ok(true)
+}
+
+/// Sends each input letter `replay.lua` left for routing (a
+/// `wrong_partition` entry) to its element's partition: appended there,
+/// then deleted from `keys.dead`. Two steps, as the partitions may live on
+/// different nodes: a crash between them leaves the letter to be replayed
+/// again (an `add` applied twice is harmless while it waits; see
+/// `daemon.dedup_window` for one already released).
+async fn route_letters(conn: &mut Conn, ns: &Namespace, keys: &Keys, page: &mut ReplayPage) -> Result<(), StoreError> {
+    for letter in page.letters.iter_mut().filter(|l| l.outcome == ReplayOutcome::Route) {
+        let raw: Value =
+            redis::cmd("XRANGE").arg(&keys.dead).arg(&letter.dead_id).arg(&letter.dead_id).query_async(conn).await?;
+        let Some(fields) = decode_entries(raw)?.into_iter().next().and_then(|e| e.fields) else {
+            letter.outcome = ReplayOutcome::Invalid("it is gone (replayed by someone else?)".into());
+            continue;
+        };
+        // The original entry: what follows the four header pairs.
+        let original = fields.get(4..).unwrap_or_default();
+        let Some((_, id)) = original.iter().find(|(k, _)| k.as_slice() == b"id") else {
+            letter.outcome = ReplayOutcome::Invalid("its original entry has no id".into());
+            continue;
+        };
+        let target = ns.keys_for(id);
+        let mut xadd = redis::cmd("XADD");
+        xadd.arg(&target.input).arg("*");
+        for (k, v) in original {
+            xadd.arg(k.as_slice()).arg(v.as_slice());
+        }
+        let new_id: String = xadd.query_async(conn).await?;
+        let _: u64 = redis::cmd("XDEL").arg(&keys.dead).arg(&letter.dead_id).query_async(conn).await?;
+        letter.outcome = ReplayOutcome::Routed { stream: target.input, id: new_id };
+    }
+    Ok(())
 }
 
 #[cfg(test)]

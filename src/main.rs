@@ -307,7 +307,18 @@ async fn run_consume(settings: Settings, args: cli::ConsumeArgs) -> ExitCode {
 
 async fn one_shot(settings: &Settings, command: Command) -> Result<(), StoreError> {
     let mut conn = settings.redis.connect(settings.connect.response_timeout).await?;
-    let ns = store::meta::resolve(&mut conn, &settings.namespace, settings.partitions, false).await??;
+    let ns = match store::meta::resolve(&mut conn, &settings.namespace, settings.partitions, false).await? {
+        Ok(ns) => ns,
+        // `status` shows, and `repartition` resumes, a repartition under
+        // way, from the old layout (recorded until it finishes).
+        Err(store::LayoutError::Repartitioning { .. })
+            if matches!(command, Command::Status(_) | Command::Repartition(_)) =>
+        {
+            let old = store::meta::recorded(&mut conn, &settings.namespace).await?;
+            settings.namespace.with_partitions(old.unwrap_or(1))
+        }
+        Err(e) => return Err(e.into()),
+    };
     let writes = matches!(command, Command::Add(_) | Command::Cancel(_) | Command::Watermark(_));
     if writes && settings.partitions.is_none() && store::meta::recorded(&mut conn, &ns).await?.is_none() {
         eprintln!(
@@ -361,7 +372,7 @@ async fn one_shot(settings: &Settings, command: Command) -> Result<(), StoreErro
             return tidemark::dead::cli_list(&mut conn, &ns.all(), l.count, l.json).await
         }
         Command::Dead(cli::DeadCommand::Replay(r)) => {
-            return tidemark::dead::cli_replay(&mut conn, &ns.all(), r.id.as_deref(), r.reason.as_deref()).await
+            return tidemark::dead::cli_replay(&mut conn, &ns, r.id.as_deref(), r.reason.as_deref()).await
         }
         Command::Repartition(r) => return repartition(settings, &mut conn, ns, r).await,
         Command::Run(_) | Command::Consume(_) => unreachable!("long-running commands are handled above"),

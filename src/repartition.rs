@@ -81,6 +81,14 @@ pub async fn run(
     mut progress: impl FnMut(&str),
 ) -> Result<Moved, RepartitionError> {
     let mut moved = Moved::default();
+    if let Some(to) = meta::read(src, &plan.from).await?.repartitioning.filter(|to| *to != plan.to.partitions()) {
+        return Err(RepartitionError::Refused(format!(
+            "a repartition of namespace {:?} to {to} partition(s) stopped midway: finish it first with \
+             `tidemark repartition --to {to}{}`",
+            plan.from.name(),
+            if plan.same_redis { "" } else { " --to-redis-url …" }
+        )));
+    }
     check_idle(src, plan, &mut moved).await?;
     if !plan.same_redis {
         let daemons = serving::live_daemons(dst, &plan.to).await?;
@@ -90,6 +98,13 @@ pub async fn run(
                 plan.to.name()
             )));
         }
+    }
+    // From here until the new record is written, every other process
+    // refuses the namespace (a daemon started now would apply with the old
+    // layout what is being moved), on both sides.
+    meta::begin_repartition(src, &plan.to).await?;
+    if !plan.same_redis {
+        meta::begin_repartition(dst, &plan.to).await?;
     }
     // The namespace's watermark: the lowest partition's (none until all
     // have one).
@@ -127,7 +142,12 @@ pub async fn run(
         move_schedule(src, dst, plan, &keys, &mut moved, &mut progress).await?;
     }
     move_dead_letters(src, dst, plan, &mut moved, &mut progress).await?;
-    meta::write(dst, &plan.to).await?;
+    let () = redis::cmd("DEL").arg(plan.to.repartition_letters()).query_async(dst).await?;
+    meta::finish_repartition(dst, &plan.to).await?;
+    if !plan.same_redis {
+        // The old Redis keeps its (now empty) namespace as it was.
+        meta::end_repartition_elsewhere(src, &plan.from).await?;
+    }
     progress(&format!("recorded {} partition(s) in {}", plan.to.partitions(), plan.to.meta()));
     Ok(moved)
 }
@@ -288,7 +308,7 @@ async fn move_dead_letters(
                 if plan.same_redis && to.dead == keys.dead {
                     continue;
                 }
-                copy_letter(dst, &to.dead, letter.id, fields).await?;
+                copy_letter(dst, &plan.to.repartition_letters(), &to.dead, letter.id, fields).await?;
                 done.push(letter.id);
             }
             if done.is_empty() {
@@ -307,18 +327,26 @@ async fn move_dead_letters(
     Ok(())
 }
 
-/// Appends a dead letter to `stream` under its own id, or under a new one
-/// when the stream has moved past it; nothing if it is there already.
+/// Appends a dead letter to `stream` under its own id, or, when the
+/// stream has moved past it, under the next free id, noted in the hash
+/// `letters` before it is written; nothing if it is there already under
+/// either (so a re-run after a crash copies each letter once).
 async fn copy_letter(
     dst: &mut Conn,
+    letters: &str,
     stream: &str,
     id: EntryId,
     fields: &[(Vec<u8>, Vec<u8>)],
 ) -> Result<(), StoreError> {
-    let there: Value =
-        redis::cmd("XRANGE").arg(stream).arg(id.to_string()).arg(id.to_string()).query_async(dst).await?;
-    if !decode_entries(there)?.is_empty() {
+    if exists(dst, stream, &id.to_string()).await? {
         return Ok(());
+    }
+    let note = format!("{stream} {id}");
+    let noted: Option<String> = redis::cmd("HGET").arg(letters).arg(&note).query_async(dst).await?;
+    if let Some(at) = &noted {
+        if exists(dst, stream, at).await? {
+            return Ok(());
+        }
     }
     let add = |at: &str| {
         let mut cmd = redis::cmd("XADD");
@@ -328,12 +356,29 @@ async fn copy_letter(
         }
         cmd
     };
-    match add(&id.to_string()).query_async::<String>(dst).await {
-        Ok(_) => Ok(()),
-        Err(e) if e.to_string().contains("equal or smaller") => {
-            let _: String = add("*").query_async(dst).await?;
-            Ok(())
+    for at in noted.into_iter().chain(std::iter::once(id.to_string())) {
+        match add(&at).query_async::<String>(dst).await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.to_string().contains("equal or smaller") => continue,
+            Err(e) => return Err(e.into()),
         }
-        Err(e) => Err(e.into()),
     }
+    // Past the stream's last id: the next one, noted first.
+    let info: redis::streams::StreamInfoStreamReply =
+        redis::cmd("XINFO").arg("STREAM").arg(stream).query_async(dst).await?;
+    let next = info
+        .last_generated_id
+        .parse::<EntryId>()
+        .ok()
+        .and_then(EntryId::successor)
+        .ok_or_else(|| StoreError::Reply(format!("{stream}: no id after {}", info.last_generated_id)))?;
+    let () = redis::cmd("HSET").arg(letters).arg(&note).arg(next.to_string()).query_async(dst).await?;
+    let _: String = add(&next.to_string()).query_async(dst).await?;
+    Ok(())
+}
+
+/// Whether `stream` has an entry `id`.
+async fn exists(dst: &mut Conn, stream: &str, id: &str) -> Result<bool, StoreError> {
+    let there: Value = redis::cmd("XRANGE").arg(stream).arg(id).arg(id).query_async(dst).await?;
+    Ok(!decode_entries(there)?.is_empty())
 }

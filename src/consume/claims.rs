@@ -13,7 +13,7 @@ use super::{At, Handler, FINISH_MARGIN};
 use crate::core::op::Reason;
 use crate::core::EntryId;
 use crate::store::scripts::{ClaimFrom, ClaimOutcome};
-use crate::store::{lease, meta, Conn, StoreError};
+use crate::store::{lease, meta, Conn, LayoutError, StoreError};
 
 /// Most claim calls per idle-claim tick, so a huge pending list cannot
 /// hold the loop for long.
@@ -115,8 +115,23 @@ impl<H: Handler> Runtime<H> {
     /// `repartition` since): the next session reads the new layout.
     pub(super) async fn check_layout(&mut self, conn: &mut Conn) -> Result<(), StoreError> {
         let c = &self.c;
-        let ns = meta::resolve(conn, &c.namespace, c.partitions, false).await??;
+        let ns = match meta::resolve(conn, &c.namespace, c.partitions, false).await? {
+            Ok(ns) => ns,
+            // Until it has finished, the layout read so far stays.
+            Err(LayoutError::Repartitioning { .. }) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
         if usize::from(ns.partitions()) == self.parts.len() {
+            return Ok(());
+        }
+        if !self.idle() {
+            if !self.relayout {
+                info!(
+                    partitions = ns.partitions(),
+                    "the namespace was repartitioned: finishing the entries in hand before reading the new layout"
+                );
+            }
+            self.relayout = true;
             return Ok(());
         }
         Err(StoreError::Rejected(format!(

@@ -73,6 +73,11 @@ pub(super) struct Runtime<H> {
     pub(super) cursor: (u16, EntryId),
     /// Set once shutdown began: the deadline of the drain.
     pub(super) stopping: Option<Instant>,
+    /// The namespace's partition count changed (a `repartition`): no more
+    /// reads or claims; the entries in hand are finished and acknowledged
+    /// in the layout they came from, then the next session reads the new
+    /// one.
+    pub(super) relayout: bool,
     /// Our own pending entries (from a previous run under this name) have
     /// been taken up.
     pub(super) resumed: bool,
@@ -96,6 +101,7 @@ pub(super) async fn run<H: Handler>(consumer: Consumer<H>, shutdown: Cancellatio
         cursor: (0, EntryId::ZERO),
         stopping: None,
         resumed: false,
+        relayout: false,
         lease: None,
         counters: Counters::default(),
         metrics: ConsumerMetrics::new(&consumer.group),
@@ -155,7 +161,12 @@ impl<H: Handler> Runtime<H> {
         let o = &c.opts;
         let response = c.redis.options().response_timeout;
         let mut conn = c.redis.connect(response).await?;
-        let ns = meta::resolve(&mut conn, &c.namespace, c.partitions, false).await??;
+        let mut ns = meta::resolve(&mut conn, &c.namespace, c.partitions, false).await??;
+        // Entries in hand are acknowledged in the layout they came from.
+        self.relayout = !self.parts.is_empty() && usize::from(ns.partitions()) != self.parts.len() && !self.idle();
+        if self.relayout {
+            ns = ns.with_partitions(self.parts.len() as u16);
+        }
         let version = store::check_version(&mut conn, &ns.meta()).await?;
         let parts = ns.all();
         for keys in &parts {
@@ -201,7 +212,11 @@ impl<H: Handler> Runtime<H> {
             if self.stopping.is_some() && self.tasks.is_empty() {
                 break;
             }
-            if read.is_none() && self.stopping.is_none() && self.ledger.queued() <= self.c.opts.prefetch / 2 {
+            if read.is_none()
+                && self.stopping.is_none()
+                && !self.relayout
+                && self.ledger.queued() <= self.c.opts.prefetch / 2
+            {
                 // Let the handlers just started run first: quick ones finish,
                 // and the read asks for all the slots they free at once
                 // instead of a few at a time. A few scheduler rounds at most,
@@ -259,15 +274,22 @@ impl<H: Handler> Runtime<H> {
                     self.flush(&mut conn).await?;
                 }
                 _ = touch_tick.tick() => self.touch(&mut conn).await?,
-                _ = claim_tick.tick(), if deadline.is_none() => self.claim_idle(&mut conn).await?,
+                _ = claim_tick.tick(), if deadline.is_none() && !self.relayout => self.claim_idle(&mut conn).await?,
                 _ = peer_tick.tick(), if deadline.is_none() => {
-                    self.scan_peers(&mut conn).await?;
+                    if !self.relayout {
+                        self.scan_peers(&mut conn).await?;
+                    }
                     self.check_layout(&mut conn).await?;
                 }
             }
         }
         self.flush(&mut conn).await?;
         Ok(())
+    }
+
+    /// Nothing in hand and nothing to send.
+    pub(super) fn idle(&self) -> bool {
+        self.ledger.held().next().is_none() && self.ledger.nothing_to_flush()
     }
 
     fn read(&self, mut reader: OutputReader, count: usize) -> ReadFuture {

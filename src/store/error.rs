@@ -71,7 +71,9 @@ impl StoreError {
     pub fn is_fatal(&self) -> bool {
         match self {
             StoreError::Redis(e) if e.kind() == redis::ErrorKind::InvalidClientConfig => true,
-            StoreError::TooOld(_) | StoreError::Layout(_) => true,
+            StoreError::TooOld(_) | StoreError::Layout(super::LayoutError::Mismatch { .. }) => true,
+            // A repartition under way ends: long-running processes wait.
+            StoreError::Layout(super::LayoutError::Repartitioning { .. }) => false,
             _ => self.fault().is_fatal(),
         }
     }

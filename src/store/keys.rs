@@ -84,6 +84,13 @@ impl Namespace {
         format!("{}:meta", self.stem())
     }
 
+    /// `<prefix>:{NS}:repartition:letters` (hash, only while `tidemark
+    /// repartition` runs): `<stream> <old id>` → the new id of a dead
+    /// letter that could not keep its id.
+    pub fn repartition_letters(&self) -> String {
+        format!("{}:repartition:letters", self.stem())
+    }
+
     /// `<prefix>:{NS}:daemons` (sorted set): live daemons, score = when
     /// their registration expires (ms, the Redis server's clock).
     pub fn daemons(&self) -> String {

@@ -12,12 +12,12 @@ use testkit::{read_stream, run_cli, text, wait_until, xlen, Daemon, RedisCluster
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn ns(partitions: u16) -> Namespace {
+pub(crate) fn ns(partitions: u16) -> Namespace {
     Namespace::new("tidemark", "default", partitions)
 }
 
 /// Runs the CLI against `url`; asserts success; returns stdout.
-fn cli(url: &str, args: &[&str]) -> String {
+pub(crate) fn cli(url: &str, args: &[&str]) -> String {
     let mut all = vec!["--redis-url", url];
     all.extend_from_slice(args);
     let out = run_cli(&all, &[]);
@@ -52,7 +52,7 @@ fn cluster_conn(c: &RedisCluster) -> redis::cluster::ClusterConnection {
     redis::cluster::ClusterClient::new(vec![c.url()]).expect("cluster client").get_connection().expect("connect")
 }
 
-fn start_daemon(url: &str, name: &str, partitions: u16, envs: &[(&str, &str)]) -> Daemon {
+pub(crate) fn start_daemon(url: &str, name: &str, partitions: u16, envs: &[(&str, &str)]) -> Daemon {
     let p = partitions.to_string();
     let mut all = vec![("TIDEMARK__DAEMON__BLOCK", "200ms"), ("TIDEMARK__LEASE__TTL", "1s")];
     all.extend_from_slice(envs);
@@ -134,7 +134,7 @@ fn a_mismatched_partition_count_is_refused() {
     }
 }
 
-fn sched_all(conn: &mut impl redis::ConnectionLike, ns: &Namespace) -> BTreeMap<String, (u16, i64)> {
+pub(crate) fn sched_all(conn: &mut impl redis::ConnectionLike, ns: &Namespace) -> BTreeMap<String, (u16, i64)> {
     let mut all = BTreeMap::new();
     for keys in ns.all() {
         let members: Vec<(String, i64)> =

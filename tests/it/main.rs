@@ -18,6 +18,7 @@ mod http;
 mod malformed;
 mod model;
 mod order;
+mod partitions;
 mod redelivery;
 mod security;
 mod seed;

@@ -15,6 +15,17 @@ pub enum ReplayOutcome {
     ToOutput(String),
     /// Left alone: its reason differs from the one asked for.
     Skipped,
+    /// Left in `:dead`: an input entry written to the wrong partition, for
+    /// the caller to send to its element's partition (see
+    /// [`crate::dead`]).
+    Route,
+    /// Sent to another partition's input (`stream`) with this new entry id.
+    Routed {
+        /// The input stream.
+        stream: String,
+        /// The new entry id.
+        id: String,
+    },
     /// Left in `:dead`: it cannot be replayed (the text says why).
     Invalid(String),
 }
@@ -73,6 +84,7 @@ fn decode_page(reply: Value) -> Result<ReplayPage, StoreError> {
                 "in" => ReplayOutcome::ToInput(detail),
                 "out" => ReplayOutcome::ToOutput(detail),
                 "skipped" => ReplayOutcome::Skipped,
+                "route" => ReplayOutcome::Route,
                 _ => ReplayOutcome::Invalid(detail),
             };
             Ok(Replayed { dead_id: text(id)?, reason: text(reason)?, outcome })
