@@ -32,6 +32,9 @@ pub struct RawRedis {
     /// `auto` (ask the server), `standalone` or `cluster` (the URL names
     /// any node of a Redis Cluster).
     pub mode: String,
+    /// `redis+sentinel://` only: the Sentinels' password (the URL's is the
+    /// data nodes'); or `REDIS_SENTINEL_PASSWORD`.
+    pub sentinel_password: Option<String>,
 }
 
 impl Default for RawRedis {
@@ -45,6 +48,7 @@ impl Default for RawRedis {
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(30),
             mode: "auto".into(),
+            sentinel_password: None,
         }
     }
 }

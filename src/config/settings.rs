@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::secrets::{redact_url, redis_client};
+use super::secrets::{redact_url, redis_target, Target};
 use super::{invalid, ConfigError, Env, RawConfig, DEFAULT_HTTP_ADDR};
 use crate::consume::rules;
 use crate::core::backoff::Backoff;
@@ -193,7 +193,7 @@ impl Settings {
         valid_name("key_prefix", &raw.key_prefix)?;
 
         let url = raw.redis.url.trim();
-        let (client, certs) = redis_client(&raw.redis, env)?;
+        let target = redis_target(&raw.redis, env)?;
         if let Some(why) = invalid_namespace(&raw.namespace) {
             return Err(invalid("namespace", why));
         }
@@ -298,7 +298,19 @@ impl Settings {
         };
         let http_addr = parse_http_addr(raw.http.addr.as_deref().unwrap_or(DEFAULT_HTTP_ADDR))?;
         Ok(Settings {
-            redis: Endpoint::new(client, certs, mode, connect.clone()),
+            redis: match target {
+                Target::Node(client, certs) => Endpoint::new(client, certs, mode, connect.clone()),
+                Target::Sentinel(..) if mode == Mode::Cluster => {
+                    return Err(invalid(
+                        "redis.mode",
+                        "cluster does not go with a Sentinel URL (Sentinel serves one master)",
+                    ))
+                }
+                Target::Sentinel(url, password, certs) => {
+                    Endpoint::sentinel(&url, password.as_deref(), certs, connect.clone())
+                        .map_err(|e| invalid("redis.url", format!("{}: {e}", redact_url(raw.redis.url.trim()))))?
+                }
+            },
             redis_display: redact_url(url),
             connect,
             namespace: Namespace::new(&raw.key_prefix, &raw.namespace, partitions.unwrap_or(1)),

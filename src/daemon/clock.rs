@@ -212,7 +212,8 @@ impl Clock<'_> {
     /// Subscribes to the wake-up channel on a dedicated connection.
     async fn subscribe(&self) -> Result<PubSubStream, StoreError> {
         let s = self.settings;
-        let mut pubsub = timeout(s.connect.connect_timeout, s.redis.client().get_async_pubsub())
+        let server = s.redis.server().await?;
+        let mut pubsub = timeout(s.connect.connect_timeout, server.get_async_pubsub())
             .await
             .map_err(|_| timed_out("connecting for the wake-up subscription"))??;
         timeout(s.connect.response_timeout, pubsub.subscribe(self.partitions[0].wake_channel()))

@@ -184,7 +184,8 @@ impl<'a> Housekeeper<'a> {
 async fn lock_manager(settings: &Settings) -> Result<LockManager, StoreError> {
     let mut m = match settings.redis.cluster_client().await? {
         Some(cluster) => LockManager::from_cluster_client(cluster),
-        None => LockManager::from_clients(vec![settings.redis.client().clone()]),
+        // The server now (with Sentinel: the master named now).
+        None => LockManager::from_clients(vec![settings.redis.server().await?]),
     };
     m.set_retry(1, Duration::from_millis(100));
     Ok(m)

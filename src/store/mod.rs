@@ -12,6 +12,7 @@ pub mod reader;
 pub mod reconnect;
 pub mod retention;
 pub mod scripts;
+pub mod sentinel;
 pub mod serving;
 pub mod status;
 

@@ -18,6 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::time::timeout;
 
+use super::sentinel::Epoch;
 use super::{entries, Conn, ConnectOptions, StoreError, StreamEntry};
 use crate::core::EntryId;
 
@@ -31,6 +32,9 @@ const MAX_DEPTH: usize = 32;
 /// A connection for blocking stream reads (see the module documentation).
 pub struct StreamReader {
     inner: Inner,
+    /// With Sentinel: the master's epoch when this was opened; a read in
+    /// progress when a failover is announced ends with `READONLY`.
+    epoch: Option<Epoch>,
 }
 
 enum Inner {
@@ -57,17 +61,44 @@ impl StreamReader {
             }
             _ => {
                 let conn = super::endpoint::single(client, opts, response).await?;
-                return Ok(StreamReader { inner: Inner::Redis(Conn::Single(conn)) });
+                return Ok(StreamReader { inner: Inner::Redis(Conn::Single(conn)), epoch: None });
             }
         };
         let mut raw = RawConn { io: transport, buf: Vec::with_capacity(READ_CHUNK), response, broken: false };
         raw.handshake(info.redis_settings()).await?;
-        Ok(StreamReader { inner: Inner::Raw(raw) })
+        Ok(StreamReader { inner: Inner::Raw(raw), epoch: None })
+    }
+
+    /// The same reader, ending its reads once a failover after `epoch`
+    /// is announced.
+    pub(super) fn followed(mut self, epoch: Option<Epoch>) -> Self {
+        self.epoch = epoch;
+        self
     }
 
     /// `XREADGROUP` of new entries (`>`) of `stream` in `group` as
     /// `consumer`, at most `count`, blocking up to `block`.
     pub async fn read_group(
+        &mut self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<StreamEntry>, StoreError> {
+        let Some(epoch) = self.epoch.clone() else { return self.read(stream, group, consumer, count, block).await };
+        if epoch.stale() {
+            return Err(Epoch::error().into());
+        }
+        tokio::select! {
+            read = self.read(stream, group, consumer, count, block) => read,
+            // The raw connection is left marked broken by the abandoned
+            // request; the caller opens a new reader anyway.
+            _ = epoch.changed() => Err(Epoch::error().into()),
+        }
+    }
+
+    async fn read(
         &mut self,
         stream: &str,
         group: &str,

@@ -49,7 +49,7 @@ pub fn read_file(path: &Path) -> String {
 }
 
 /// SIGKILLs a child process and reaps it.
-pub(crate) fn kill_and_reap(child: &mut Child) {
+pub fn kill_and_reap(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
 }
@@ -268,12 +268,13 @@ pub fn free_port() -> u16 {
     listener.local_addr().expect("local_addr").port()
 }
 
-/// Removes `REDIS_URL`, `REDIS_PASSWORD`, `POD_NAME`, `TIDEMARK_CONFIG` and
+/// Removes `REDIS_URL`, `REDIS_PASSWORD`, `REDIS_SENTINEL_PASSWORD`, `POD_NAME`, `TIDEMARK_CONFIG` and
 /// every `TIDEMARK__…` variable.
 fn scrub_env(cmd: &mut Command) {
     for (key, _) in std::env::vars_os() {
         let k = key.to_string_lossy();
-        if matches!(&*k, "REDIS_URL" | "REDIS_PASSWORD" | "POD_NAME" | "TIDEMARK_CONFIG") || k.starts_with("TIDEMARK__")
+        if matches!(&*k, "REDIS_URL" | "REDIS_PASSWORD" | "REDIS_SENTINEL_PASSWORD" | "POD_NAME" | "TIDEMARK_CONFIG")
+            || k.starts_with("TIDEMARK__")
         {
             cmd.env_remove(&key);
         }

@@ -10,6 +10,7 @@ mod dashboard;
 mod dead;
 mod deploy;
 mod docs;
+mod failover;
 mod fast_paths;
 mod first_hour;
 mod harness_selftest;
