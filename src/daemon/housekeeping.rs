@@ -20,7 +20,7 @@ use super::Stats;
 use crate::config::Settings;
 use crate::core::EntryId;
 use crate::store::retention::{self, GroupCursor};
-use crate::store::{lease, Conn, Keys, Namespace, Reconnect, StoreError, INPUT_GROUP};
+use crate::store::{self, lease, Conn, Keys, Namespace, Reconnect, StoreError, INPUT_GROUP};
 
 /// Competes for the housekeeping lock and does the periodic work while
 /// holding it, until `shutdown`; then releases the lock. Whether this daemon
@@ -99,38 +99,62 @@ impl<'a> Housekeeper<'a> {
         if self.locks.is_none() {
             self.locks = Some(lock_manager(self.settings).await?);
         }
-        self.hold_lock().await;
+        if self.hold_lock().await {
+            self.check_after_failed_take().await?;
+        }
         if self.lock.is_none() {
             return Ok(false);
         }
         if self.last_pass.is_some_and(|t| t.elapsed() < self.settings.housekeeping.interval) {
             return Ok(false);
         }
-        let conn = match &mut self.conn {
-            Some(c) => c,
-            None => {
-                let c = self.settings.redis.connect(self.settings.connect.response_timeout).await?;
-                self.conn.insert(c)
-            }
-        };
-        let result = pass(conn, self.settings, self.ns).await;
+        let (settings, ns) = (self.settings, self.ns);
+        let result = pass(self.conn().await?, settings, ns).await;
         self.last_pass = Some(Instant::now());
         result.map(|()| true)
     }
 
+    /// Our connection for the work, opened when first needed.
+    async fn conn(&mut self) -> Result<&mut Conn, StoreError> {
+        if self.conn.is_none() {
+            self.conn = Some(self.settings.redis.connect(self.settings.connect.response_timeout).await?);
+        }
+        Ok(self.conn.as_mut().expect("connected above"))
+    }
+
+    /// rslock says the same when another daemon holds the lock and when its
+    /// own connection cannot write (its server turned into a replica behind
+    /// the same address: a failover), so after a failed take our own
+    /// connection looks: a replica is an error (both connections are
+    /// replaced), and a lock that nobody holds means rslock's connection is
+    /// the problem (it is replaced). Without this a standby would never
+    /// lead again after such a failover.
+    async fn check_after_failed_take(&mut self) -> Result<(), StoreError> {
+        let resource = self.ns.partition(0).lock("housekeeping");
+        let conn = self.conn().await?;
+        store::ensure_master(conn, &resource).await?;
+        let holder: Option<String> = redis::cmd("GET").arg(&resource).query_async(conn).await?;
+        if holder.is_none() {
+            debug!("housekeeping: the lock is free but could not be taken; renewing rslock's connection");
+            self.locks = None;
+        }
+        Ok(())
+    }
+
     /// Extends the lock we hold, or tries to take it. Logs every change of
     /// leadership. Redis errors read as "not the leader" (rslock does not
-    /// tell them apart from a lock held elsewhere).
-    async fn hold_lock(&mut self) {
+    /// tell them apart from a lock held elsewhere). Returns whether it
+    /// tried to take the lock and failed.
+    async fn hold_lock(&mut self) -> bool {
         let ttl = self.settings.housekeeping.lock_ttl;
         let limit = self.lock_call_timeout();
-        let Some(locks) = &self.locks else { return };
+        let Some(locks) = &self.locks else { return false };
         match self.lock.take() {
             Some(held) => {
                 let reason = match tokio::time::timeout(limit, locks.extend(&held, ttl)).await {
                     Ok(Ok(extended)) => {
                         self.lock = Some(extended);
-                        return;
+                        return false;
                     }
                     // A failed extend already deleted our key where it
                     // could, so another daemon (or we) can take over at once.
@@ -143,6 +167,7 @@ impl<'a> Housekeeper<'a> {
                 self.leader.store(false, Ordering::Relaxed);
                 self.last_pass = None;
                 warn!(reason = %reason, "lost the housekeeping lock; another daemon may take over");
+                false
             }
             None => {
                 let resource = self.ns.partition(0).lock("housekeeping");
@@ -156,10 +181,14 @@ impl<'a> Housekeeper<'a> {
                             ttl = ?ttl,
                             "became the housekeeping leader"
                         );
+                        false
                     }
                     // Held by another daemon, or Redis unreachable.
-                    Ok(Err(_)) => {}
-                    Err(_) => self.locks = None,
+                    Ok(Err(_)) => true,
+                    Err(_) => {
+                        self.locks = None;
+                        false
+                    }
                 }
             }
         }

@@ -38,6 +38,14 @@ impl StoreError {
         StoreError::Redis(redis::RedisError::from(std::io::Error::new(kind, what)))
     }
 
+    /// `READONLY`: the server is a replica now (we found out ourselves).
+    pub fn replica() -> StoreError {
+        let e = redis::parse_redis_value(b"-READONLY the server is a replica now (failover): reconnecting\r\n")
+            .and_then(|v| v.extract_error().map(|_| ()))
+            .expect_err("an error reply");
+        StoreError::Redis(e)
+    }
+
     /// The class of the failure, which decides the log line, the `/readyz`
     /// reason, the metric label and the retry pace.
     pub fn fault(&self) -> Fault {

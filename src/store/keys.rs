@@ -185,6 +185,12 @@ impl Keys {
         format!("{}:lock:{name}", self.namespace_stem)
     }
 
+    /// What `/readyz` writes to check that Redis takes writes (string,
+    /// with a short lifetime): `<prefix>:{NS}:probe`.
+    pub fn probe(&self) -> String {
+        format!("{}:probe", self.namespace_stem)
+    }
+
     /// The owner of this partition's input (string: the owning daemon's
     /// token, with a lifetime): `<stem>:owner`.
     pub fn owner(&self) -> String {

@@ -60,6 +60,18 @@ pub async fn check_version(conn: &mut Conn, key: &str) -> Result<String, StoreEr
     Ok(version)
 }
 
+/// Fails with `READONLY` unless the server that serves `key` is a master
+/// (`INFO replication`, which the least-privilege ACL allows). For users
+/// that only read, where nothing else would tell them that their server
+/// became a replica.
+pub async fn ensure_master(conn: &mut Conn, key: &str) -> Result<(), StoreError> {
+    let info: String = conn.query_at(key, redis::cmd("INFO").arg("replication")).await?;
+    match info.lines().find_map(|l| l.strip_prefix("role:")).map(str::trim) {
+        Some("master") | None => Ok(()),
+        Some(_) => Err(StoreError::replica()),
+    }
+}
+
 fn parse_version(v: &str) -> (u32, u32) {
     let mut parts = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
     (parts.next().unwrap_or(0), parts.next().unwrap_or(0))

@@ -19,7 +19,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use testkit::sentinel::MASTER_NAME;
-use testkit::{field, keys, read_stream, run_cli, wait_until, Daemon, Passwords, RedisServer, SentinelSet};
+use testkit::{
+    field, keys, read_stream, run_cli, wait_until, Daemon, Passwords, Proxy, RedisOptions, RedisServer, SentinelSet,
+};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -379,4 +381,126 @@ fn sentinel_and_data_node_passwords() {
         let text = String::from_utf8_lossy(out);
         assert!(!text.contains(p.data) && !text.contains(p.sentinel), "a password leaked: {text}");
     }
+}
+
+/// Waits until `replica` has caught up with `master` (same replication
+/// offset, link up).
+fn wait_caught_up(master: &RedisServer, replica: &RedisServer) {
+    let offset = |server: &RedisServer, field: &str| -> Option<i64> {
+        let info: String = redis::cmd("INFO").arg("replication").query(&mut server.sync_conn()).ok()?;
+        info.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.trim().parse().ok())
+    };
+    wait_until("the replica caught up with the master", WAIT, || {
+        let m = offset(master, "master_repl_offset:");
+        m.is_some() && m == offset(replica, "slave_repl_offset:")
+    });
+}
+
+/// A failover behind one endpoint, done the way managed Redis does it: the
+/// master's writes are paused (`CLIENT PAUSE WRITE`), the replica catches
+/// up and is promoted (`REPLICAOF NO ONE`), the endpoint (here a proxy)
+/// sends new connections to it, and the old master becomes its replica.
+/// Connections opened before stay with the old server. Every one of them
+/// must notice (`READONLY`, `UNBLOCKED`) and reconnect through the
+/// endpoint: the daemon's and the consumer's work resumes on the new
+/// master, housekeeping is led there again (it was not: a standby's rslock
+/// connection stayed with the old server), `/readyz` is 503 while writes
+/// are paused and 200 after, and no client connection is left on the old
+/// server.
+#[test]
+fn failover_behind_one_endpoint_moves_every_connection() {
+    let a = RedisServer::start();
+    let b = RedisServer::start_with(RedisOptions {
+        extra_args: vec!["--replicaof".into(), "127.0.0.1".into(), a.port().to_string()],
+        ..RedisOptions::default()
+    });
+    wait_caught_up(&a, &b);
+    let proxy = Proxy::start(a.port());
+    let url = proxy.url();
+    let mut envs = ENVS.to_vec();
+    envs.extend([("TIDEMARK__HOUSEKEEPING__INTERVAL", "300ms"), ("TIDEMARK__HOUSEKEEPING__LOCK_TTL", "1s")]);
+    let daemon = Daemon::spawn(
+        &["run", "--redis-url", &url, "--consumer", "d1", "--group", "g", "--http", "127.0.0.1:0"],
+        &envs,
+    );
+    let addr = daemon.http_addr(WAIT);
+    wait_until("/readyz answers 200", WAIT, || get(addr, "/readyz").0 == 200);
+    daemon.wait_log("became the housekeeping leader", WAIT);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let consumed = dir.path().join("consumed");
+    let consumer = spawn_recording_consumer(&url, &consumed, &envs);
+    let backend = Arc::new(std::sync::atomic::AtomicU16::new(a.port()));
+    let (producer_url, current) = (url.clone(), backend.clone());
+    let producer = Producer::spawn(
+        Box::new(move || Some((producer_url.clone(), current.load(Ordering::SeqCst)))),
+        Duration::from_millis(4),
+    );
+    wait_until("work flows before the failover", WAIT, || released(&a).len() >= 100);
+
+    let started = Instant::now();
+    let () = redis::cmd("CLIENT").arg("PAUSE").arg(3000).arg("WRITE").query(&mut a.sync_conn()).unwrap();
+    wait_until("/readyz answers 503 while writes are paused", Duration::from_millis(2500), || {
+        get(addr, "/readyz").0 == 503
+    });
+    let paused = get(addr, "/readyz").1;
+    wait_caught_up(&a, &b);
+    let () = redis::cmd("REPLICAOF").arg("NO").arg("ONE").query(&mut b.sync_conn()).unwrap();
+    proxy.switch(b.port());
+    backend.store(b.port(), Ordering::SeqCst);
+    let () = redis::cmd("REPLICAOF").arg("127.0.0.1").arg(b.port()).query(&mut a.sync_conn()).unwrap();
+    let () = redis::cmd("CLIENT").arg("UNPAUSE").query(&mut a.sync_conn()).unwrap();
+    let switched = started.elapsed();
+
+    wait_until("the new master acknowledges adds and releases them", WAIT, || {
+        let out = released(&b);
+        producer.acked().iter().filter(|a| a.server == b.port()).any(|a| out.contains_key(&a.id))
+    });
+    let resumed = started.elapsed();
+    wait_until("no client connection is left on the old server", WAIT, || proxy.open_to(a.port()) == 0);
+    let last_left = proxy
+        .connections()
+        .iter()
+        .filter(|c| c.backend == a.port())
+        .filter_map(|c| c.closed_by_client)
+        .max()
+        .expect("connections to the old server")
+        .saturating_duration_since(started);
+    wait_until("housekeeping is led again, on the new master", WAIT, || {
+        daemon.log().matches("became the housekeeping leader").count() >= 2
+    });
+    let led = started.elapsed();
+    wait_until("/readyz answers 200 on the new master", WAIT, || get(addr, "/readyz").0 == 200);
+    wait_until("200 more adds on the new master", WAIT, || {
+        producer.acked().iter().filter(|a| a.server == b.port()).count() >= 200
+    });
+    let (acked, unknown) = producer.stop();
+    let () = redis::cmd("XADD")
+        .arg(keys("default").input)
+        .arg("*")
+        .arg("op")
+        .arg("watermark")
+        .arg("ts")
+        .arg(1_000_000_000)
+        .query::<String>(&mut b.sync_conn())
+        .map(|_| ())
+        .unwrap();
+    wait_until("every add the new master acknowledged is released", WAIT, || {
+        let out = released(&b);
+        acked.iter().filter(|x| x.server == b.port()).all(|x| out.contains_key(&x.id))
+    });
+    let outcome = check_after_failover(&b, &acked, &consumed, started);
+    eprintln!(
+        "failover behind one endpoint: promoted and switched after {switched:?} (writes paused meanwhile; /readyz \
+         said {paused:?}); work resumed on the new master {resumed:?} after the pause began; the last client \
+         connection left the old server after {last_left:?}; housekeeping led again after {led:?}; {} adds \
+         acknowledged, {} lost, {} with unknown outcome",
+        outcome.acked,
+        outcome.lost,
+        unknown.len()
+    );
+    assert!(paused.contains("paused") || paused.contains("readonly"), "{paused}");
+    assert!(resumed < Duration::from_secs(10), "work resumed only after {resumed:?}");
+    assert!(last_left < Duration::from_secs(15), "connections stayed on the old server for {last_left:?}");
+    assert_eq!(outcome.lost, 0, "writes paused and the replica caught up before the switch: nothing may be lost");
+    drop(consumer);
 }
