@@ -26,7 +26,8 @@ pub struct RawRedis {
     /// Time allowed to connect.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// Time allowed for a reply.
+    /// Time allowed for a reply (a blocking read adds its block time): how
+    /// fast a server that stops answering is noticed.
     #[serde(with = "humantime_serde")]
     pub response_timeout: Duration,
     /// `auto` (ask the server), `standalone` or `cluster` (the URL names
@@ -46,7 +47,7 @@ impl Default for RawRedis {
             tls_cert_file: None,
             tls_key_file: None,
             connect_timeout: Duration::from_secs(5),
-            response_timeout: Duration::from_secs(30),
+            response_timeout: Duration::from_secs(5),
             mode: "auto".into(),
             sentinel_password: None,
         }

@@ -27,9 +27,10 @@ use crate::store::{self, lease, Conn, Keys, Namespace, Reconnect, StoreError, IN
 /// is the leader is kept in `stats.housekeeping_leader`.
 pub async fn run(settings: Settings, ns: Namespace, stats: Arc<Stats>, shutdown: CancellationToken) {
     let h = &settings.housekeeping;
-    // Wake often enough to extend the lock well before it lapses, and to
-    // work every `interval` (and never spin on absurdly small settings).
-    let wake = h.interval.min(h.lock_ttl / 3).max(Duration::from_millis(10));
+    // Wake often enough to extend the lock well before it lapses, to work
+    // every `interval`, and to notice a server that stopped answering
+    // within a second or two (and never spin on absurdly small settings).
+    let wake = h.interval.min(h.lock_ttl / 3).min(Duration::from_secs(1)).max(Duration::from_millis(10));
     let mut keeper = Housekeeper::new(&settings, &ns, &stats.housekeeping_leader);
     let mut reconnect = Reconnect::side_task("housekeeping", settings.daemon.retry);
     loop {
@@ -82,9 +83,9 @@ impl<'a> Housekeeper<'a> {
         Housekeeper { settings, ns, leader, locks: None, lock: None, conn: None, last_pass: None }
     }
 
-    /// The time allowed for one lock call (rslock sets no timeouts).
+    /// The time allowed for one lock call (rslock sets no overall timeout).
     fn lock_call_timeout(&self) -> Duration {
-        self.settings.connect.connect_timeout + self.settings.connect.response_timeout
+        self.settings.connect.response_timeout
     }
 
     /// Drops every connection, so the next step opens fresh ones.

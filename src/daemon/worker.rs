@@ -20,7 +20,7 @@ use super::window::{Reply, RoundEnd, Window};
 use super::{record_apply, record_input_dead_letters, Stats, Validity};
 use crate::config::Settings;
 use crate::core::EntryId;
-use crate::store::batch::{prepare_routed, Route};
+use crate::store::batch::{prepare_routed, Route, MAX_BATCH_BYTES};
 use crate::store::reader::StreamReader;
 use crate::store::{self, Conn, Keys, Prepared, Reconnect, Scripts, StoreError, StreamEntry, INPUT_GROUP};
 
@@ -333,8 +333,18 @@ impl Worker<'_> {
             loop {
                 while window.may_send() {
                     let after = window.after().map_or(Unbounded, Excluded);
-                    let batch: Vec<&Prepared> =
-                        self.backlog.range((after, Unbounded)).map(|(_, p)| p).take(d.batch_size).collect();
+                    let mut bytes = 0;
+                    let batch: Vec<&Prepared> = self
+                        .backlog
+                        .range((after, Unbounded))
+                        .map(|(_, p)| p)
+                        .take(d.batch_size)
+                        .take_while(|p| {
+                            let first = bytes == 0;
+                            bytes += p.weight();
+                            first || bytes <= MAX_BATCH_BYTES
+                        })
+                        .collect();
                     if batch.is_empty() {
                         break;
                     }

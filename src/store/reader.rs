@@ -64,7 +64,13 @@ impl StreamReader {
                 return Ok(StreamReader { inner: Inner::Redis(Conn::Single(conn)), epoch: None });
             }
         };
-        let mut raw = RawConn { io: transport, buf: Vec::with_capacity(READ_CHUNK), response, broken: false };
+        let mut raw = RawConn {
+            io: transport,
+            buf: Vec::with_capacity(READ_CHUNK),
+            response,
+            silence: opts.response_timeout.min(response),
+            broken: false,
+        };
         raw.handshake(info.redis_settings()).await?;
         Ok(StreamReader { inner: Inner::Raw(raw), epoch: None })
     }
@@ -147,7 +153,11 @@ async fn with_timeout<T>(
 }
 
 fn timed_out() -> redis::RedisError {
-    io::Error::new(io::ErrorKind::TimedOut, "no reply from Redis in time").into()
+    timed_out_io().into()
+}
+
+fn timed_out_io() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "no reply from Redis in time")
 }
 
 /// Parses a complete reply with redis-rs, turning an error reply into an
@@ -183,8 +193,13 @@ struct RawConn {
     /// Bytes received and not yet consumed; after [`RawConn::request`] the
     /// reply is at its start.
     buf: Vec<u8>,
-    /// Time allowed for a reply.
+    /// Time allowed for a reply to begin (a blocking read's includes its
+    /// block time).
     response: Duration,
+    /// Once a reply has begun, time allowed between its pieces: a huge
+    /// reply may take long in all, but a server that stops sending half
+    /// way is noticed this fast.
+    silence: Duration,
     /// A request failed or timed out half-way: the stream position is
     /// unknown, so the connection must not be used again.
     broken: bool,
@@ -229,24 +244,23 @@ impl RawConn {
         self.broken = true;
         let command = encode_command(args);
         let (io, buf) = (&mut self.io, &mut self.buf);
+        let (response, silence) = (self.response, self.silence);
         let exchange = async {
-            io.write_all(&command).await?;
+            timeout(response, io.write_all(&command)).await.map_err(|_| timed_out_io())??;
             let mut scanner = Scanner::default();
+            let mut wait = response;
             loop {
                 if let Some(len) = scanner.frame_len(buf)? {
                     return Ok::<usize, io::Error>(len);
                 }
                 buf.reserve(READ_CHUNK);
-                if io.read_buf(buf).await? == 0 {
-                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "Redis closed the connection"));
+                match timeout(wait, io.read_buf(buf)).await.map_err(|_| timed_out_io())?? {
+                    0 => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "Redis closed the connection")),
+                    _ => wait = silence,
                 }
             }
         };
-        let len = match timeout(self.response, exchange).await {
-            Ok(Ok(len)) => len,
-            Ok(Err(e)) => return Err(redis::RedisError::from(e).into()),
-            Err(_) => return Err(timed_out().into()),
-        };
+        let len = exchange.await.map_err(redis::RedisError::from)?;
         self.broken = false;
         Ok(len)
     }

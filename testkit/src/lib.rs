@@ -19,7 +19,9 @@ pub mod streams;
 pub mod wait;
 
 pub use cluster::RedisCluster;
-pub use process::{bin_path, describe, free_port, http_get, process_cpu, read_file, repo_dir, run_cli, Daemon};
+pub use process::{
+    bin_path, describe, free_port, get, http_get, metric, process_cpu, read_file, repo_dir, run_cli, Daemon,
+};
 pub use proxy::Proxy;
 pub use sentinel::{Passwords, SentinelSet};
 pub use server::{RedisOptions, RedisServer};

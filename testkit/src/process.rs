@@ -256,6 +256,21 @@ pub fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
     Ok((code, body.to_owned()))
 }
 
+/// [`http_get`] of a process's endpoint at `addr`, which must answer:
+/// the status code and the body.
+pub fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_get(&addr.to_string(), path).unwrap_or_else(|e| panic!("GET {path} from {addr}: {e}"))
+}
+
+/// The value of the Prometheus sample `name_and_labels` (e.g.
+/// `x_total{class="oom"}`) in a `/metrics` body, if present.
+pub fn metric(body: &str, name_and_labels: &str) -> Option<f64> {
+    body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (key, value) = l.rsplit_once(' ')?;
+        (key == name_and_labels).then(|| value.parse().ok()).flatten()
+    })
+}
+
 /// A one-shot's exit status, stdout and stderr, for assertion messages.
 pub fn describe(out: &Output) -> String {
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();

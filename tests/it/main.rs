@@ -22,4 +22,5 @@ mod order;
 mod redelivery;
 mod security;
 mod seed;
+mod silence;
 mod status;
