@@ -89,6 +89,10 @@ pub struct RawDaemon {
     /// Clock mode: longest sleep between checks when nothing is due soon.
     #[serde(with = "humantime_serde")]
     pub clock_max_sleep: Duration,
+    /// How often Redis's eviction policy and memory use are looked at (also
+    /// at every connect).
+    #[serde(with = "humantime_serde")]
+    pub memory_check_interval: Duration,
 }
 
 impl Default for RawDaemon {
@@ -106,6 +110,7 @@ impl Default for RawDaemon {
             reconnect_max: Duration::from_secs(10),
             clock: false,
             clock_max_sleep: Duration::from_secs(1),
+            memory_check_interval: Duration::from_secs(60),
         }
     }
 }

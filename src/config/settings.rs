@@ -50,6 +50,8 @@ pub struct DaemonSettings {
     pub clock: bool,
     /// Clock mode: longest sleep between checks.
     pub clock_max_sleep: Duration,
+    /// How often Redis's eviction policy and memory use are looked at.
+    pub memory_check_interval: Duration,
 }
 
 /// The consumer runtime's validated settings.
@@ -241,6 +243,7 @@ impl Settings {
             ),
             clock: d.clock,
             clock_max_sleep: positive("daemon.clock_max_sleep", d.clock_max_sleep)?,
+            memory_check_interval: positive("daemon.memory_check_interval", d.memory_check_interval)?,
         };
         let c = &raw.consume;
         let lease = LeaseSettings { ttl: raw.lease.ttl, dead_consumer_grace: raw.lease.dead_consumer_grace };

@@ -7,6 +7,7 @@ pub mod entries;
 pub mod error;
 pub mod keys;
 pub mod lease;
+pub mod memory;
 pub mod meta;
 pub mod reader;
 pub mod reconnect;

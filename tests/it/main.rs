@@ -17,6 +17,7 @@ mod harness_selftest;
 mod housekeeping;
 mod http;
 mod malformed;
+mod memory;
 mod model;
 mod order;
 mod redelivery;
