@@ -93,6 +93,10 @@ pub struct RawDaemon {
     /// at every connect).
     #[serde(with = "humantime_serde")]
     pub memory_check_interval: Duration,
+    /// Producers that retry: an `add` for an id released less than this
+    /// ago is dropped and counted (`0s`: off).
+    #[serde(with = "humantime_serde")]
+    pub dedup_window: Duration,
 }
 
 impl Default for RawDaemon {
@@ -111,6 +115,7 @@ impl Default for RawDaemon {
             clock: false,
             clock_max_sleep: Duration::from_secs(1),
             memory_check_interval: Duration::from_secs(60),
+            dedup_window: Duration::ZERO,
         }
     }
 }

@@ -52,6 +52,8 @@ pub struct DaemonSettings {
     pub clock_max_sleep: Duration,
     /// How often Redis's eviction policy and memory use are looked at.
     pub memory_check_interval: Duration,
+    /// Adds of ids released less than this ago are dropped (`None`: off).
+    pub dedup_window: Option<Duration>,
 }
 
 /// The consumer runtime's validated settings.
@@ -244,6 +246,16 @@ impl Settings {
             clock: d.clock,
             clock_max_sleep: positive("daemon.clock_max_sleep", d.clock_max_sleep)?,
             memory_check_interval: positive("daemon.memory_check_interval", d.memory_check_interval)?,
+            dedup_window: match d.dedup_window {
+                w if w.is_zero() => None,
+                w if w < Duration::from_millis(1) => {
+                    return Err(invalid("daemon.dedup_window", "must be 0s (off) or at least 1ms"))
+                }
+                w if w > Duration::from_secs(30 * 24 * 3600) => {
+                    return Err(invalid("daemon.dedup_window", "must be at most 30 days"))
+                }
+                w => Some(w),
+            },
         };
         let c = &raw.consume;
         let lease = LeaseSettings { ttl: raw.lease.ttl, dead_consumer_grace: raw.lease.dead_consumer_grace };

@@ -173,6 +173,21 @@ mod unit {
     }
 
     #[test]
+    fn dedup_window_is_off_by_default_and_bounded() {
+        let s = settings(&[("POD_NAME", "p")], Overrides::default()).unwrap();
+        assert_eq!(s.daemon.dedup_window, None);
+        let s =
+            settings(&[("POD_NAME", "p"), ("TIDEMARK__DAEMON__DEDUP_WINDOW", "10m")], Overrides::default()).unwrap();
+        assert_eq!(s.daemon.dedup_window, Some(Duration::from_secs(600)));
+        for bad in ["31d", "soon"] {
+            let msg = bad_key(&[("POD_NAME", "p"), ("TIDEMARK__DAEMON__DEDUP_WINDOW", bad)]);
+            assert!(msg.contains("dedup_window"), "{bad}: {msg}");
+        }
+        assert_eq!(s.daemon.memory_check_interval, Duration::from_secs(60));
+        assert!(bad_key(&[("TIDEMARK__DAEMON__MEMORY_CHECK_INTERVAL", "0s")]).contains("memory_check_interval"));
+    }
+
+    #[test]
     fn sentinel_urls_and_passwords() {
         let url = "redis+sentinel://app:s3cret@10.0.0.1:26379,10.0.0.2:26380/mymaster/1";
         let s = settings(&[("REDIS_URL", url), ("POD_NAME", "p")], Overrides::default()).unwrap();

@@ -40,7 +40,7 @@ const FOLLOWER_POLL: Duration = Duration::from_millis(100);
 /// holds the lock, and reconnects with backoff after Redis failures.
 pub async fn run(settings: Settings, ns: Namespace, stats: Arc<Stats>, shutdown: CancellationToken) {
     let clock = Clock {
-        scripts: Scripts::new(),
+        scripts: Scripts::new().dedup_window(settings.daemon.dedup_window),
         lock: ns.partition(0).lock("clock"),
         partitions: ns.all(),
         // Unique per process, so a restart under the same consumer name (or

@@ -54,7 +54,7 @@ pub(super) struct Job {
 /// ownership ends. Redis failures are retried here, as long as ownership
 /// holds.
 pub(super) async fn run(settings: Settings, stats: Arc<Stats>, job: Job) {
-    let scripts = Scripts::new().clock_mode(settings.daemon.clock);
+    let scripts = Scripts::new().clock_mode(settings.daemon.clock).dedup_window(settings.daemon.dedup_window);
     let partition = job.keys.partition;
     let mut reconnect = Reconnect::side_task("partition worker", settings.daemon.retry);
     info!(partition, "owning the partition: applying its input");

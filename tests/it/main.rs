@@ -8,6 +8,7 @@ mod consume;
 mod crash;
 mod dashboard;
 mod dead;
+mod dedup;
 mod deploy;
 mod docs;
 mod failover;
