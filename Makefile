@@ -5,10 +5,11 @@
 
 CARGO ?= cargo
 ARGS ?=
+DURATION ?= 30m
 BIN := target/release/tidemark
 
 .DEFAULT_GOAL := help
-.PHONY: help build run test lint fmt demo bench clean ensure-redis ensure-chromium ensure-prometheus ensure-python3 shellcheck
+.PHONY: help build run test lint fmt demo bench soak clean ensure-redis ensure-chromium ensure-prometheus ensure-python3 shellcheck
 
 help: ## List the targets
 	@echo "tidemark developer targets:"
@@ -41,6 +42,11 @@ demo: ensure-redis build ## Narrated end-to-end scenario against a private Redis
 bench: ## Benchmark against a private Redis: JSON on stdout, table on stderr (ARGS="--runs 1 --n 50000")
 	@scripts/ensure-redis.sh >&2
 	@$(CARGO) bench --bench tidemark -- $(ARGS)
+
+# Rows on stderr, one JSON object per sample on stdout (`make soak > soak.jsonl`).
+soak: ## Steady load at half the measured maximum rate for DURATION (30m), memory over time (ARGS="--rate N --sample 30s")
+	@scripts/ensure-redis.sh >&2
+	@$(CARGO) bench --bench soak -- --duration $(DURATION) $(ARGS)
 
 clean: ## Remove build output (cargo clean)
 	$(CARGO) clean
