@@ -174,7 +174,7 @@ fn describe_recorded() {
     describe_counter!(
         REDIS_ERRORS,
         "Failed Redis calls by class: disconnected, unresponsive, oom, readonly, loading, busy, noscript, \
-         clusterdown, moved, auth, noperm, other."
+         clusterdown, moved, wrongtype, nogroup, auth, noperm, other."
     );
 }
 

@@ -247,6 +247,7 @@ impl Coordinator<'_> {
             valid: valid.clone(),
             live: self.live.subscribe(),
             stop: stop.clone(),
+            meta: self.ns.meta(),
         };
         let task = tokio::spawn(worker::run(s.clone(), self.stats.clone(), job));
         self.owned.insert(p, Owned { stop, valid, task });

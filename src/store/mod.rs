@@ -5,6 +5,8 @@ pub mod batch;
 pub mod endpoint;
 pub mod entries;
 pub mod error;
+#[cfg(test)]
+mod hostile;
 pub mod keys;
 pub mod lease;
 pub mod memory;

@@ -15,6 +15,7 @@ mod failover;
 mod fast_paths;
 mod first_hour;
 mod harness_selftest;
+mod hostile;
 mod housekeeping;
 mod http;
 mod malformed;
