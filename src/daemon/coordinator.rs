@@ -136,14 +136,18 @@ impl Coordinator<'_> {
         }
     }
 
-    /// Looks at the memory limit of every partition's server and warns, at
+    /// Looks at the memory limit of the partitions' servers (every one of
+    /// up to 8 partitions, else 8 spread over them: a cluster's nodes are
+    /// normally configured alike) and warns, at
     /// every check, about an evicting policy (it can drop scheduled elements
     /// without a trace) and about a server over 90% full (it will refuse
     /// writes at its limit, and the work waits until memory frees).
     async fn check_memory(&mut self, conn: &mut Conn) -> Result<(), StoreError> {
         self.memory_checked = Some(Instant::now());
         let mut seen = Vec::new();
-        for keys in self.ns.all() {
+        let all = self.ns.all();
+        let step = all.len().div_ceil(8).max(1);
+        for keys in all.into_iter().step_by(step) {
             let m = memory::read(conn, &keys.input).await?;
             if seen.contains(&(m.policy.clone(), m.max)) {
                 continue;
