@@ -283,13 +283,14 @@ pub fn free_port() -> u16 {
     listener.local_addr().expect("local_addr").port()
 }
 
-/// Removes `REDIS_URL`, `REDIS_PASSWORD`, `REDIS_SENTINEL_PASSWORD`, `POD_NAME`, `TIDEMARK_CONFIG` and
-/// every `TIDEMARK__…` variable.
+/// Removes `REDIS_URL`, `REDIS_PASSWORD`, `REDIS_SENTINEL_PASSWORD`, `POD_NAME`, `TIDEMARK_CONFIG`,
+/// every `TIDEMARK__…` variable and the harness's own `TIDEMARK_TEST_…` ones.
 fn scrub_env(cmd: &mut Command) {
     for (key, _) in std::env::vars_os() {
         let k = key.to_string_lossy();
         if matches!(&*k, "REDIS_URL" | "REDIS_PASSWORD" | "REDIS_SENTINEL_PASSWORD" | "POD_NAME" | "TIDEMARK_CONFIG")
             || k.starts_with("TIDEMARK__")
+            || k.starts_with("TIDEMARK_TEST_")
         {
             cmd.env_remove(&key);
         }
