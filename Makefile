@@ -5,10 +5,11 @@
 
 CARGO ?= cargo
 ARGS ?=
+DURATION ?= 30m
 BIN := target/release/tidemark
 
 .DEFAULT_GOAL := help
-.PHONY: help build run test lint fmt demo bench clean ensure-redis ensure-chromium ensure-prometheus ensure-python3 shellcheck
+.PHONY: help build run test test-servers lint fmt demo bench soak clean ensure-redis ensure-chromium ensure-prometheus ensure-python3 shellcheck
 
 help: ## List the targets
 	@echo "tidemark developer targets:"
@@ -22,9 +23,13 @@ build: ## cargo build --release (target/release/tidemark)
 run: build ## Run the daemon in the foreground with a private Redis (ARGS="..." go to `tidemark run`)
 	scripts/run-local.sh $(ARGS)
 
-test: ensure-redis ensure-chromium ensure-prometheus ensure-python3 ## All tests (unit, integration, doc); installs Redis, Chromium, Prometheus and Python 3 if missing
+test: ensure-redis ensure-chromium ensure-prometheus ensure-python3 ## All tests (unit, integration, doc), then the integration subset against the vendored servers; installs Redis, Chromium, Prometheus and Python 3 if missing
 	$(CARGO) test --all-targets
 	$(CARGO) test --doc
+	CARGO="$(CARGO)" scripts/test-servers.sh
+
+test-servers: ensure-redis ## The integration subset against Redis 7.2.6 and Valkey 8.0.1 built from ../shared/vendor (cached under target/servers)
+	CARGO="$(CARGO)" scripts/test-servers.sh
 
 lint: ## cargo fmt --check and clippy with -D warnings
 	$(CARGO) fmt --all --check
@@ -41,6 +46,11 @@ demo: ensure-redis build ## Narrated end-to-end scenario against a private Redis
 bench: ## Benchmark against a private Redis: JSON on stdout, table on stderr (ARGS="--runs 1 --n 50000")
 	@scripts/ensure-redis.sh >&2
 	@$(CARGO) bench --bench tidemark -- $(ARGS)
+
+# Rows on stderr, one JSON object per sample on stdout (`make soak > soak.jsonl`).
+soak: ## Steady load at half the measured maximum rate for DURATION (30m), memory over time (ARGS="--rate N --sample 30s")
+	@scripts/ensure-redis.sh >&2
+	@$(CARGO) bench --bench soak -- --duration $(DURATION) $(ARGS)
 
 clean: ## Remove build output (cargo clean)
 	$(CARGO) clean

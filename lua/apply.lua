@@ -10,6 +10,8 @@
 -- KEYS[6]: the dead-letter stream
 -- KEYS[7]: clock mode's next-due marker (string; see clock.lua)
 -- KEYS[8]: the partition's owner lock (string: the owning daemon's token)
+-- KEYS[9]: the ids released lately (sorted set, id -> release time in ms;
+--   see dedup_start in prelude.lua)
 -- ARGV[1]: the input consumer group
 -- ARGV[2]: max elements released by watermark advances in this call
 -- ARGV[3]: the number of entries that follow
@@ -39,9 +41,13 @@
 --     for adds with a payload), ARGV[12] the ids of adds without
 --     payload, ARGV[13] the entry ids, ARGV[14] the pairs of neighbouring
 --     entry ids that ARGV[7] marks with '1'
+-- ARGV[#ARGV] (the last, after either form): daemon.dedup_window in ms;
+--   '0' turns it off (KEYS[9] unused). With a window, an add of an element
+--   released less than the window ago is dropped (acknowledged, counted as
+--   'duplicates', not applied), and every release is recorded in KEYS[9]
 -- Returns: name/value pairs {'processed', n, 'released', n, 'more_due', 0|1,
 --   'blocked', 0|1, 'adds', n, 'cancels', n, 'watermarks', n, 'dead', n,
---   'late', n, 'fenced', 0|1}
+--   'late', n, 'fenced', 0|1, 'duplicates', n}
 --   processed: how many leading entries are done (applied now, or found
 --     already applied); the caller keeps the rest for a later call.
 --   more_due: due elements remain; call release.lua before more input.
@@ -71,16 +77,19 @@ local budget = tonumber(ARGV[2])
 local count = tonumber(ARGV[3])
 local clock = ARGV[4] == '1'
 
-local function outcome(processed, released, more_due, blocked, adds, cancels, watermarks, deadn, late)
+local function outcome(processed, released, more_due, blocked, adds, cancels, watermarks, deadn, late, dups)
   return {'processed', processed, 'released', released, 'more_due', more_due, 'blocked', blocked,
-    'adds', adds, 'cancels', cancels, 'watermarks', watermarks, 'dead', deadn, 'late', late, 'fenced', 0}
+    'adds', adds, 'cancels', cancels, 'watermarks', watermarks, 'dead', deadn, 'late', late, 'fenced', 0,
+    'duplicates', dups or 0}
 end
 
 if ARGV[6] ~= '' and call('GET', KEYS[8]) ~= ARGV[6] then
   local r = outcome(0, 0, 0, 0, 0, 0, 0, 0, 0)
-  r[#r] = 1
+  r[#r - 2] = 1
   return r
 end
+
+dedup_start(KEYS[9], tonumber(ARGV[#ARGV]))
 
 local wm
 if clock then
@@ -148,7 +157,26 @@ local next_gap = fast and string.find(gaps, '1', 2, true)
 -- Bulk: on the fast path, a batch of adds none of which is due, with no
 -- other entry pending between its entries, is applied by a few calls on
 -- the ready-made argument lists; otherwise it goes through the loop below.
-if fast and bulk and not (wmn and tonumber(ARGV[9]) <= wmn) then
+-- With dedup on, a batch holding an id released lately goes through the
+-- loop below, which drops that add.
+local function any_recently_released()
+  if not dedup then
+    return false
+  end
+  local z = {msgunpack(ARGV[10])}
+  local ids = {}
+  for j = 2, #z, 2 do
+    ids[j / 2] = z[j]
+  end
+  local at = call('ZMSCORE', dedup.key, unpack(ids))
+  for j = 1, #at do
+    if at[j] and tonumber(at[j]) >= dedup.cutoff then
+      return true
+    end
+  end
+  return false
+end
+if fast and bulk and not (wmn and tonumber(ARGV[9]) <= wmn) and not any_recently_released() then
   local apart = {msgunpack(ARGV[14])}
   local clear = true
   for j = 1, #apart, 2 do
@@ -219,7 +247,7 @@ end
 
 local acks, nacks = {}, 0
 local processed, blocked = 0, 0
-local adds, cancels, watermarks, deadn, late = 0, 0, 0, 0, 0
+local adds, cancels, watermarks, deadn, late, dups = 0, 0, 0, 0, 0, 0
 -- Clock mode: the earliest ts scheduled by this call (number and text).
 local earliest, earliest_ts
 local i = 1
@@ -265,7 +293,10 @@ for n = 1, count do
     end
     nacks = nacks + 1
     acks[nacks] = sid
-    if code == 'A' then
+    if code == 'A' and dedup and recently_released(args[i + 2]) then
+      -- A producer's retry of an add released lately: dropped.
+      dups = dups + 1
+    elseif code == 'A' then
       local id, ts, blob = args[i + 2], args[i + 3], args[i + 4]
       adds = adds + 1
       if wmn and tonumber(ts) <= wmn then
@@ -275,6 +306,7 @@ for n = 1, count do
           call('HDEL', body, id)
         end
         emit(id, ts, blob)
+        dedup_record({id}, dedup and 1 or 0)
         late = late + 1
       else
         if buffered[id] then
@@ -337,4 +369,4 @@ end
 if earliest then
   wake_clock(KEYS[7], ARGV[5], earliest, earliest_ts)
 end
-return outcome(processed, released, more and 1 or 0, blocked, adds, cancels, watermarks, deadn, late)
+return outcome(processed, released, more and 1 or 0, blocked, adds, cancels, watermarks, deadn, late, dups)

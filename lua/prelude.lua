@@ -10,6 +10,58 @@ local call = redis.call
 local unpack = unpack
 local msgunpack = cmsgpack.unpack
 
+-- Producers that retry (daemon.dedup_window): a script that calls
+-- dedup_start records every element it releases in a sorted set, element
+-- id -> release time (the server's TIME, ms), and an add of an id released
+-- less than the window ago is dropped (recently_released). Entries older
+-- than the window are pruned, oldest first, at most DEDUP_PRUNE per call,
+-- so the set holds about (releases per window) ids. Off (nil) otherwise.
+local dedup = nil
+local DEDUP_PRUNE = 2000
+
+local function server_ms()
+  if redis.replicate_commands then
+    -- Redis 6.2: replicate the script's effects, so TIME may precede
+    -- writes. A no-op from Redis 7.0 on, where that is the only mode.
+    redis.replicate_commands()
+  end
+  local t = call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Turns dedup on for this call: `key` the set, `window` in ms (0: off).
+local function dedup_start(key, window)
+  if not window or window <= 0 then
+    return
+  end
+  local now = server_ms()
+  local cutoff = string.format('%.0f', now - window)
+  dedup = {key = key, now = string.format('%.0f', now), cutoff = tonumber(cutoff)}
+  local old = call('ZCOUNT', key, '-inf', '(' .. cutoff)
+  if old > 0 then
+    call('ZREMRANGEBYRANK', key, 0, math.min(old, DEDUP_PRUNE) - 1)
+  end
+end
+
+-- Records released element ids (a list) with the current time.
+local function dedup_record(ids, n)
+  if not dedup or n == 0 then
+    return
+  end
+  local args = {}
+  for i = 1, n do
+    args[2 * i - 1] = dedup.now
+    args[2 * i] = ids[i]
+  end
+  call('ZADD', dedup.key, unpack(args, 1, 2 * n))
+end
+
+-- Whether element `id` was released less than the window ago.
+local function recently_released(id)
+  local at = call('ZSCORE', dedup.key, id)
+  return at and tonumber(at) >= dedup.cutoff
+end
+
 -- Releases up to `limit` due elements (score <= wm) into `out`, in
 -- (ts, id) order. `wm` is the watermark as a decimal string, or false.
 -- The due elements are the lowest-ranked ones, so one ZREMRANGEBYRANK
@@ -52,6 +104,13 @@ local function release_due(sched, body, out, wm, limit)
       -- Scores of integers up to 2^53 print as plain integers.
       call('XADD', out, '*', 'id', due[i], 'ts', due[i + 1])
     end
+    if dedup then
+      local ids = {}
+      for i = 1, n do
+        ids[i] = due[2 * i - 1]
+      end
+      dedup_record(ids, n)
+    end
   else
     local ids = call('ZRANGE', sched, '-inf', wm, 'BYSCORE', 'LIMIT', 0, limit)
     n = #ids
@@ -75,6 +134,7 @@ local function release_due(sched, body, out, wm, limit)
       end
     end
     call('HDEL', body, unpack(ids))
+    dedup_record(ids, n)
   end
   call('ZREMRANGEBYRANK', sched, 0, n - 1)
   return n, n == limit and any_due(sched, wm)
@@ -110,13 +170,7 @@ end
 -- TIME in milliseconds; never lowers it, so explicit watermark ops may run
 -- ahead. Returns the watermark (decimal string) and the server time (ms).
 local function advance_to_server_time(wmkey)
-  if redis.replicate_commands then
-    -- Redis 6.2: replicate the script's effects, so TIME may precede
-    -- writes. A no-op from Redis 7.0 on, where that is the only mode.
-    redis.replicate_commands()
-  end
-  local t = call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local now = server_ms()
   local wm = call('GET', wmkey)
   if not wm or tonumber(wm) < now then
     wm = string.format('%.0f', now)

@@ -34,8 +34,9 @@ pub struct GlobalArgs {
     /// Configuration file [default: config/tidemark.toml if it exists]
     #[arg(long, global = true, value_name = "FILE", env = "TIDEMARK_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Redis URL: redis://[user:password@]host:port[/db], rediss://… or unix:///path
-    /// (overrides REDIS_URL and the config file)
+    /// Redis URL: redis://[user:password@]host:port[/db], rediss://…, unix:///path, or
+    /// redis+sentinel://[user:password@]host:port[,host:port…]/MASTER[/db] (Sentinel; the
+    /// Sentinels' password in REDIS_SENTINEL_PASSWORD) (overrides REDIS_URL and the config file)
     #[arg(long, global = true, value_name = "URL")]
     pub redis_url: Option<String>,
     /// Namespace: one independent pipeline [default: default]

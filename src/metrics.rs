@@ -68,6 +68,9 @@ pub const INGESTED: &str = "tidemark_ingested_total";
 pub const LATE: &str = "tidemark_late_total";
 /// Counter: elements this daemon released into `:out`.
 pub const RELEASED: &str = "tidemark_released_total";
+/// Counter: adds dropped because their element was released less than
+/// `daemon.dedup_window` ago.
+pub const DUPLICATES_DROPPED: &str = "tidemark_duplicates_dropped_total";
 /// Counter: input entries this daemon claimed from other daemons.
 pub const INPUT_CLAIMED: &str = "tidemark_input_claimed_total";
 /// Counter: daemons whose input this daemon took over after their lease
@@ -171,7 +174,7 @@ fn describe_recorded() {
     describe_counter!(
         REDIS_ERRORS,
         "Failed Redis calls by class: disconnected, unresponsive, oom, readonly, loading, busy, noscript, \
-         clusterdown, moved, auth, noperm, other."
+         clusterdown, moved, wrongtype, nogroup, auth, noperm, other."
     );
 }
 

@@ -24,7 +24,7 @@ mod tests;
 
 pub use layer::{Env, Overrides, ProcessEnv};
 pub use raw::*;
-pub use secrets::{redact_url, REDIS_PASSWORD_ENV};
+pub use secrets::{redact_url, REDIS_PASSWORD_ENV, REDIS_SENTINEL_PASSWORD_ENV};
 pub(crate) use settings::consumer_name;
 pub use settings::{
     ConsumeSettings, DaemonSettings, HousekeepingSettings, LeaseSettings, LogFormat, Settings, MAX_BATCH_SIZE,

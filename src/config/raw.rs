@@ -26,12 +26,16 @@ pub struct RawRedis {
     /// Time allowed to connect.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// Time allowed for a reply.
+    /// Time allowed for a reply (a blocking read adds its block time): how
+    /// fast a server that stops answering is noticed.
     #[serde(with = "humantime_serde")]
     pub response_timeout: Duration,
     /// `auto` (ask the server), `standalone` or `cluster` (the URL names
     /// any node of a Redis Cluster).
     pub mode: String,
+    /// `redis+sentinel://` only: the Sentinels' password (the URL's is the
+    /// data nodes'); or `REDIS_SENTINEL_PASSWORD`.
+    pub sentinel_password: Option<String>,
 }
 
 impl Default for RawRedis {
@@ -43,8 +47,9 @@ impl Default for RawRedis {
             tls_cert_file: None,
             tls_key_file: None,
             connect_timeout: Duration::from_secs(5),
-            response_timeout: Duration::from_secs(30),
+            response_timeout: Duration::from_secs(5),
             mode: "auto".into(),
+            sentinel_password: None,
         }
     }
 }
@@ -84,6 +89,14 @@ pub struct RawDaemon {
     /// Clock mode: longest sleep between checks when nothing is due soon.
     #[serde(with = "humantime_serde")]
     pub clock_max_sleep: Duration,
+    /// How often Redis's eviction policy and memory use are looked at (also
+    /// at every connect).
+    #[serde(with = "humantime_serde")]
+    pub memory_check_interval: Duration,
+    /// Producers that retry: an `add` for an id released less than this
+    /// ago is dropped and counted (`0s`: off).
+    #[serde(with = "humantime_serde")]
+    pub dedup_window: Duration,
 }
 
 impl Default for RawDaemon {
@@ -101,6 +114,8 @@ impl Default for RawDaemon {
             reconnect_max: Duration::from_secs(10),
             clock: false,
             clock_max_sleep: Duration::from_secs(1),
+            memory_check_interval: Duration::from_secs(60),
+            dedup_window: Duration::ZERO,
         }
     }
 }

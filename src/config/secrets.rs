@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use super::{invalid, ConfigError, Env, RawRedis};
+use crate::store::sentinel::SentinelUrl;
 
 /// Masks the password of a Redis URL: `redis://user:***@host:6379/0`, and
 /// the `pass` query parameter of a `unix://` URL. A URL that does not parse
@@ -92,20 +93,50 @@ pub(super) fn redact_unparsed(text: &str) -> String {
 /// from a Kubernetes secret); it replaces the URL's password.
 pub const REDIS_PASSWORD_ENV: &str = "REDIS_PASSWORD";
 
-/// Builds the (unconnected) Redis client from `[redis]`: the URL, the
-/// password from `password_file` or `REDIS_PASSWORD`, and the TLS files.
-/// Every message masks the password.
-pub(super) fn redis_client(
-    r: &RawRedis,
-    env: &dyn Env,
-) -> Result<(redis::Client, Option<redis::TlsCertificates>), ConfigError> {
+/// The environment variable that may hold the Sentinels' password
+/// (`redis+sentinel://`); it replaces `redis.sentinel_password`.
+pub const REDIS_SENTINEL_PASSWORD_ENV: &str = "REDIS_SENTINEL_PASSWORD";
+
+/// What `redis.url` points at, validated and not connected.
+pub(super) enum Target {
+    /// A server or a cluster node: its client and custom TLS material.
+    Node(redis::Client, Option<redis::TlsCertificates>),
+    /// A master that Sentinels monitor: the URL (data-node password
+    /// applied), the Sentinels' password and the TLS material.
+    Sentinel(SentinelUrl, Option<String>, Option<redis::TlsCertificates>),
+}
+
+/// Builds the (unconnected) Redis target from `[redis]`: the URL, the
+/// password from `password_file` or `REDIS_PASSWORD`, the Sentinels'
+/// password, and the TLS files. Every message masks the passwords.
+pub(super) fn redis_target(r: &RawRedis, env: &dyn Env) -> Result<Target, ConfigError> {
     let url = r.url.trim();
+    if SentinelUrl::is_sentinel(url) {
+        let mut parsed =
+            SentinelUrl::parse(url).map_err(|e| invalid("redis.url", format!("{}: {e}", redact_url(url))))?;
+        if let Some((_, password)) = password(r, env)? {
+            parsed.password = Some(password);
+        }
+        let sentinel_password = env
+            .var(REDIS_SENTINEL_PASSWORD_ENV)
+            .map(|p| p.trim_end_matches(['\r', '\n']).to_owned())
+            .filter(|p| !p.is_empty())
+            .or_else(|| r.sentinel_password.clone().filter(|p| !p.is_empty()));
+        let certs = tls_certificates(r, parsed.tls, false)?;
+        return Ok(Target::Sentinel(parsed, sentinel_password, certs));
+    }
+    if r.sentinel_password.as_deref().is_some_and(|p| !p.is_empty()) {
+        return Err(invalid("redis.sentinel_password", "needs a redis+sentinel:// or rediss+sentinel:// URL"));
+    }
     let mut parsed =
         url::Url::parse(url).map_err(|e| invalid("redis.url", format!("{} is not a URL: {e}", redact_url(url))))?;
     if !matches!(parsed.scheme(), "redis" | "rediss" | "unix" | "redis+unix") {
         return Err(invalid(
             "redis.url",
-            format!("scheme {:?} is not one of redis, rediss, unix, redis+unix", parsed.scheme()),
+            format!(
+                "scheme {:?} is not one of redis, rediss, unix, redis+unix, redis+sentinel, rediss+sentinel",
+                parsed.scheme()
+            ),
         ));
     }
     if let Some((key, password)) = password(r, env)? {
@@ -115,12 +146,13 @@ pub(super) fn redis_client(
             parsed.query_pairs_mut().append_pair("pass", &password);
         }
     }
-    match tls_certificates(r, &parsed)? {
+    let insecure = parsed.fragment() == Some("insecure");
+    match tls_certificates(r, parsed.scheme() == "rediss", insecure)? {
         None => redis::Client::open(parsed.as_str())
-            .map(|c| (c, None))
+            .map(|c| Target::Node(c, None))
             .map_err(|e| invalid("redis.url", format!("{}: {e}", redact_url(url)))),
         Some(certs) => redis::Client::build_with_tls(parsed.as_str(), certs.clone())
-            .map(|c| (c, Some(certs)))
+            .map(|c| Target::Node(c, Some(certs)))
             .map_err(|e| invalid("redis.tls_ca_file/tls_cert_file/tls_key_file", format!("{}: {e}", redact_url(url)))),
     }
 }
@@ -150,7 +182,7 @@ fn password(r: &RawRedis, env: &dyn Env) -> Result<Option<(&'static str, String)
 
 /// The TLS material of `redis.tls_*`, read and checked now so that a wrong
 /// file is a configuration error naming its key, not a failed connection.
-fn tls_certificates(r: &RawRedis, url: &url::Url) -> Result<Option<redis::TlsCertificates>, ConfigError> {
+fn tls_certificates(r: &RawRedis, tls: bool, insecure: bool) -> Result<Option<redis::TlsCertificates>, ConfigError> {
     let files = [
         ("redis.tls_ca_file", &r.tls_ca_file),
         ("redis.tls_cert_file", &r.tls_cert_file),
@@ -159,10 +191,10 @@ fn tls_certificates(r: &RawRedis, url: &url::Url) -> Result<Option<redis::TlsCer
     let Some((first, _)) = files.iter().find(|(_, path)| path.is_some()) else {
         return Ok(None);
     };
-    if url.scheme() != "rediss" {
+    if !tls {
         return Err(invalid(first, "needs a rediss:// URL"));
     }
-    if url.fragment() == Some("insecure") && r.tls_ca_file.is_some() {
+    if insecure && r.tls_ca_file.is_some() {
         return Err(invalid(
             "redis.tls_ca_file",
             "has no effect with #insecure in the URL, which skips certificate checks",

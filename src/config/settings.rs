@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::secrets::{redact_url, redis_client};
+use super::secrets::{redact_url, redis_target, Target};
 use super::{invalid, ConfigError, Env, RawConfig, DEFAULT_HTTP_ADDR};
 use crate::consume::rules;
 use crate::core::backoff::Backoff;
@@ -50,6 +50,10 @@ pub struct DaemonSettings {
     pub clock: bool,
     /// Clock mode: longest sleep between checks.
     pub clock_max_sleep: Duration,
+    /// How often Redis's eviction policy and memory use are looked at.
+    pub memory_check_interval: Duration,
+    /// Adds of ids released less than this ago are dropped (`None`: off).
+    pub dedup_window: Option<Duration>,
 }
 
 /// The consumer runtime's validated settings.
@@ -193,7 +197,7 @@ impl Settings {
         valid_name("key_prefix", &raw.key_prefix)?;
 
         let url = raw.redis.url.trim();
-        let (client, certs) = redis_client(&raw.redis, env)?;
+        let target = redis_target(&raw.redis, env)?;
         if let Some(why) = invalid_namespace(&raw.namespace) {
             return Err(invalid("namespace", why));
         }
@@ -241,6 +245,17 @@ impl Settings {
             ),
             clock: d.clock,
             clock_max_sleep: positive("daemon.clock_max_sleep", d.clock_max_sleep)?,
+            memory_check_interval: positive("daemon.memory_check_interval", d.memory_check_interval)?,
+            dedup_window: match d.dedup_window {
+                w if w.is_zero() => None,
+                w if w < Duration::from_millis(1) => {
+                    return Err(invalid("daemon.dedup_window", "must be 0s (off) or at least 1ms"))
+                }
+                w if w > Duration::from_secs(30 * 24 * 3600) => {
+                    return Err(invalid("daemon.dedup_window", "must be at most 30 days"))
+                }
+                w => Some(w),
+            },
         };
         let c = &raw.consume;
         let lease = LeaseSettings { ttl: raw.lease.ttl, dead_consumer_grace: raw.lease.dead_consumer_grace };
@@ -298,7 +313,19 @@ impl Settings {
         };
         let http_addr = parse_http_addr(raw.http.addr.as_deref().unwrap_or(DEFAULT_HTTP_ADDR))?;
         Ok(Settings {
-            redis: Endpoint::new(client, certs, mode, connect.clone()),
+            redis: match target {
+                Target::Node(client, certs) => Endpoint::new(client, certs, mode, connect.clone()),
+                Target::Sentinel(..) if mode == Mode::Cluster => {
+                    return Err(invalid(
+                        "redis.mode",
+                        "cluster does not go with a Sentinel URL (Sentinel serves one master)",
+                    ))
+                }
+                Target::Sentinel(url, password, certs) => {
+                    Endpoint::sentinel(&url, password.as_deref(), certs, connect.clone())
+                        .map_err(|e| invalid("redis.url", format!("{}: {e}", redact_url(raw.redis.url.trim()))))?
+                }
+            },
             redis_display: redact_url(url),
             connect,
             namespace: Namespace::new(&raw.key_prefix, &raw.namespace, partitions.unwrap_or(1)),

@@ -173,6 +173,54 @@ mod unit {
     }
 
     #[test]
+    fn dedup_window_is_off_by_default_and_bounded() {
+        let s = settings(&[("POD_NAME", "p")], Overrides::default()).unwrap();
+        assert_eq!(s.daemon.dedup_window, None);
+        let s =
+            settings(&[("POD_NAME", "p"), ("TIDEMARK__DAEMON__DEDUP_WINDOW", "10m")], Overrides::default()).unwrap();
+        assert_eq!(s.daemon.dedup_window, Some(Duration::from_secs(600)));
+        for bad in ["31d", "soon"] {
+            let msg = bad_key(&[("POD_NAME", "p"), ("TIDEMARK__DAEMON__DEDUP_WINDOW", bad)]);
+            assert!(msg.contains("dedup_window"), "{bad}: {msg}");
+        }
+        assert_eq!(s.daemon.memory_check_interval, Duration::from_secs(60));
+        assert!(bad_key(&[("TIDEMARK__DAEMON__MEMORY_CHECK_INTERVAL", "0s")]).contains("memory_check_interval"));
+    }
+
+    #[test]
+    fn sentinel_urls_and_passwords() {
+        let url = "redis+sentinel://app:s3cret@10.0.0.1:26379,10.0.0.2:26380/mymaster/1";
+        let s = settings(&[("REDIS_URL", url), ("POD_NAME", "p")], Overrides::default()).unwrap();
+        assert!(s.redis.is_sentinel());
+        assert_eq!(s.redis_display, "redis+sentinel://app:***@10.0.0.1:26379,10.0.0.2:26380/mymaster/1");
+        let settings_of = s.redis.client().get_connection_info().redis_settings().clone();
+        assert_eq!((settings_of.password(), settings_of.db()), (Some("s3cret"), 1), "the data node's password and db");
+        // REDIS_PASSWORD replaces the data nodes' password; the Sentinels'
+        // comes from its own setting or variable.
+        let s = settings(
+            &[
+                ("REDIS_URL", url),
+                ("REDIS_PASSWORD", "other"),
+                ("REDIS_SENTINEL_PASSWORD", "sentinel-pw"),
+                ("TIDEMARK__REDIS__SENTINEL_PASSWORD", "file-pw"),
+                ("POD_NAME", "p"),
+            ],
+            Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(s.redis.client().get_connection_info().redis_settings().password(), Some("other"));
+        assert!(!format!("{s:?}").contains("sentinel-pw"), "never shown");
+        for (pairs, key) in [
+            (&[("REDIS_URL", "redis+sentinel://s1:1")][..], "redis.url"),
+            (&[("REDIS_URL", "redis+sentinel://s1:1/m"), ("TIDEMARK__REDIS__MODE", "cluster")][..], "redis.mode"),
+            (&[("TIDEMARK__REDIS__SENTINEL_PASSWORD", "pw")][..], "redis.sentinel_password"),
+        ] {
+            let msg = bad_key(pairs);
+            assert!(msg.contains(key), "{pairs:?}: {msg}");
+        }
+    }
+
+    #[test]
     fn tls_files_need_a_rediss_url_and_each_other() {
         let cases = [
             ("redis://h:1", "TIDEMARK__REDIS__TLS_CA_FILE", "redis.tls_ca_file: needs a rediss:// URL"),
@@ -207,6 +255,8 @@ mod bundled_file {
             "config/tidemark.toml and the built-in defaults disagree"
         );
         // Unset by default, so only a comment can document it.
-        assert!(text.contains("password_file"), "redis.password_file is not documented in the bundled config");
+        for key in ["password_file", "sentinel_password"] {
+            assert!(text.contains(key), "redis.{key} is not documented in the bundled config");
+        }
     }
 }

@@ -180,6 +180,7 @@ impl Handler for CommandHandler {
             .env("TIDEMARK_ENTRY_ID", &entry)
             // Our Redis password is not the command's business.
             .env_remove(crate::config::REDIS_PASSWORD_ENV)
+            .env_remove(crate::config::REDIS_SENTINEL_PASSWORD_ENV)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

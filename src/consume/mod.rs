@@ -409,7 +409,7 @@ impl ConsumerBuilder {
             return Err(invalid("handler_timeout", "must be greater than zero".into()));
         }
         let redis = match self.redis {
-            Some(redis) if self.connect == *redis.options() => redis,
+            Some(redis) => redis.with_options(self.connect),
             _ => Endpoint::new(self.client, self.certs, self.mode, self.connect),
         };
         Ok(Consumer {

@@ -37,6 +37,13 @@ pub enum Fault {
     /// `MOVED` or `ASK`: a cluster slot moved to another node (resharding,
     /// failover) and a connection tied to the old node must follow it.
     Moved,
+    /// `WRONGTYPE`: a key of tidemark's holds another type of value
+    /// (another program overwrote it). Nothing works on it until it is
+    /// repaired or deleted.
+    WrongType,
+    /// `NOGROUP`: a consumer group tidemark uses, or its stream, was deleted
+    /// (`XGROUP DESTROY`, `DEL`, `FLUSHALL`); the next session recreates it.
+    NoGroup,
     /// `WRONGPASS`/`NOAUTH`/authentication failed: wrong or missing
     /// password. Retrying cannot help.
     Auth,
@@ -62,6 +69,8 @@ impl Fault {
             "NOSCRIPT" => Fault::NoScript,
             "MASTERDOWN" | "CLUSTERDOWN" | "TRYAGAIN" => Fault::ClusterDown,
             "MOVED" | "ASK" => Fault::Moved,
+            "WRONGTYPE" => Fault::WrongType,
+            "NOGROUP" => Fault::NoGroup,
             "WRONGPASS" | "NOAUTH" => Fault::Auth,
             "NOPERM" => Fault::Permission,
             _ => Fault::Other,
@@ -80,6 +89,8 @@ impl Fault {
             Fault::NoScript => "noscript",
             Fault::ClusterDown => "clusterdown",
             Fault::Moved => "moved",
+            Fault::WrongType => "wrongtype",
+            Fault::NoGroup => "nogroup",
             Fault::Auth => "auth",
             Fault::Permission => "noperm",
             Fault::Other => "other",
@@ -114,6 +125,13 @@ impl Fault {
             Fault::NoScript => "Redis lost its script cache (restart or SCRIPT FLUSH): reloading the scripts",
             Fault::ClusterDown => "the Redis master or cluster slot is unavailable (failover or slot migration)",
             Fault::Moved => "a Redis Cluster slot moved to another node (resharding or failover): following it",
+            Fault::WrongType => {
+                "a key of tidemark's holds the wrong type of value (overwritten by another program?): nothing works \
+                 on it until it is repaired or deleted"
+            }
+            Fault::NoGroup => {
+                "a consumer group or stream of tidemark's was deleted (XGROUP DESTROY, DEL or FLUSHALL?): recreating it"
+            }
             Fault::Auth => "Redis refused the credentials (wrong or missing password)",
             Fault::Permission => "the Redis ACL user lacks a permission tidemark needs",
             Fault::Other => "a Redis command failed",
@@ -149,7 +167,11 @@ impl RetryPolicy {
         let (floor, cap) = match fault {
             Fault::Disconnected | Fault::Unresponsive | Fault::Other => return self.reconnect,
             // A failover completes in about a second: look again quickly.
-            Fault::ReadOnly | Fault::ClusterDown | Fault::Moved => (min, max.min(Duration::from_secs(2)).max(min)),
+            Fault::ReadOnly | Fault::ClusterDown | Fault::Moved | Fault::NoGroup => {
+                (min, max.min(Duration::from_secs(2)).max(min))
+            }
+            // Needs an operator: look now and then, without a storm.
+            Fault::WrongType => (Duration::from_secs(1), Duration::from_secs(30)),
             Fault::NoScript => (min, max),
             Fault::Loading | Fault::Busy => (Duration::from_millis(500), Duration::from_secs(5)),
             // Memory frees when consumers catch up and trims run: seconds.
@@ -191,6 +213,8 @@ mod tests {
             ("CLUSTERDOWN", "The cluster is down", Fault::ClusterDown),
             ("TRYAGAIN", "Multiple keys request during rehashing of slot", Fault::ClusterDown),
             ("MOVED", "3999 127.0.0.1:6381", Fault::Moved),
+            ("WRONGTYPE", "Operation against a key holding the wrong kind of value", Fault::WrongType),
+            ("NOGROUP", "No such key 'x' or consumer group 'g' in XREADGROUP with GROUP option", Fault::NoGroup),
             ("ASK", "3999 127.0.0.1:6381", Fault::Moved),
             ("WRONGPASS", "invalid username-password pair", Fault::Auth),
             ("NOAUTH", "Authentication required.", Fault::Auth),
@@ -214,6 +238,8 @@ mod tests {
             Fault::NoScript,
             Fault::ClusterDown,
             Fault::Moved,
+            Fault::WrongType,
+            Fault::NoGroup,
             Fault::Auth,
             Fault::Permission,
             Fault::Other,
@@ -238,10 +264,10 @@ mod tests {
     proptest! {
         #[test]
         fn every_class_stays_within_its_bounds(min_ms in 1u64..3_000, extra_ms in 0u64..60_000,
-                                               attempt in 0u32..100, unit in 0.0f64..=1.0, class in 0usize..12) {
+                                               attempt in 0u32..100, unit in 0.0f64..=1.0, class in 0usize..14) {
             let all = [Fault::Disconnected, Fault::Unresponsive, Fault::OutOfMemory, Fault::ReadOnly,
-                       Fault::Loading, Fault::Busy, Fault::NoScript, Fault::ClusterDown, Fault::Moved, Fault::Auth,
-                       Fault::Permission, Fault::Other];
+                       Fault::Loading, Fault::Busy, Fault::NoScript, Fault::ClusterDown, Fault::Moved,
+                       Fault::WrongType, Fault::NoGroup, Fault::Auth, Fault::Permission, Fault::Other];
             let min = Duration::from_millis(min_ms);
             let max = Duration::from_millis(min_ms + extra_ms);
             let policy = RetryPolicy::new(Backoff::try_new(min, max).unwrap());

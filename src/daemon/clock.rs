@@ -40,7 +40,7 @@ const FOLLOWER_POLL: Duration = Duration::from_millis(100);
 /// holds the lock, and reconnects with backoff after Redis failures.
 pub async fn run(settings: Settings, ns: Namespace, stats: Arc<Stats>, shutdown: CancellationToken) {
     let clock = Clock {
-        scripts: Scripts::new(),
+        scripts: Scripts::new().dedup_window(settings.daemon.dedup_window),
         lock: ns.partition(0).lock("clock"),
         partitions: ns.all(),
         // Unique per process, so a restart under the same consumer name (or
@@ -212,7 +212,8 @@ impl Clock<'_> {
     /// Subscribes to the wake-up channel on a dedicated connection.
     async fn subscribe(&self) -> Result<PubSubStream, StoreError> {
         let s = self.settings;
-        let mut pubsub = timeout(s.connect.connect_timeout, s.redis.client().get_async_pubsub())
+        let server = s.redis.server().await?;
+        let mut pubsub = timeout(s.connect.connect_timeout, server.get_async_pubsub())
             .await
             .map_err(|_| timed_out("connecting for the wake-up subscription"))??;
         timeout(s.connect.response_timeout, pubsub.subscribe(self.partitions[0].wake_channel()))

@@ -20,7 +20,7 @@ use super::worker::{self, Job};
 use super::{Stats, Validity};
 use crate::config::Settings;
 use crate::store::batch::Route;
-use crate::store::{self, Conn, Namespace, Reconnect, Scripts, StoreError, INPUT_GROUP};
+use crate::store::{self, memory, Conn, Namespace, Reconnect, Scripts, StoreError, INPUT_GROUP};
 
 /// A running partition worker.
 struct Owned {
@@ -50,6 +50,8 @@ struct Coordinator<'a> {
     owned: HashMap<u16, Owned>,
     /// The live daemons, for the workers' claims.
     live: watch::Sender<Arc<Vec<String>>>,
+    /// When Redis's memory limit was last looked at.
+    memory_checked: Option<Instant>,
 }
 
 /// Runs until `shutdown`: then stops the workers (each finishes what it
@@ -71,6 +73,7 @@ pub(super) async fn run(
         token: format!("{}:{:016x}", settings.daemon.consumer, rand::random::<u64>()),
         owned: HashMap::new(),
         live,
+        memory_checked: None,
     };
     let result = loop {
         match c.session(shutdown, reconnect).await {
@@ -97,6 +100,7 @@ impl Coordinator<'_> {
         let d = &s.daemon;
         let mut conn = s.redis.connect(s.connect.response_timeout).await?;
         let version = store::check_version(&mut conn, &self.ns.meta()).await?;
+        self.check_memory(&mut conn).await?;
         for keys in self.ns.all() {
             store::ensure_group(&mut conn, &keys.input, INPUT_GROUP).await?;
             for group in &d.groups {
@@ -106,6 +110,9 @@ impl Coordinator<'_> {
             }
         }
         self.scripts.load(&mut conn).await?;
+        // Up only once a round has worked: a Redis that answers but refuses
+        // writes (full, a replica) is not a working connection.
+        self.tick(&mut conn).await?;
         if reconnect.up() {
             self.stats.reconnects.fetch_add(1, Relaxed);
         }
@@ -118,12 +125,56 @@ impl Coordinator<'_> {
         );
         let period = (s.lease.ttl / 3).max(Duration::from_millis(50));
         loop {
-            self.tick(&mut conn).await?;
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(period) => {}
             }
+            self.tick(&mut conn).await?;
+            if self.memory_checked.is_none_or(|t| t.elapsed() >= d.memory_check_interval) {
+                self.check_memory(&mut conn).await?;
+            }
         }
+    }
+
+    /// Looks at the memory limit of the partitions' servers (every one of
+    /// up to 8 partitions, else 8 spread over them: a cluster's nodes are
+    /// normally configured alike) and warns, at
+    /// every check, about an evicting policy (it can drop scheduled elements
+    /// without a trace) and about a server over 90% full (it will refuse
+    /// writes at its limit, and the work waits until memory frees).
+    async fn check_memory(&mut self, conn: &mut Conn) -> Result<(), StoreError> {
+        self.memory_checked = Some(Instant::now());
+        let mut seen = Vec::new();
+        let all = self.ns.all();
+        let step = all.len().div_ceil(8).max(1);
+        for keys in all.into_iter().step_by(step) {
+            let m = memory::read(conn, &keys.input).await?;
+            if seen.contains(&(m.policy.clone(), m.max)) {
+                continue;
+            }
+            if m.evicting() {
+                warn!(
+                    policy = %m.policy,
+                    maxmemory = m.max,
+                    used_memory = m.used,
+                    partition = keys.partition,
+                    "Redis evicts keys when it is full (maxmemory-policy {}): scheduled elements, their payloads, \
+                     leases and whole streams can vanish without a trace; set maxmemory-policy noeviction (tidemark \
+                     then waits while Redis is full and resumes when memory frees)",
+                    m.policy
+                );
+            } else if m.nearly_full() {
+                warn!(
+                    maxmemory = m.max,
+                    used_memory = m.used,
+                    partition = keys.partition,
+                    "Redis is over 90% of maxmemory: at the limit it refuses writes (OOM) and the work waits until \
+                     memory frees (consumers catching up, trims, a larger maxmemory)"
+                );
+            }
+            seen.push((m.policy, m.max));
+        }
+        Ok(())
     }
 
     /// One round: register, look at the owners, then renew, take and hand
@@ -200,6 +251,7 @@ impl Coordinator<'_> {
             valid: valid.clone(),
             live: self.live.subscribe(),
             stop: stop.clone(),
+            meta: self.ns.meta(),
         };
         let task = tokio::spawn(worker::run(s.clone(), self.stats.clone(), job));
         self.owned.insert(p, Owned { stop, valid, task });

@@ -20,16 +20,17 @@ use super::Stats;
 use crate::config::Settings;
 use crate::core::EntryId;
 use crate::store::retention::{self, GroupCursor};
-use crate::store::{lease, Conn, Keys, Namespace, Reconnect, StoreError, INPUT_GROUP};
+use crate::store::{self, lease, Conn, Keys, Namespace, Reconnect, StoreError, INPUT_GROUP};
 
 /// Competes for the housekeeping lock and does the periodic work while
 /// holding it, until `shutdown`; then releases the lock. Whether this daemon
 /// is the leader is kept in `stats.housekeeping_leader`.
 pub async fn run(settings: Settings, ns: Namespace, stats: Arc<Stats>, shutdown: CancellationToken) {
     let h = &settings.housekeeping;
-    // Wake often enough to extend the lock well before it lapses, and to
-    // work every `interval` (and never spin on absurdly small settings).
-    let wake = h.interval.min(h.lock_ttl / 3).max(Duration::from_millis(10));
+    // Wake often enough to extend the lock well before it lapses, to work
+    // every `interval`, and to notice a server that stopped answering
+    // within a second or two (and never spin on absurdly small settings).
+    let wake = h.interval.min(h.lock_ttl / 3).min(Duration::from_secs(1)).max(Duration::from_millis(10));
     let mut keeper = Housekeeper::new(&settings, &ns, &stats.housekeeping_leader);
     let mut reconnect = Reconnect::side_task("housekeeping", settings.daemon.retry);
     loop {
@@ -82,9 +83,9 @@ impl<'a> Housekeeper<'a> {
         Housekeeper { settings, ns, leader, locks: None, lock: None, conn: None, last_pass: None }
     }
 
-    /// The time allowed for one lock call (rslock sets no timeouts).
+    /// The time allowed for one lock call (rslock sets no overall timeout).
     fn lock_call_timeout(&self) -> Duration {
-        self.settings.connect.connect_timeout + self.settings.connect.response_timeout
+        self.settings.connect.response_timeout
     }
 
     /// Drops every connection, so the next step opens fresh ones.
@@ -99,38 +100,62 @@ impl<'a> Housekeeper<'a> {
         if self.locks.is_none() {
             self.locks = Some(lock_manager(self.settings).await?);
         }
-        self.hold_lock().await;
+        if self.hold_lock().await {
+            self.check_after_failed_take().await?;
+        }
         if self.lock.is_none() {
             return Ok(false);
         }
         if self.last_pass.is_some_and(|t| t.elapsed() < self.settings.housekeeping.interval) {
             return Ok(false);
         }
-        let conn = match &mut self.conn {
-            Some(c) => c,
-            None => {
-                let c = self.settings.redis.connect(self.settings.connect.response_timeout).await?;
-                self.conn.insert(c)
-            }
-        };
-        let result = pass(conn, self.settings, self.ns).await;
+        let (settings, ns) = (self.settings, self.ns);
+        let result = pass(self.conn().await?, settings, ns).await;
         self.last_pass = Some(Instant::now());
         result.map(|()| true)
     }
 
+    /// Our connection for the work, opened when first needed.
+    async fn conn(&mut self) -> Result<&mut Conn, StoreError> {
+        if self.conn.is_none() {
+            self.conn = Some(self.settings.redis.connect(self.settings.connect.response_timeout).await?);
+        }
+        Ok(self.conn.as_mut().expect("connected above"))
+    }
+
+    /// rslock says the same when another daemon holds the lock and when its
+    /// own connection cannot write (its server turned into a replica behind
+    /// the same address: a failover), so after a failed take our own
+    /// connection looks: a replica is an error (both connections are
+    /// replaced), and a lock that nobody holds means rslock's connection is
+    /// the problem (it is replaced). Without this a standby would never
+    /// lead again after such a failover.
+    async fn check_after_failed_take(&mut self) -> Result<(), StoreError> {
+        let resource = self.ns.partition(0).lock("housekeeping");
+        let conn = self.conn().await?;
+        store::ensure_master(conn, &resource).await?;
+        let holder: Option<String> = redis::cmd("GET").arg(&resource).query_async(conn).await?;
+        if holder.is_none() {
+            debug!("housekeeping: the lock is free but could not be taken; renewing rslock's connection");
+            self.locks = None;
+        }
+        Ok(())
+    }
+
     /// Extends the lock we hold, or tries to take it. Logs every change of
     /// leadership. Redis errors read as "not the leader" (rslock does not
-    /// tell them apart from a lock held elsewhere).
-    async fn hold_lock(&mut self) {
+    /// tell them apart from a lock held elsewhere). Returns whether it
+    /// tried to take the lock and failed.
+    async fn hold_lock(&mut self) -> bool {
         let ttl = self.settings.housekeeping.lock_ttl;
         let limit = self.lock_call_timeout();
-        let Some(locks) = &self.locks else { return };
+        let Some(locks) = &self.locks else { return false };
         match self.lock.take() {
             Some(held) => {
                 let reason = match tokio::time::timeout(limit, locks.extend(&held, ttl)).await {
                     Ok(Ok(extended)) => {
                         self.lock = Some(extended);
-                        return;
+                        return false;
                     }
                     // A failed extend already deleted our key where it
                     // could, so another daemon (or we) can take over at once.
@@ -143,6 +168,7 @@ impl<'a> Housekeeper<'a> {
                 self.leader.store(false, Ordering::Relaxed);
                 self.last_pass = None;
                 warn!(reason = %reason, "lost the housekeeping lock; another daemon may take over");
+                false
             }
             None => {
                 let resource = self.ns.partition(0).lock("housekeeping");
@@ -156,10 +182,14 @@ impl<'a> Housekeeper<'a> {
                             ttl = ?ttl,
                             "became the housekeeping leader"
                         );
+                        false
                     }
                     // Held by another daemon, or Redis unreachable.
-                    Ok(Err(_)) => {}
-                    Err(_) => self.locks = None,
+                    Ok(Err(_)) => true,
+                    Err(_) => {
+                        self.locks = None;
+                        false
+                    }
                 }
             }
         }
@@ -184,7 +214,8 @@ impl<'a> Housekeeper<'a> {
 async fn lock_manager(settings: &Settings) -> Result<LockManager, StoreError> {
     let mut m = match settings.redis.cluster_client().await? {
         Some(cluster) => LockManager::from_cluster_client(cluster),
-        None => LockManager::from_clients(vec![settings.redis.client().clone()]),
+        // The server now (with Sentinel: the master named now).
+        None => LockManager::from_clients(vec![settings.redis.server().await?]),
     };
     m.set_retry(1, Duration::from_millis(100));
     Ok(m)

@@ -126,13 +126,14 @@ impl Validity {
 
 /// Adds one apply call's outcome to the counters.
 fn record_apply(stats: &Stats, o: &ApplyOutcome) {
-    let applied = o.adds + o.cancels + o.watermarks + o.dead;
+    let applied = o.adds + o.cancels + o.watermarks + o.dead + o.duplicates;
     stats.ingested.fetch_add(applied, Relaxed);
     stats.adds.fetch_add(o.adds, Relaxed);
     stats.cancels.fetch_add(o.cancels, Relaxed);
     stats.watermarks.fetch_add(o.watermarks, Relaxed);
     stats.dead.fetch_add(o.dead, Relaxed);
     stats.late.fetch_add(o.late, Relaxed);
+    stats.duplicates.fetch_add(o.duplicates, Relaxed);
     stats.released.fetch_add(o.released + o.late, Relaxed);
 }
 

@@ -19,8 +19,8 @@ use tracing::{debug, info, warn};
 use super::window::{Reply, RoundEnd, Window};
 use super::{record_apply, record_input_dead_letters, Stats, Validity};
 use crate::config::Settings;
-use crate::core::EntryId;
-use crate::store::batch::{prepare_routed, Route};
+use crate::core::{EntryId, Fault};
+use crate::store::batch::{prepare_routed, Route, MAX_BATCH_BYTES};
 use crate::store::reader::StreamReader;
 use crate::store::{self, Conn, Keys, Prepared, Reconnect, Scripts, StoreError, StreamEntry, INPUT_GROUP};
 
@@ -48,13 +48,15 @@ pub(super) struct Job {
     pub live: watch::Receiver<Arc<Vec<String>>>,
     /// Cancelled when the worker must stop (handover, shutdown).
     pub stop: CancellationToken,
+    /// The namespace's meta record (recreated if it vanished).
+    pub meta: String,
 }
 
 /// Applies the partition's input until `job.stop` is cancelled or
 /// ownership ends. Redis failures are retried here, as long as ownership
 /// holds.
 pub(super) async fn run(settings: Settings, stats: Arc<Stats>, job: Job) {
-    let scripts = Scripts::new().clock_mode(settings.daemon.clock);
+    let scripts = Scripts::new().clock_mode(settings.daemon.clock).dedup_window(settings.daemon.dedup_window);
     let partition = job.keys.partition;
     let mut reconnect = Reconnect::side_task("partition worker", settings.daemon.retry);
     info!(partition, "owning the partition: applying its input");
@@ -69,11 +71,59 @@ pub(super) async fn run(settings: Settings, stats: Arc<Stats>, job: Job) {
                 return;
             }
             Err(e) => {
+                if e.fault() == Fault::WrongType && reconnect.outage() != Some(Fault::WrongType) {
+                    name_wrong_keys(&settings, &job.keys).await;
+                }
                 if !reconnect.wait(&e, &job.stop).await {
                     return;
                 }
             }
         }
+    }
+}
+
+/// The partition's keys, each with the type it must have.
+fn expected_types(keys: &Keys) -> [(String, &'static str); 8] {
+    [
+        (keys.input.clone(), "stream"),
+        (keys.wm.clone(), "string"),
+        (keys.sched.clone(), "zset"),
+        (keys.body.clone(), "hash"),
+        (keys.out.clone(), "stream"),
+        (keys.dead.clone(), "stream"),
+        (keys.released(), "zset"),
+        (keys.owner(), "string"),
+    ]
+}
+
+/// After a `WRONGTYPE`, says which of the partition's keys holds what
+/// (another program wrote over it), so the operator knows what to repair
+/// or delete.
+async fn name_wrong_keys(settings: &Settings, keys: &Keys) {
+    let look = async {
+        let mut conn = settings.redis.connect(settings.connect.response_timeout).await?;
+        let mut wrong = Vec::new();
+        for (key, want) in expected_types(keys) {
+            let found: String = redis::cmd("TYPE").arg(&key).query_async(&mut conn).await?;
+            if found != "none" && found != want {
+                wrong.push((key, want, found));
+            }
+        }
+        Ok::<_, StoreError>(wrong)
+    };
+    match look.await {
+        Ok(wrong) => {
+            for (key, want, found) in wrong {
+                warn!(
+                    key = %key,
+                    expected = want,
+                    found = %found,
+                    "{key} holds a {found}, not a {want} (written over by another program?): the partition's work \
+                     waits until it is repaired or deleted"
+                );
+            }
+        }
+        Err(e) => debug!(error = %e, "could not look at the partition's key types"),
     }
 }
 
@@ -88,7 +138,8 @@ async fn session(
 ) -> Result<(), StoreError> {
     let d = &settings.daemon;
     let keys = &job.keys;
-    let conn = settings.redis.connect(settings.connect.response_timeout).await?;
+    let mut conn = settings.redis.connect(settings.connect.response_timeout).await?;
+    recreate(&mut conn, settings, job).await?;
     reconnect.up();
     let mut worker = Worker { settings, keys, job, scripts, stats, conn, backlog: BTreeMap::new() };
     // Our own pending entries first: a restart under the same name resumes
@@ -109,6 +160,28 @@ async fn session(
     stop_reader.cancel();
     reader.abort();
     result
+}
+
+/// What the partition needs and something may have deleted since the
+/// daemon started (`XGROUP DESTROY`, `DEL` of a stream, `FLUSHALL`): the
+/// input group, the configured output groups and the namespace's meta
+/// record. Cheap when all exist (one refused create each).
+async fn recreate(conn: &mut Conn, settings: &Settings, job: &Job) -> Result<(), StoreError> {
+    let keys = &job.keys;
+    if store::ensure_group(conn, &keys.input, INPUT_GROUP).await? {
+        warn!(stream = %keys.input, "the input group was missing (its stream deleted, or FLUSHALL?): recreated it at id 0");
+    }
+    for group in &settings.daemon.groups {
+        if store::ensure_group(conn, &keys.out, group).await? {
+            warn!(group = %group, stream = %keys.out, "an output group was missing (deleted, or FLUSHALL?): recreated it at id 0");
+        }
+    }
+    let recorded: bool =
+        redis::cmd("HSETNX").arg(&job.meta).arg("partitions").arg(job.route.partitions).query_async(conn).await?;
+    if recorded {
+        warn!(key = %job.meta, "the namespace's meta record was missing (FLUSHALL?): wrote it again");
+    }
+    Ok(())
 }
 
 /// Reads new input in batches and hands them over parsed; reads the next
@@ -333,8 +406,18 @@ impl Worker<'_> {
             loop {
                 while window.may_send() {
                     let after = window.after().map_or(Unbounded, Excluded);
-                    let batch: Vec<&Prepared> =
-                        self.backlog.range((after, Unbounded)).map(|(_, p)| p).take(d.batch_size).collect();
+                    let mut bytes = 0;
+                    let batch: Vec<&Prepared> = self
+                        .backlog
+                        .range((after, Unbounded))
+                        .map(|(_, p)| p)
+                        .take(d.batch_size)
+                        .take_while(|p| {
+                            let first = bytes == 0;
+                            bytes += p.weight();
+                            first || bytes <= MAX_BATCH_BYTES
+                        })
+                        .collect();
                     if batch.is_empty() {
                         break;
                     }

@@ -21,6 +21,9 @@ pub struct Stats {
     pub late: AtomicU64,
     /// Elements released into `:out` (late adds included).
     pub released: AtomicU64,
+    /// Adds dropped: their element was released less than
+    /// `daemon.dedup_window` ago.
+    pub duplicates: AtomicU64,
     /// Input entries claimed from other consumers.
     pub claimed: AtomicU64,
     /// Daemons whose pending input was taken over because their liveness

@@ -25,14 +25,17 @@ use tracing::{debug, info, warn};
 pub use crate::health::{Readiness, Ready};
 
 use crate::config::Settings;
+use crate::core::Fault;
 use crate::health::Stats;
 use crate::store::{meta, status, Conn, StoreError};
 
 /// Longest a scrape waits for the Redis snapshot; past it, `/metrics`
 /// answers without the Redis state (and `tidemark_redis_up 0`).
 pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Longest `/readyz` waits for Redis to answer `PING`.
+/// Longest `/readyz` waits for Redis to take its probe write.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(1);
+/// Lifetime of the probe key `/readyz` writes.
+const PROBE_TTL_MS: u64 = 10_000;
 /// Time requests in flight get to finish once the work has drained.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// How often the recorder's histograms are folded (they buffer samples
@@ -126,20 +129,21 @@ impl Shared {
     }
 
     /// Runs `f` on our connection within `limit`; a failure drops the
-    /// connection so the next call makes a new one.
-    async fn with_redis<T, F, Fut>(&self, limit: Duration, f: F) -> Result<T, String>
+    /// connection so the next call makes a new one. The error is its class
+    /// and its text (the password scrubbed).
+    async fn with_redis<T, F, Fut>(&self, limit: Duration, f: F) -> Result<T, (Fault, String)>
     where
         F: FnOnce(Conn) -> Fut,
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
         let attempt = async { f(self.conn().await?).await };
-        let result = match tokio::time::timeout(limit, attempt).await {
+        let (fault, text) = match tokio::time::timeout(limit, attempt).await {
             Ok(Ok(v)) => return Ok(v),
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("no answer within {limit:?}"),
+            Ok(Err(e)) => (e.fault(), e.to_string()),
+            Err(_) => (Fault::Unresponsive, format!("no answer within {limit:?}")),
         };
         self.forget_conn().await;
-        Err(self.scrub(result))
+        Err((fault, self.scrub(text)))
     }
 
     fn scrub(&self, text: String) -> String {
@@ -173,8 +177,14 @@ async fn healthz() -> impl IntoResponse {
     (StatusCode::OK, "ok\n")
 }
 
-/// `/readyz`: 200 while connected and Redis answers; 503 with the reason
-/// while starting, disconnected or shutting down.
+/// `/readyz`: 200 while connected and Redis takes a write now; 503 with
+/// the reason while starting, disconnected, unresponsive, read-only,
+/// loading, out of memory, paused or shutting down.
+///
+/// The probe is a write (a `SET` of the namespace's probe key with a short
+/// lifetime), not a `PING`: a replica, a full Redis (`noeviction`) and one
+/// whose writes are paused for a failover all answer `PING`, but none of
+/// them can do tidemark's work.
 async fn readyz(State(s): State<Arc<Shared>>) -> impl IntoResponse {
     let unavailable = |reason: String| (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n"));
     if s.endpoints.shutdown.is_cancelled() {
@@ -184,14 +194,21 @@ async fn readyz(State(s): State<Arc<Shared>>) -> impl IntoResponse {
         Ready::Ready => {}
         other => return unavailable(s.scrub(other.to_string())),
     }
-    let ping = s
+    let key = s.endpoints.settings.namespace.partition(0).probe();
+    let probe = s
         .with_redis(PING_TIMEOUT, |mut conn| async move {
-            redis::cmd("PING").query_async::<()>(&mut conn).await.map_err(StoreError::from)
+            let mut set = redis::cmd("SET");
+            set.arg(&key).arg(1).arg("PX").arg(PROBE_TTL_MS);
+            set.query_async::<()>(&mut conn).await.map_err(StoreError::from)
         })
         .await;
-    match ping {
+    match probe {
         Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
-        Err(e) => unavailable(format!("Redis does not answer: {e}")),
+        Err((Fault::Unresponsive, e)) => {
+            unavailable(format!("Redis does not answer (or its writes are paused for a failover): {e}"))
+        }
+        Err((Fault::Disconnected, e)) => unavailable(format!("Redis does not answer: {e}")),
+        Err((fault, e)) => unavailable(Ready::Unavailable(fault, e).to_string()),
     }
 }
 
@@ -205,7 +222,7 @@ async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
             status::snapshot(&mut conn, &ns).await
         })
         .await;
-    let status = match snapshot {
+    let status = match snapshot.map_err(|(_, text)| text) {
         Ok(status) => {
             if !s.snapshot_ok.swap(true, Ordering::Relaxed) {
                 info!("metrics: reading the Redis state works again");

@@ -59,6 +59,10 @@ fn describe_scraped() {
     describe_counter!(INGESTED, "Input entries applied by this daemon, by op (dead: malformed, dead-lettered).");
     describe_counter!(LATE, "Adds that were already due when applied and were released at once.");
     describe_counter!(RELEASED, "Elements this daemon released into the output stream (late adds included).");
+    describe_counter!(
+        DUPLICATES_DROPPED,
+        "Adds this daemon dropped because their element was released less than daemon.dedup_window ago."
+    );
     describe_counter!(INPUT_CLAIMED, "Input entries this daemon claimed from other daemons.");
     describe_counter!(INPUT_FAILOVERS, "Daemons whose pending input this daemon took over after their lease expired.");
     describe_counter!(REDIS_RECONNECTS, "Times the connection to Redis was re-established after a failure.");
@@ -128,6 +132,7 @@ fn record_stats(s: &Stats) {
     }
     counter!(LATE).absolute(s.late.load(Relaxed));
     counter!(RELEASED).absolute(s.released.load(Relaxed));
+    counter!(DUPLICATES_DROPPED).absolute(s.duplicates.load(Relaxed));
     counter!(INPUT_CLAIMED).absolute(s.claimed.load(Relaxed));
     counter!(INPUT_FAILOVERS).absolute(s.failovers.load(Relaxed));
     counter!(REDIS_RECONNECTS).absolute(s.reconnects.load(Relaxed));

@@ -67,7 +67,23 @@ pub struct Prepared {
     pub step: Step,
 }
 
+/// Most bytes of payloads and dead letters sent in one apply call (a
+/// batch holds at least one entry, whatever its size): a thousand 1 MiB
+/// payloads must not travel as one gigabyte-sized call, which Redis would
+/// parse and run for seconds while every other client waits.
+pub const MAX_BATCH_BYTES: usize = 8 << 20;
+
 impl Prepared {
+    /// About how many bytes the entry adds to an apply call.
+    pub fn weight(&self) -> usize {
+        64 + match &self.step {
+            Step::Add { element, payload, .. } => element.len() + payload.len(),
+            Step::Cancel { element } => element.len(),
+            Step::Dead { detail, fields, .. } => detail.len() + fields.len(),
+            Step::Watermark { .. } | Step::Deleted => 0,
+        }
+    }
+
     /// What the entry does, for counting and logs.
     pub fn kind(&self) -> Kind {
         match &self.step {

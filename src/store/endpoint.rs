@@ -10,6 +10,9 @@
 //!   the shared connection would hold up everything behind it). A reader
 //!   that meets `MOVED` is dropped and opened again, which finds the new
 //!   node.
+//! - With `redis+sentinel://`, the Sentinels are asked for the master on
+//!   every connect ([`Endpoint::sentinel`]), so a reconnect after a
+//!   failover finds the new master.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -17,9 +20,13 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
-use redis::{AsyncConnectionConfig, Client, ConnectionAddr, RedisFuture, TlsCertificates, Value};
+use redis::{
+    AsyncConnectionConfig, Client, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, RedisFuture,
+    TlsCertificates, Value,
+};
 
 use super::reader::StreamReader;
+use super::sentinel::{Epoch, SentinelUrl, Sentinels};
 use super::{ConnectOptions, StoreError};
 use crate::core::route::key_slot;
 
@@ -41,6 +48,11 @@ pub enum Conn {
     Single(MultiplexedConnection),
     /// A cluster: each command goes to the node of its first key's slot.
     Cluster(ClusterConnection),
+    /// The master the Sentinels named when it was opened: once they
+    /// announce a failover, every command fails with `READONLY` (so its
+    /// user reconnects, finding the new master) instead of going to a
+    /// server that is about to become a replica.
+    Followed(MultiplexedConnection, Epoch),
 }
 
 impl redis::aio::ConnectionLike for Conn {
@@ -48,6 +60,8 @@ impl redis::aio::ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Followed(_, epoch) if epoch.stale() => Box::pin(async { Err(Epoch::error()) }),
+            Conn::Followed(c, _) => c.req_packed_command(cmd),
         }
     }
 
@@ -60,12 +74,14 @@ impl redis::aio::ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Followed(_, epoch) if epoch.stale() => Box::pin(async { Err(Epoch::error()) }),
+            Conn::Followed(c, _) => c.req_packed_commands(cmd, offset, count),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
-            Conn::Single(c) => c.get_db(),
+            Conn::Single(c) | Conn::Followed(c, _) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
         }
     }
@@ -77,7 +93,7 @@ impl Conn {
     /// that key's data.
     pub async fn query_at<T: redis::FromRedisValue>(&mut self, key: &str, cmd: &redis::Cmd) -> Result<T, StoreError> {
         match self {
-            Conn::Single(c) => Ok(cmd.query_async(c).await?),
+            Conn::Single(_) | Conn::Followed(..) => Ok(cmd.query_async(self).await?),
             Conn::Cluster(c) => {
                 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
                 let route = Route::new(key_slot(key.as_bytes()), SlotAddr::Master);
@@ -98,7 +114,9 @@ impl Conn {
 /// what was learnt about the deployment.
 #[derive(Clone)]
 pub struct Endpoint {
-    /// The configured node (password and database applied).
+    /// The configured node (password and database applied). With
+    /// Sentinel, the data nodes' credentials and database on the first
+    /// Sentinel's address: a template, never connected to.
     client: Client,
     /// Custom TLS material (`redis.tls_*`), for the cluster's nodes too.
     certs: Option<TlsCertificates>,
@@ -112,6 +130,8 @@ pub struct Endpoint {
     /// connections beside the configured node, so that they still find
     /// the cluster when that node is down.
     nodes: Arc<Mutex<Vec<(String, u16)>>>,
+    /// `redis+sentinel://`: who names the master.
+    sentinels: Option<Arc<Sentinels>>,
 }
 
 #[derive(Clone)]
@@ -125,6 +145,7 @@ impl std::fmt::Debug for Endpoint {
         f.debug_struct("Endpoint")
             .field("addr", &self.client.get_connection_info().addr().to_string())
             .field("mode", &self.mode)
+            .field("sentinel_master", &self.sentinels.as_ref().map(|s| s.name().to_owned()))
             .finish_non_exhaustive()
     }
 }
@@ -137,12 +158,91 @@ impl Endpoint {
             Mode::Standalone => Some(Learnt::Standalone),
             Mode::Auto | Mode::Cluster => None,
         };
-        Endpoint { client, certs, mode, opts, learnt: Arc::new(Mutex::new(learnt)), nodes: Arc::default() }
+        Endpoint {
+            client,
+            certs,
+            mode,
+            opts,
+            learnt: Arc::new(Mutex::new(learnt)),
+            nodes: Arc::default(),
+            sentinels: None,
+        }
     }
 
-    /// The configured node's client.
+    /// An endpoint for the master that the Sentinels of `url` monitor
+    /// (`redis+sentinel://`): every connect asks them which server it is.
+    /// `sentinel_password` authenticates to the Sentinels; `certs` (TLS)
+    /// is trusted by both the Sentinels' and the data nodes' connections.
+    pub fn sentinel(
+        url: &SentinelUrl,
+        sentinel_password: Option<&str>,
+        certs: Option<TlsCertificates>,
+        opts: ConnectOptions,
+    ) -> Result<Self, StoreError> {
+        let sentinels = Sentinels::new(url, sentinel_password, certs.as_ref())?;
+        let (host, port) = url.sentinels.first().cloned().ok_or_else(|| {
+            StoreError::from(redis::RedisError::from((redis::ErrorKind::EmptySentinelList, "no Sentinel address")))
+        })?;
+        let addr = match url.tls {
+            false => ConnectionAddr::Tcp(host, port),
+            true => ConnectionAddr::TcpTls { host, port, insecure: false, tls_params: None },
+        };
+        let mut settings = RedisConnectionInfo::default().set_db(url.db);
+        if let Some(user) = &url.username {
+            settings = settings.set_username(user);
+        }
+        if let Some(password) = &url.password {
+            settings = settings.set_password(password);
+        }
+        let info = "redis://127.0.0.1".into_connection_info()?.set_addr(addr).set_redis_settings(settings);
+        let client = match &certs {
+            Some(certs) if url.tls => Client::build_with_tls(info, certs.clone())?,
+            _ => Client::open(info)?,
+        };
+        Ok(Endpoint {
+            client,
+            certs,
+            mode: Mode::Standalone,
+            opts,
+            learnt: Arc::new(Mutex::new(Some(Learnt::Standalone))),
+            nodes: Arc::default(),
+            sentinels: Some(Arc::new(sentinels)),
+        })
+    }
+
+    /// The same endpoint with other timeouts.
+    pub fn with_options(&self, opts: ConnectOptions) -> Self {
+        Endpoint { opts, ..self.clone() }
+    }
+
+    /// The configured node's client (with Sentinel: a template holding the
+    /// data nodes' credentials; connect through [`Endpoint::server`]).
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// Whether the Sentinels name the master (`redis+sentinel://`).
+    pub fn is_sentinel(&self) -> bool {
+        self.sentinels.is_some()
+    }
+
+    /// A client for the server that commands without a key go to: the
+    /// configured server, the master the Sentinels name now, or the
+    /// configured node of a cluster.
+    pub async fn server(&self) -> Result<Client, StoreError> {
+        match &self.sentinels {
+            Some(s) => {
+                let (host, port) = s.master(self.opts.connect_timeout).await?;
+                self.node_client(host, port)
+            }
+            None => Ok(self.client.clone()),
+        }
+    }
+
+    /// With Sentinel, the master's epoch now, for a connection about to be
+    /// opened (see [`Conn::Followed`]).
+    fn epoch(&self) -> Option<Epoch> {
+        self.sentinels.as_ref().map(|s| s.epoch())
     }
 
     /// The timeouts.
@@ -207,7 +307,14 @@ impl Endpoint {
     /// `response`.
     pub async fn connect(&self, response: Duration) -> Result<Conn, StoreError> {
         match self.learn().await? {
-            Learnt::Standalone => Ok(Conn::Single(single(&self.client, &self.opts, response).await?)),
+            Learnt::Standalone => {
+                let epoch = self.epoch();
+                let conn = single(&self.server().await?, &self.opts, response).await?;
+                Ok(match epoch {
+                    Some(epoch) => Conn::Followed(conn, epoch),
+                    None => Conn::Single(conn),
+                })
+            }
             Learnt::Cluster(_) => {
                 let client = self.cluster_builder()?.response_timeout(response).build()?;
                 let mut conn = tokio::time::timeout(self.opts.connect_timeout * 2, client.get_async_connection())
@@ -229,7 +336,7 @@ impl Endpoint {
     /// the cluster master of its slot).
     pub async fn client_for(&self, key: &str) -> Result<Client, StoreError> {
         match self.learn().await? {
-            Learnt::Standalone => Ok(self.client.clone()),
+            Learnt::Standalone => self.server().await,
             Learnt::Cluster(_) => {
                 let mut conn = self.connect(self.opts.response_timeout).await?;
                 let (host, port) = master_of(&mut conn, key_slot(key.as_bytes())).await?;
@@ -242,13 +349,15 @@ impl Endpoint {
     /// server that serves it; replies time out after `response` (a blocking
     /// read should add its block time).
     pub async fn reader(&self, key: &str, response: Duration) -> Result<StreamReader, StoreError> {
+        let epoch = self.epoch();
         let client = self.client_for(key).await?;
-        StreamReader::connect(&client, &self.opts, response).await
+        Ok(StreamReader::connect(&client, &self.opts, response).await?.followed(epoch))
     }
 
     /// The configured client pointed at another node (same credentials,
     /// database and TLS).
     fn node_client(&self, host: String, port: u16) -> Result<Client, StoreError> {
+        // The template's TLS parameters (custom certificates) carry over.
         let info = self.client.get_connection_info().clone();
         Ok(Client::open(info.set_addr(self.node_addr(host, port)))?)
     }

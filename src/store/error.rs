@@ -26,6 +26,9 @@ pub enum StoreError {
     /// This daemon no longer owns the partition it was working on.
     #[error("this daemon no longer owns partition {0}")]
     Deposed(u16),
+    /// Asking the Sentinels for the master failed.
+    #[error("Sentinel: {0}{hint}", hint = sentinel_hint(.0))]
+    Sentinel(redis::RedisError),
 }
 
 impl StoreError {
@@ -35,15 +38,31 @@ impl StoreError {
         StoreError::Redis(redis::RedisError::from(std::io::Error::new(kind, what)))
     }
 
+    /// `READONLY`: the server is a replica now (we found out ourselves).
+    pub fn replica() -> StoreError {
+        let e = redis::parse_redis_value(b"-READONLY the server is a replica now (failover): reconnecting\r\n")
+            .and_then(|v| v.extract_error().map(|_| ()))
+            .expect_err("an error reply");
+        StoreError::Redis(e)
+    }
+
     /// The class of the failure, which decides the log line, the `/readyz`
     /// reason, the metric label and the retry pace.
     pub fn fault(&self) -> Fault {
-        let StoreError::Redis(e) = self else { return Fault::Other };
+        let (StoreError::Redis(e) | StoreError::Sentinel(e)) = self else { return Fault::Other };
         if e.kind() == redis::ErrorKind::AuthenticationFailed {
             return Fault::Auth;
         }
         if e.is_timeout() {
             return Fault::Unresponsive;
+        }
+        // During a failover the Sentinels may name no usable master for a
+        // moment (it is down, or not yet promoted).
+        if matches!(
+            e.kind(),
+            redis::ErrorKind::MasterNameNotFoundBySentinel | redis::ErrorKind::NoValidReplicasFoundBySentinel
+        ) {
+            return Fault::ClusterDown;
         }
         if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
             return Fault::Disconnected;
@@ -70,7 +89,7 @@ impl StoreError {
     /// a permission we need, server too old, bad URL).
     pub fn is_fatal(&self) -> bool {
         match self {
-            StoreError::Redis(e) if e.kind() == redis::ErrorKind::InvalidClientConfig => true,
+            StoreError::Redis(e) | StoreError::Sentinel(e) if e.kind() == redis::ErrorKind::InvalidClientConfig => true,
             StoreError::TooOld(_) | StoreError::Layout(super::LayoutError::Mismatch { .. }) => true,
             // A repartition under way ends: long-running processes wait.
             StoreError::Layout(super::LayoutError::Repartitioning { .. }) => false,
@@ -85,6 +104,16 @@ fn server_codes(e: &redis::RedisError) -> Vec<String> {
     match e.clone().into_server_errors() {
         Some(errors) => errors.iter().map(|(_, err)| err.code().to_owned()).collect(),
         None => e.code().map(str::to_owned).into_iter().collect(),
+    }
+}
+
+/// What to check when the Sentinels refuse our credentials.
+fn sentinel_hint(e: &redis::RedisError) -> &'static str {
+    let codes = server_codes(e);
+    if e.kind() == redis::ErrorKind::AuthenticationFailed || codes.iter().any(|c| c == "WRONGPASS" || c == "NOAUTH") {
+        " (the Sentinels refused the password: check redis.sentinel_password or REDIS_SENTINEL_PASSWORD)"
+    } else {
+        ""
     }
 }
 

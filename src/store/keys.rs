@@ -192,6 +192,18 @@ impl Keys {
         format!("{}:lock:{name}", self.namespace_stem)
     }
 
+    /// The ids released lately, with `daemon.dedup_window` (sorted set:
+    /// element id → release time, ms): `<stem>:released`.
+    pub fn released(&self) -> String {
+        format!("{}:released", self.stem)
+    }
+
+    /// What `/readyz` writes to check that Redis takes writes (string,
+    /// with a short lifetime): `<prefix>:{NS}:probe`.
+    pub fn probe(&self) -> String {
+        format!("{}:probe", self.namespace_stem)
+    }
+
     /// The owner of this partition's input (string: the owning daemon's
     /// token, with a lifetime): `<stem>:owner`.
     pub fn owner(&self) -> String {

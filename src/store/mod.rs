@@ -5,13 +5,17 @@ pub mod batch;
 pub mod endpoint;
 pub mod entries;
 pub mod error;
+#[cfg(test)]
+mod hostile;
 pub mod keys;
 pub mod lease;
+pub mod memory;
 pub mod meta;
 pub mod reader;
 pub mod reconnect;
 pub mod retention;
 pub mod scripts;
+pub mod sentinel;
 pub mod serving;
 pub mod status;
 
@@ -57,6 +61,18 @@ pub async fn check_version(conn: &mut Conn, key: &str) -> Result<String, StoreEr
         return Err(StoreError::TooOld(version));
     }
     Ok(version)
+}
+
+/// Fails with `READONLY` unless the server that serves `key` is a master
+/// (`INFO replication`, which the least-privilege ACL allows). For users
+/// that only read, where nothing else would tell them that their server
+/// became a replica.
+pub async fn ensure_master(conn: &mut Conn, key: &str) -> Result<(), StoreError> {
+    let info: String = conn.query_at(key, redis::cmd("INFO").arg("replication")).await?;
+    match info.lines().find_map(|l| l.strip_prefix("role:")).map(str::trim) {
+        Some("master") | None => Ok(()),
+        Some(_) => Err(StoreError::replica()),
+    }
 }
 
 fn parse_version(v: &str) -> (u32, u32) {

@@ -18,6 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::time::timeout;
 
+use super::sentinel::Epoch;
 use super::{entries, Conn, ConnectOptions, StoreError, StreamEntry};
 use crate::core::EntryId;
 
@@ -31,6 +32,9 @@ const MAX_DEPTH: usize = 32;
 /// A connection for blocking stream reads (see the module documentation).
 pub struct StreamReader {
     inner: Inner,
+    /// With Sentinel: the master's epoch when this was opened; a read in
+    /// progress when a failover is announced ends with `READONLY`.
+    epoch: Option<Epoch>,
 }
 
 enum Inner {
@@ -57,17 +61,50 @@ impl StreamReader {
             }
             _ => {
                 let conn = super::endpoint::single(client, opts, response).await?;
-                return Ok(StreamReader { inner: Inner::Redis(Conn::Single(conn)) });
+                return Ok(StreamReader { inner: Inner::Redis(Conn::Single(conn)), epoch: None });
             }
         };
-        let mut raw = RawConn { io: transport, buf: Vec::with_capacity(READ_CHUNK), response, broken: false };
+        let mut raw = RawConn {
+            io: transport,
+            buf: Vec::with_capacity(READ_CHUNK),
+            response,
+            silence: opts.response_timeout.min(response),
+            broken: false,
+        };
         raw.handshake(info.redis_settings()).await?;
-        Ok(StreamReader { inner: Inner::Raw(raw) })
+        Ok(StreamReader { inner: Inner::Raw(raw), epoch: None })
+    }
+
+    /// The same reader, ending its reads once a failover after `epoch`
+    /// is announced.
+    pub(super) fn followed(mut self, epoch: Option<Epoch>) -> Self {
+        self.epoch = epoch;
+        self
     }
 
     /// `XREADGROUP` of new entries (`>`) of `stream` in `group` as
     /// `consumer`, at most `count`, blocking up to `block`.
     pub async fn read_group(
+        &mut self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<StreamEntry>, StoreError> {
+        let Some(epoch) = self.epoch.clone() else { return self.read(stream, group, consumer, count, block).await };
+        if epoch.stale() {
+            return Err(Epoch::error().into());
+        }
+        tokio::select! {
+            read = self.read(stream, group, consumer, count, block) => read,
+            // The raw connection is left marked broken by the abandoned
+            // request; the caller opens a new reader anyway.
+            _ = epoch.changed() => Err(Epoch::error().into()),
+        }
+    }
+
+    async fn read(
         &mut self,
         stream: &str,
         group: &str,
@@ -116,7 +153,11 @@ async fn with_timeout<T>(
 }
 
 fn timed_out() -> redis::RedisError {
-    io::Error::new(io::ErrorKind::TimedOut, "no reply from Redis in time").into()
+    timed_out_io().into()
+}
+
+fn timed_out_io() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "no reply from Redis in time")
 }
 
 /// Parses a complete reply with redis-rs, turning an error reply into an
@@ -152,8 +193,13 @@ struct RawConn {
     /// Bytes received and not yet consumed; after [`RawConn::request`] the
     /// reply is at its start.
     buf: Vec<u8>,
-    /// Time allowed for a reply.
+    /// Time allowed for a reply to begin (a blocking read's includes its
+    /// block time).
     response: Duration,
+    /// Once a reply has begun, time allowed between its pieces: a huge
+    /// reply may take long in all, but a server that stops sending half
+    /// way is noticed this fast.
+    silence: Duration,
     /// A request failed or timed out half-way: the stream position is
     /// unknown, so the connection must not be used again.
     broken: bool,
@@ -198,24 +244,23 @@ impl RawConn {
         self.broken = true;
         let command = encode_command(args);
         let (io, buf) = (&mut self.io, &mut self.buf);
+        let (response, silence) = (self.response, self.silence);
         let exchange = async {
-            io.write_all(&command).await?;
+            timeout(response, io.write_all(&command)).await.map_err(|_| timed_out_io())??;
             let mut scanner = Scanner::default();
+            let mut wait = response;
             loop {
                 if let Some(len) = scanner.frame_len(buf)? {
                     return Ok::<usize, io::Error>(len);
                 }
                 buf.reserve(READ_CHUNK);
-                if io.read_buf(buf).await? == 0 {
-                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "Redis closed the connection"));
+                match timeout(wait, io.read_buf(buf)).await.map_err(|_| timed_out_io())?? {
+                    0 => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "Redis closed the connection")),
+                    _ => wait = silence,
                 }
             }
         };
-        let len = match timeout(self.response, exchange).await {
-            Ok(Ok(len)) => len,
-            Ok(Err(e)) => return Err(redis::RedisError::from(e).into()),
-            Err(_) => return Err(timed_out().into()),
-        };
+        let len = exchange.await.map_err(redis::RedisError::from)?;
         self.broken = false;
         Ok(len)
     }

@@ -49,7 +49,7 @@ pub fn read_file(path: &Path) -> String {
 }
 
 /// SIGKILLs a child process and reaps it.
-pub(crate) fn kill_and_reap(child: &mut Child) {
+pub fn kill_and_reap(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
 }
@@ -256,6 +256,21 @@ pub fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
     Ok((code, body.to_owned()))
 }
 
+/// [`http_get`] of a process's endpoint at `addr`, which must answer:
+/// the status code and the body.
+pub fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_get(&addr.to_string(), path).unwrap_or_else(|e| panic!("GET {path} from {addr}: {e}"))
+}
+
+/// The value of the Prometheus sample `name_and_labels` (e.g.
+/// `x_total{class="oom"}`) in a `/metrics` body, if present.
+pub fn metric(body: &str, name_and_labels: &str) -> Option<f64> {
+    body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (key, value) = l.rsplit_once(' ')?;
+        (key == name_and_labels).then(|| value.parse().ok()).flatten()
+    })
+}
+
 /// A one-shot's exit status, stdout and stderr, for assertion messages.
 pub fn describe(out: &Output) -> String {
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
@@ -268,12 +283,14 @@ pub fn free_port() -> u16 {
     listener.local_addr().expect("local_addr").port()
 }
 
-/// Removes `REDIS_URL`, `REDIS_PASSWORD`, `POD_NAME`, `TIDEMARK_CONFIG` and
-/// every `TIDEMARK__…` variable.
+/// Removes `REDIS_URL`, `REDIS_PASSWORD`, `REDIS_SENTINEL_PASSWORD`, `POD_NAME`, `TIDEMARK_CONFIG`,
+/// every `TIDEMARK__…` variable and the harness's own `TIDEMARK_TEST_…` ones.
 fn scrub_env(cmd: &mut Command) {
     for (key, _) in std::env::vars_os() {
         let k = key.to_string_lossy();
-        if matches!(&*k, "REDIS_URL" | "REDIS_PASSWORD" | "POD_NAME" | "TIDEMARK_CONFIG") || k.starts_with("TIDEMARK__")
+        if matches!(&*k, "REDIS_URL" | "REDIS_PASSWORD" | "REDIS_SENTINEL_PASSWORD" | "POD_NAME" | "TIDEMARK_CONFIG")
+            || k.starts_with("TIDEMARK__")
+            || k.starts_with("TIDEMARK_TEST_")
         {
             cmd.env_remove(&key);
         }

@@ -287,6 +287,17 @@ impl Drop for RedisServer {
     }
 }
 
+/// Waits until `child`, a server (or Sentinel) started on `port`, answers
+/// PING; the error says why not.
+pub fn wait_answers(child: &mut Child, port: u16, timeout: Duration) -> Result<(), String> {
+    match wait_redis_ready(child, port, Instant::now() + timeout) {
+        Readiness::Ready => Ok(()),
+        Readiness::Exited(status) => Err(format!("exited during startup ({status})")),
+        Readiness::Foreign => Err(format!("port {port} is taken by another server")),
+        Readiness::TimedOut => Err(format!("did not answer PING within {timeout:?}")),
+    }
+}
+
 fn wait_redis_ready(child: &mut Child, port: u16, deadline: Instant) -> Readiness {
     loop {
         if let Ok(Some(status)) = child.try_wait() {

@@ -33,6 +33,9 @@ pub struct ApplyOutcome {
     /// Nothing was done: the partition's owner lock does not hold the
     /// caller's token (ownership moved to another daemon).
     pub fenced: bool,
+    /// `add` entries dropped: their element was released less than
+    /// `daemon.dedup_window` ago (a producer's retry).
+    pub duplicates: u64,
 }
 
 impl ApplyOutcome {
@@ -83,11 +86,15 @@ impl ApplyOutcome {
                     o.fenced = value == 1;
                     512
                 }
+                "duplicates" => {
+                    o.duplicates = n;
+                    1024
+                }
                 other => return Err(StoreError::Reply(format!("apply.lua: unknown reply field {other:?}"))),
             };
             seen |= bit;
         }
-        if seen != 1023 {
+        if seen != 2047 {
             return Err(StoreError::Reply(format!("apply.lua: reply fields missing (got mask {seen:#x})")));
         }
         Ok(o)
@@ -302,6 +309,7 @@ impl Scripts {
             .key(&keys.dead)
             .key(keys.clock_next())
             .key(keys.owner())
+            .key(keys.released())
             .arg(INPUT_GROUP)
             .arg(chunk)
             .arg(batch.len())
@@ -317,6 +325,7 @@ impl Scripts {
                 inv.arg("B").arg(b.min_ts).arg(b.zadd).arg(b.hset).arg(b.bare).arg(b.acks).arg(b.gaps);
             }
         }
+        inv.arg(self.dedup_ms);
         ApplyCall { inv }
     }
 }
@@ -402,6 +411,7 @@ mod tests {
             ("watermarks", 6),
             ("dead", 7),
             ("fenced", 0),
+            ("duplicates", 8),
         ] {
             items.push(bs(name));
             items.push(redis::Value::Int(v));
@@ -419,7 +429,8 @@ mod tests {
                 watermarks: 6,
                 dead: 7,
                 late: 9,
-                fenced: false
+                fenced: false,
+                duplicates: 8
             }
         );
         assert!(ApplyOutcome::decode(redis::Value::Array(items[2..].to_vec())).is_err(), "a missing field");

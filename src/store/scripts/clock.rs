@@ -29,7 +29,9 @@ impl Scripts {
             .key(&keys.body)
             .key(&keys.out)
             .key(keys.clock_next())
+            .key(keys.released())
             .arg(chunk)
+            .arg(self.dedup_ms)
             .invoke_async(conn)
             .await?;
         crate::metrics::record_script(crate::metrics::Script::Clock, started.elapsed());

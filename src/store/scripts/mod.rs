@@ -73,6 +73,9 @@ pub struct Scripts {
     /// Clock mode: `apply` first raises the watermark to the server's
     /// `TIME` and wakes the clock leader for adds due before it expects.
     clock_mode: bool,
+    /// `daemon.dedup_window` in ms (0: off): releases are recorded, and an
+    /// add of an id released less than this ago is dropped.
+    dedup_ms: u64,
 }
 
 impl Default for Scripts {
@@ -83,14 +86,24 @@ impl Default for Scripts {
 
 impl std::fmt::Debug for Scripts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Scripts").field("clock_mode", &self.clock_mode).finish_non_exhaustive()
+        f.debug_struct("Scripts")
+            .field("clock_mode", &self.clock_mode)
+            .field("dedup_ms", &self.dedup_ms)
+            .finish_non_exhaustive()
     }
 }
 
 impl Scripts {
     /// The scripts (built on first use; nothing is sent yet).
     pub fn new() -> Self {
-        Scripts { sources: &SOURCES, clock_mode: false }
+        Scripts { sources: &SOURCES, clock_mode: false, dedup_ms: 0 }
+    }
+
+    /// The same scripts with the dedup window `window` (`None`: off; see
+    /// `daemon.dedup_window`).
+    pub fn dedup_window(mut self, window: Option<std::time::Duration>) -> Self {
+        self.dedup_ms = window.map_or(0, |w| (w.as_millis() as u64).max(1));
+        self
     }
 
     /// The same scripts with clock mode on or off (see [`Scripts::apply`]).

@@ -17,7 +17,9 @@ impl Scripts {
             .key(&keys.sched)
             .key(&keys.body)
             .key(&keys.out)
+            .key(keys.released())
             .arg(chunk)
+            .arg(self.dedup_ms)
             .invoke_async(conn)
             .await?;
         crate::metrics::record_script(crate::metrics::Script::Release, started.elapsed());
