@@ -155,10 +155,32 @@ impl Results {
         if let Some(bin) = &opts.baseline {
             let e2e: serde_json::Map<String, Json> =
                 self.baseline_e2e.iter().map(|(v, r)| (v.key(), medians(r))).collect();
+            // This build's rate over the baseline's, run by run (median).
+            let ratio = |this: &[(Payload, Vec<Figures>)], base: &[(Payload, Vec<Figures>)]| -> Json {
+                Json::Object(
+                    base.iter()
+                        .filter_map(|(p, b)| {
+                            let (_, t) = this.iter().find(|(q, _)| q == p)?;
+                            Some((p.key().to_owned(), round(paired(t, b))))
+                        })
+                        .collect(),
+                )
+            };
+            let e2e_ratio: serde_json::Map<String, Json> = self
+                .baseline_e2e
+                .iter()
+                .filter_map(|(v, b)| {
+                    let (_, t) = self.e2e.iter().find(|(w, _)| w == v)?;
+                    Some((v.key(), round(paired(t, b))))
+                })
+                .collect();
             o.insert(
                 "baseline".into(),
                 json!({"bin": bin.display().to_string(), "ingest": by_payload(&self.baseline_ingest),
-                       "release": by_payload(&self.baseline_release), "end_to_end": e2e}),
+                       "release": by_payload(&self.baseline_release), "end_to_end": e2e,
+                       "this_build_over_baseline": {"ingest": ratio(&self.ingest, &self.baseline_ingest),
+                           "release": ratio(&self.release, &self.baseline_release), "end_to_end": e2e_ratio,
+                           "statistic": "median over the rounds of the ratio within a round"}}),
             );
         }
         if let Some(r) = &self.single {
@@ -204,9 +226,7 @@ impl Results {
             rows.push(Row::new(key, &format!("ingest, {}", p.label()), &want(*p, "≥ 150k/s"), rate(v), met));
             busy(&mut rows, r);
             if let Some((_, b)) = self.baseline_ingest.iter().find(|(q, _)| q == p) {
-                let b = median(b, "elements_per_s");
-                let measured = format!("{} (this build {:+.0}%)", rate(b), 100.0 * (v / b - 1.0));
-                rows.push(Row::new("baseline", "  baseline build (--baseline)", "", measured, None));
+                rows.push(baseline_row(r, b));
             }
         }
         for (p, r) in &self.release {
@@ -216,9 +236,7 @@ impl Results {
             rows.push(Row::new(key, &format!("release, {}", p.label()), &want(*p, "≥ 500k/s"), rate(v), met));
             busy(&mut rows, r);
             if let Some((_, b)) = self.baseline_release.iter().find(|(q, _)| q == p) {
-                let b = median(b, "elements_per_s");
-                let measured = format!("{} (this build {:+.0}%)", rate(b), 100.0 * (v / b - 1.0));
-                rows.push(Row::new("baseline", "  baseline build (--baseline)", "", measured, None));
+                rows.push(baseline_row(r, b));
             }
             // The same work by the reference script alone (no daemon).
             if let Some((_, c)) = self.ceiling_release.iter().find(|(q, _)| q == p) {
@@ -253,7 +271,8 @@ impl Results {
             ));
             if let Some((_, b)) = self.baseline_e2e.iter().find(|(w, _)| w == variant) {
                 let (bv, bp99) = (median(b, "elements_per_s"), median(b, "p99_ms"));
-                let measured = format!("{}, p99 {} (this build {:+.0}%)", rate(bv), ms(bp99), 100.0 * (v / bv - 1.0));
+                let change = 100.0 * (paired(r, b) - 1.0);
+                let measured = format!("{}, p99 {} (this build {change:+.0}%)", rate(bv), ms(bp99));
                 rows.push(Row::new("baseline", "  baseline build (--baseline)", "", measured, None));
             }
         }
@@ -332,6 +351,33 @@ impl Results {
         );
         s
     }
+}
+
+/// The median over the runs of `a`'s rate over `b`'s in the same round:
+/// runs that take turns compare the same minutes of a machine whose
+/// speed drifts, where a ratio of medians could pair a fast minute with a
+/// slow one.
+fn paired(a: &[Figures], b: &[Figures]) -> f64 {
+    let per: Vec<Figures> = a
+        .iter()
+        .zip(b)
+        .filter_map(|(a, b)| Some(BTreeMap::from([("r", a.get("elements_per_s")? / b.get("elements_per_s")?)])))
+        .collect();
+    median(&per, "r")
+}
+
+/// The `--baseline` build's line under a throughput row: its rate, this
+/// build's change (run by run), and Redis's CPU per element for both
+/// (which the machine's drift moves less).
+fn baseline_row(this: &[Figures], base: &[Figures]) -> Row {
+    let measured = format!(
+        "{} (this build {:+.0}%; Redis {:.2} vs {:.2} µs/element)",
+        rate(median(base, "elements_per_s")),
+        100.0 * (paired(this, base) - 1.0),
+        redis_us_per_element(this),
+        redis_us_per_element(base),
+    );
+    Row::new("baseline", "  baseline build (--baseline)", "", measured, None)
 }
 
 /// One line of the table.
@@ -491,12 +537,8 @@ fn shard_medians(runs: &[Phase], key: &str) -> Vec<f64> {
 /// (the configurations take turns, so each ratio compares the same
 /// minutes).
 fn paired_ratio(a: &[Phase], b: &[Phase]) -> f64 {
-    let per: Vec<Figures> = a
-        .iter()
-        .zip(b)
-        .map(|(a, b)| BTreeMap::from([("r", a.figures["elements_per_s"] / b.figures["elements_per_s"])]))
-        .collect();
-    median(&per, "r")
+    let figures = |runs: &[Phase]| runs.iter().map(|r| r.figures.clone()).collect::<Vec<_>>();
+    paired(&figures(a), &figures(b))
 }
 
 fn phase_figures(runs: &[Phase]) -> Json {
@@ -728,6 +770,18 @@ fn shard_rows(rows: &mut Vec<Row>, standalone: &[Phase], cluster: &[Phase]) {
         "  cores used by the bench's processes (by all)",
         "",
         format!("{} | {}", machine(standalone), machine(cluster)),
+        None,
+    ));
+    // With a core for each shard, Redis-bound: n over the busiest shard's CPU.
+    let bound = |runs: &[Phase]| {
+        median(&runs.iter().map(|r| r.figures.clone()).collect::<Vec<_>>(), "redis_bound_elements_per_s")
+    };
+    let (b_s, b_c) = (bound(standalone), bound(cluster));
+    rows.push(Row::new(
+        "scaleout_info",
+        "  Redis-bound rate, a core per shard: s. | c.",
+        "",
+        format!("{} | {} ({:.2}×)", rate(b_s), rate(b_c), b_c / b_s),
         None,
     ));
 }

@@ -252,7 +252,9 @@ async fn wait_for(
 /// that CPU over the machine's cores × the wall time, `cpu_share_all`:
 /// how busy the machine's cores were, whoever used them, from
 /// `/proc/stat`) and each shard's (`redis_cpu_seconds`, `elements`,
-/// `redis_us_per_element`, `redis_busy`).
+/// `redis_us_per_element`, `redis_busy`). `redis_bound_elements_per_s`:
+/// the rate if Redis were all that limits it and each shard had a core of
+/// its own (`n` over the busiest shard's CPU time).
 #[derive(Debug, Clone)]
 pub(crate) struct Phase {
     pub(crate) figures: Figures,
@@ -302,6 +304,7 @@ impl Meter {
             daemons.iter().map(BenchDaemon::cpu_time).sum::<Duration>().saturating_sub(self.daemons).as_secs_f64();
         let bench_cpu = testkit::process_cpu(std::process::id()).saturating_sub(self.bench).as_secs_f64();
         let redis_cpu: f64 = shard_cpu.iter().sum();
+        let busiest = shard_cpu.iter().copied().fold(0.0, f64::max);
         let cpus = std::thread::available_parallelism().map_or(1, |c| c.get()) as f64;
         let mut figures = BTreeMap::from([
             ("elements_per_s", n as f64 / seconds),
@@ -310,6 +313,7 @@ impl Meter {
             ("daemon_cpu_seconds", daemons_cpu),
             ("bench_cpu_seconds", bench_cpu),
             ("cpu_share_ours", (redis_cpu + daemons_cpu + bench_cpu) / (cpus * seconds)),
+            ("redis_bound_elements_per_s", n as f64 / busiest),
         ]);
         if let (Some((busy0, total0)), Some((busy1, total1))) = (self.machine, machine_ticks()) {
             if total1 > total0 {
