@@ -605,6 +605,12 @@ impl ScaleOut {
         if let [s, c] = &self.reference[..] {
             out.push(("reference_release_cluster_vs_standalone".into(), paired_ratio(c, s)));
         }
+        // tidemark's release as a share of the reference script's, on each.
+        for ((info, reference), d) in self.deployments.iter().zip(&self.reference).zip(0..) {
+            if let Some(c) = self.config(d, 1) {
+                out.push((format!("release_1_daemon_vs_reference_{}", info.key), paired_ratio(&c.release, reference)));
+            }
+        }
         out
     }
 
@@ -733,6 +739,17 @@ impl ScaleOut {
                 "reference script release, standalone → cluster",
                 "",
                 format!("{} → {} ({r:.2}×)", rate(eps(sr)), rate(eps(cr))),
+                None,
+            ));
+            let (ts, tc) = (
+                self.ratio("release_1_daemon_vs_reference_standalone"),
+                self.ratio("release_1_daemon_vs_reference_cluster"),
+            );
+            rows.push(Row::new(
+                "scaleout_info",
+                "  tidemark's release (1 daemon) of it: s. | c.",
+                "",
+                format!("{:.0}% | {:.0}%", 100.0 * ts, 100.0 * tc),
                 None,
             ));
             shard_rows(rows, sr, cr);
