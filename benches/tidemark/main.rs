@@ -16,6 +16,7 @@ mod end_to_end;
 mod ingest;
 mod release;
 mod report;
+mod scaleout;
 mod single;
 
 use std::collections::BTreeMap;
@@ -27,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use redis::streams::StreamInfoGroupsReply;
-use testkit::{Daemon, Keys, RedisOptions, RedisServer};
+use testkit::{Daemon, Keys, RedisCluster, RedisOptions, RedisServer};
 use tidemark::core::EntryId;
 use tidemark::store::Conn;
 
@@ -66,16 +67,25 @@ mod target {
     pub const SINGLE_P99_MS: f64 = 2.0;
     pub const CLOCK_P99_MS: f64 = 10.0;
     pub const RSS_MIB: f64 = 30.0;
+    /// Issue 11: release on the cluster (P = 6 on 3 masters) over standalone (P = 1).
+    pub const SCALE_RELEASE: f64 = 1.8;
+    /// Issue 11: ingest on the cluster over standalone.
+    pub const SCALE_INGEST: f64 = 1.3;
+    /// Issue 11: several daemons over one, ingest and release, on either.
+    pub const SCALE_DAEMONS: f64 = 0.9;
 }
 
 const USAGE: &str = "\
 usage: cargo bench --bench tidemark -- [OPTIONS] [SCENARIO]...
        make bench ARGS=\"[OPTIONS] [SCENARIO]...\"
 
-Scenarios (default: all): ingest release e2e single clock ceiling
+Scenarios (default: all): ingest release e2e single clock ceiling scaleout
   ceiling: the release scenario's work done by the best script we could write
   for it (benches/tidemark/release.rs, independent of tidemark's scripts),
   called in a loop from here with no daemon: the reference for release
+  scaleout: ingest and release (no payload) on this Redis with P = 1 and on a
+  local 3-master Redis Cluster with P = 6, with 1 and with 3 daemons, taking
+  turns; the reference script on both; Redis CPU per element on each shard
 
 Options:
   --runs N     runs per scenario; the median is reported (default 3); with more
@@ -85,9 +95,9 @@ Options:
   --profile    print Redis's INFO commandstats of each timed phase
   --aof POLICY Redis with the append-only file on and appendfsync POLICY
                (everysec or always; default: no persistence)
-  --baseline BIN  also run the release and e2e scenarios with another build of
-               tidemark, alternating run by run with this one, and show both
-               (e.g. the previous commit's target/release/tidemark)
+  --baseline BIN  also run the ingest, release and e2e scenarios with another
+               build of tidemark, alternating run by run with this one, and show
+               both (e.g. the previous commit's target/release/tidemark)
   -h, --help   this text
 
 Environment: TIDEMARK_BENCH_BIN=path runs another build of the daemon (A/B).
@@ -119,7 +129,7 @@ struct Options {
     baseline: Option<PathBuf>,
 }
 
-const SCENARIOS: [&str; 6] = ["ingest", "release", "e2e", "single", "clock", "ceiling"];
+const SCENARIOS: [&str; 7] = ["ingest", "release", "e2e", "single", "clock", "ceiling", "scaleout"];
 
 impl Options {
     fn parse(args: impl IntoIterator<Item = String>) -> Result<Option<Options>> {
@@ -239,17 +249,32 @@ async fn run(opts: Options) -> Result<()> {
     if opts.smoke {
         eprintln!("bench: smoke run (started without --bench); use `make bench` for the figures");
     }
+    // The scale-out section's cluster forms in the background (2–3 s,
+    // mostly waiting) and idles until the section runs.
+    let mut forming = opts
+        .wants("scaleout")
+        .then(|| tokio::task::spawn_blocking(|| RedisCluster::start(scaleout::CLUSTER_MASTERS, 0)));
+    let mut cluster = None;
     if !opts.smoke && opts.runs > 1 {
         // A fresh Redis grows its memory during the first run (page faults,
         // allocator warm-up); later runs reuse it, as a long-running one does.
         bench.repeat("warm-up (not counted)", 1, |b| Box::pin(b.ingest(opts.n, Payload::TwoFields))).await?;
     }
+    if !opts.smoke {
+        // Formed before anything is timed.
+        if let Some(forming) = forming.take() {
+            cluster = Some(forming.await.context("starting the local Redis Cluster")?);
+        }
+    }
     let mut results = Results::default();
     if opts.wants("ingest") {
         for payload in [Payload::None, Payload::TwoFields] {
             let name = format!("ingest, {}", payload.label());
-            let r = bench.repeat(&name, opts.runs, |b| Box::pin(b.ingest(opts.n, payload))).await?;
+            let (r, base) = bench
+                .repeat_ab(&name, opts.runs, opts.baseline.as_deref(), |b| Box::pin(b.ingest(opts.n, payload)))
+                .await?;
             results.ingest.push((payload, r));
+            results.baseline_ingest.extend(base.map(|base| (payload, base)));
         }
     }
     if opts.wants("release") || opts.wants("ceiling") {
@@ -299,6 +324,14 @@ async fn run(opts: Options) -> Result<()> {
     if opts.wants("clock") {
         let (n, span) = (opts.clock_n, opts.clock_span);
         results.clock = Some(bench.repeat("clock mode", opts.runs, |b| Box::pin(b.clock(n, span))).await?);
+    }
+    if let Some(forming) = forming {
+        bench.progress.start("scale-out: the local Redis Cluster");
+        cluster = Some(forming.await.context("starting the local Redis Cluster")?);
+        bench.progress.done("ready");
+    }
+    if let Some(cluster) = &cluster {
+        results.scaleout = Some(bench.scaleout(cluster, &opts).await?);
     }
     if opts.smoke {
         // `cargo test --all-targets`: the harness works; figures from a debug
@@ -615,12 +648,21 @@ struct Meter {
 /// Builds the `XADD`s of `n` adds, [`WRITE_BATCH`] per pipeline, so that
 /// encoding is done before the clock starts.
 fn add_pipelines(stream: &str, n: usize, ts: impl Fn(usize) -> i64, payload: Payload) -> Vec<(usize, redis::Pipeline)> {
-    (0..n)
-        .step_by(WRITE_BATCH)
-        .map(|from| {
-            let to = (from + WRITE_BATCH).min(n);
+    let all: Vec<usize> = (0..n).collect();
+    add_pipelines_of(stream, &all, ts, payload)
+}
+
+/// [`add_pipelines`] of the elements numbered `ks` (element `k` is `e<k>`).
+fn add_pipelines_of(
+    stream: &str,
+    ks: &[usize],
+    ts: impl Fn(usize) -> i64,
+    payload: Payload,
+) -> Vec<(usize, redis::Pipeline)> {
+    ks.chunks(WRITE_BATCH)
+        .map(|chunk| {
             let mut pipe = redis::pipe();
-            for k in from..to {
+            for &k in chunk {
                 let cmd = pipe.cmd("XADD").arg(stream).arg("*");
                 cmd.arg("op").arg("add").arg("id").arg(format!("e{k}")).arg("ts").arg(ts(k));
                 if payload == Payload::TwoFields {
@@ -628,7 +670,7 @@ fn add_pipelines(stream: &str, n: usize, ts: impl Fn(usize) -> i64, payload: Pay
                     cmd.arg("customer").arg(customer).arg("amount").arg(amount);
                 }
             }
-            (to - from, pipe)
+            (chunk.len(), pipe)
         })
         .collect()
 }
@@ -710,23 +752,33 @@ struct BenchDaemon(Daemon);
 
 impl BenchDaemon {
     fn spawn(bin: &Path, url: &str, clock: bool) -> BenchDaemon {
-        let mut args = vec![
-            "--redis-url",
-            url,
-            "--namespace",
-            NAMESPACE,
-            "--http",
-            "127.0.0.1:0",
-            "run",
-            "--consumer",
-            DAEMON_CONSUMER,
-            "--group",
-            GROUP,
-        ];
+        BenchDaemon::spawn_as(bin, url, NAMESPACE, 1, DAEMON_CONSUMER, clock, &[])
+    }
+
+    /// A daemon named `consumer` serving `namespace` of `partitions`
+    /// partitions (`--partitions` only when more than 1, so that builds from
+    /// before partitions existed run too), with extra environment `envs`.
+    fn spawn_as(
+        bin: &Path,
+        url: &str,
+        namespace: &str,
+        partitions: u16,
+        consumer: &str,
+        clock: bool,
+        envs: &[(&str, &str)],
+    ) -> BenchDaemon {
+        let p = partitions.to_string();
+        let mut args = vec!["--redis-url", url, "--namespace", namespace, "--http", "127.0.0.1:0"];
+        if partitions > 1 {
+            args.extend(["--partitions", p.as_str()]);
+        }
+        args.extend(["run", "--consumer", consumer, "--group", GROUP]);
         if clock {
             args.push("--clock");
         }
-        BenchDaemon(Daemon::spawn_bin(bin, &args, &[("RUST_LOG", "warn")]))
+        let mut all = vec![("RUST_LOG", "warn")];
+        all.extend_from_slice(envs);
+        BenchDaemon(Daemon::spawn_bin(bin, &args, &all))
     }
 
     fn log(&self) -> String {

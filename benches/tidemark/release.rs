@@ -13,14 +13,15 @@
 //! chunks, whether more is due).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
 use anyhow::{bail, Result};
 use futures::stream::{FuturesOrdered, StreamExt};
-use tidemark::store::Conn;
+use tidemark::store::{Conn, Keys};
 
-use crate::report::kib_to_mib;
+use crate::report::{kib_to_mib, Progress};
 use crate::{add_pipelines, payload_fields, write_all, Bench, Figures, Payload, TS_BASE, WRITE_BATCH};
 
 /// The reference for elements without payload: ids and scores in one
@@ -63,6 +64,83 @@ call('ZREMRANGEBYRANK', sched, 0, n - 1)
 return n
 ";
 
+/// Schedules the elements numbered `ks` in `keys` directly (no daemon),
+/// as the reference script expects them: `:sched` ids scored by ts and,
+/// with a payload, `:body` blobs that hold `ts` first.
+pub(crate) async fn schedule_directly(conn: &mut Conn, keys: &Keys, ks: &[usize], payload: Payload) -> Result<()> {
+    for chunk in ks.chunks(WRITE_BATCH) {
+        let mut pipe = redis::pipe();
+        for &k in chunk {
+            let id = format!("e{k}");
+            let ts = TS_BASE + k as i64;
+            pipe.cmd("ZADD").arg(&keys.sched).arg(ts).arg(&id).ignore();
+            if payload == Payload::TwoFields {
+                let (customer, amount) = payload_fields(k);
+                let ts = ts.to_string();
+                let fields =
+                    [&b"ts"[..], ts.as_bytes(), b"customer", customer.as_bytes(), b"amount", amount.as_bytes()];
+                pipe.cmd("HSET").arg(&keys.body).arg(&id).arg(tidemark::core::codec::encode(fields)).ignore();
+            }
+        }
+        pipe.query_async::<()>(conn).await?;
+    }
+    Ok(())
+}
+
+/// The reference script's call releasing what is due in `keys` up to `wm`,
+/// [`WRITE_BATCH`] per call, loaded on `conn`'s server.
+pub(crate) async fn reference_call(
+    conn: &mut Conn,
+    keys: &Keys,
+    wm: i64,
+    payload: Payload,
+) -> Result<redis::ScriptInvocation<'static>> {
+    static IDS_ONLY: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(REFERENCE_IDS_ONLY));
+    static WITH_PAYLOAD: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(REFERENCE_WITH_PAYLOAD));
+    let mut call = match payload {
+        Payload::None => {
+            let mut call = IDS_ONLY.prepare_invoke();
+            call.key(&keys.sched).key(&keys.out);
+            call
+        }
+        Payload::TwoFields => {
+            let mut call = WITH_PAYLOAD.prepare_invoke();
+            call.key(&keys.sched).key(&keys.body).key(&keys.out);
+            call
+        }
+    };
+    call.arg(wm).arg(WRITE_BATCH);
+    call.load_async(conn).await?;
+    Ok(call)
+}
+
+/// Calls `call` until it releases less than a full chunk, with two calls
+/// in flight, as the daemon keeps them, so that Redis never waits for this
+/// process between two calls. Adds what it releases to `released` and
+/// shows it against `n`; returns what it released.
+pub(crate) async fn reference_release(
+    conn: &Conn,
+    call: &redis::ScriptInvocation<'_>,
+    released: &AtomicUsize,
+    progress: &Progress,
+    n: usize,
+) -> Result<usize> {
+    let send = |mut conn: Conn| async move { call.invoke_async::<usize>(&mut conn).await };
+    let mut mine = 0;
+    let mut in_flight = FuturesOrdered::new();
+    in_flight.push_back(send(conn.clone()));
+    in_flight.push_back(send(conn.clone()));
+    while let Some(got) = in_flight.next().await {
+        let got = got?;
+        mine += got;
+        progress.count("released", released.fetch_add(got, Ordering::Relaxed) + got, n);
+        if got == WRITE_BATCH {
+            in_flight.push_back(send(conn.clone()));
+        }
+    }
+    Ok(mine)
+}
+
 impl Bench {
     /// The reference ("ceiling"): `n` elements scheduled directly (no
     /// daemon), released by the reference script called in a loop from
@@ -70,54 +148,13 @@ impl Bench {
     pub(crate) async fn ceiling_release(&mut self, n: usize, payload: Payload) -> Result<Figures> {
         redis::cmd("FLUSHALL").query_async::<()>(&mut self.conn).await?;
         let keys = self.keys.clone();
-        for from in (0..n).step_by(WRITE_BATCH) {
-            let mut pipe = redis::pipe();
-            for k in from..(from + WRITE_BATCH).min(n) {
-                let id = format!("e{k}");
-                let ts = TS_BASE + k as i64;
-                pipe.cmd("ZADD").arg(&keys.sched).arg(ts).arg(&id).ignore();
-                if payload == Payload::TwoFields {
-                    let (customer, amount) = payload_fields(k);
-                    let ts = ts.to_string();
-                    let fields =
-                        [&b"ts"[..], ts.as_bytes(), b"customer", customer.as_bytes(), b"amount", amount.as_bytes()];
-                    pipe.cmd("HSET").arg(&keys.body).arg(&id).arg(tidemark::core::codec::encode(fields)).ignore();
-                }
-            }
-            pipe.query_async::<()>(&mut self.conn).await?;
-        }
-        let wm = TS_BASE + n as i64;
-        let (script, script_keys) = match payload {
-            Payload::None => (redis::Script::new(REFERENCE_IDS_ONLY), vec![&keys.sched, &keys.out]),
-            Payload::TwoFields => {
-                (redis::Script::new(REFERENCE_WITH_PAYLOAD), vec![&keys.sched, &keys.body, &keys.out])
-            }
-        };
-        let mut call = script.prepare_invoke();
-        for k in script_keys {
-            call.key(k);
-        }
-        call.arg(wm).arg(WRITE_BATCH);
+        let all: Vec<usize> = (0..n).collect();
+        schedule_directly(&mut self.conn, &keys, &all, payload).await?;
         // Loaded before the clock starts.
-        call.load_async(&mut self.conn).await?;
-        // Two calls in flight, as the daemon keeps them, so that Redis
-        // never waits for this process between two calls.
-        let call = &call;
-        let send = |mut conn: Conn| async move { call.invoke_async::<usize>(&mut conn).await };
+        let call = reference_call(&mut self.conn, &keys, TS_BASE + n as i64, payload).await?;
         let redis_cpu = self.redis_cpu().await?;
         let start = Instant::now();
-        let mut released = 0;
-        let mut in_flight = FuturesOrdered::new();
-        in_flight.push_back(send(self.conn.clone()));
-        in_flight.push_back(send(self.conn.clone()));
-        while let Some(got) = in_flight.next().await {
-            let got = got?;
-            released += got;
-            self.progress.count("released", released, n);
-            if got == WRITE_BATCH {
-                in_flight.push_back(send(self.conn.clone()));
-            }
-        }
+        let released = reference_release(&self.conn, &call, &AtomicUsize::new(0), &self.progress, n).await?;
         let elapsed = start.elapsed().as_secs_f64();
         let out_len = testkit::xlen_async(&mut self.conn, &keys.out).await;
         if released != n || out_len != n {

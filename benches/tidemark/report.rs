@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use serde_json::{json, Value as Json};
 
+use crate::scaleout::{Phase, ScaleConfig, ScaleOut, MANY_DAEMONS};
 use crate::{target, E2e, Figures, Options, Payload, E2E_CONCURRENCY};
 
 /// Where the figures were measured.
@@ -54,11 +55,15 @@ pub(crate) struct Results {
     pub(crate) release: Vec<(Payload, Vec<Figures>)>,
     pub(crate) e2e: Vec<(E2e, Vec<Figures>)>,
     pub(crate) single: Option<Vec<Figures>>,
+    /// `--baseline`: the ingest runs of the other build.
+    pub(crate) baseline_ingest: Vec<(Payload, Vec<Figures>)>,
     /// `--baseline`: the release runs of the other build.
     pub(crate) baseline_release: Vec<(Payload, Vec<Figures>)>,
     /// `--baseline`: the end-to-end runs of the other build.
     pub(crate) baseline_e2e: Vec<(E2e, Vec<Figures>)>,
     pub(crate) clock: Option<Vec<Figures>>,
+    /// The scale-out section.
+    pub(crate) scaleout: Option<ScaleOut>,
 }
 
 /// The median of `key` over the runs.
@@ -150,10 +155,32 @@ impl Results {
         if let Some(bin) = &opts.baseline {
             let e2e: serde_json::Map<String, Json> =
                 self.baseline_e2e.iter().map(|(v, r)| (v.key(), medians(r))).collect();
+            // This build's rate over the baseline's, run by run (median).
+            let ratio = |this: &[(Payload, Vec<Figures>)], base: &[(Payload, Vec<Figures>)]| -> Json {
+                Json::Object(
+                    base.iter()
+                        .filter_map(|(p, b)| {
+                            let (_, t) = this.iter().find(|(q, _)| q == p)?;
+                            Some((p.key().to_owned(), round(paired(t, b))))
+                        })
+                        .collect(),
+                )
+            };
+            let e2e_ratio: serde_json::Map<String, Json> = self
+                .baseline_e2e
+                .iter()
+                .filter_map(|(v, b)| {
+                    let (_, t) = self.e2e.iter().find(|(w, _)| w == v)?;
+                    Some((v.key(), round(paired(t, b))))
+                })
+                .collect();
             o.insert(
                 "baseline".into(),
-                json!({"bin": bin.display().to_string(), "release": by_payload(&self.baseline_release),
-                       "end_to_end": e2e}),
+                json!({"bin": bin.display().to_string(), "ingest": by_payload(&self.baseline_ingest),
+                       "release": by_payload(&self.baseline_release), "end_to_end": e2e,
+                       "this_build_over_baseline": {"ingest": ratio(&self.ingest, &self.baseline_ingest),
+                           "release": ratio(&self.release, &self.baseline_release), "end_to_end": e2e_ratio,
+                           "statistic": "median over the rounds of the ratio within a round"}}),
             );
         }
         if let Some(r) = &self.single {
@@ -161,6 +188,9 @@ impl Results {
         }
         if let Some(r) = &self.clock {
             o.insert("clock_mode_lateness".into(), medians(r));
+        }
+        if let Some(s) = &self.scaleout {
+            o.insert("scale_out".into(), s.json());
         }
         o.insert("daemon_peak_rss_mib".into(), round(kib_to_mib(peak_rss_kib)));
         let rows = self.rows(peak_rss_kib);
@@ -195,6 +225,9 @@ impl Results {
             let met = Some(v >= target::INGEST_PER_S);
             rows.push(Row::new(key, &format!("ingest, {}", p.label()), &want(*p, "≥ 150k/s"), rate(v), met));
             busy(&mut rows, r);
+            if let Some((_, b)) = self.baseline_ingest.iter().find(|(q, _)| q == p) {
+                rows.push(baseline_row(r, b));
+            }
         }
         for (p, r) in &self.release {
             let v = median(r, "elements_per_s");
@@ -203,9 +236,7 @@ impl Results {
             rows.push(Row::new(key, &format!("release, {}", p.label()), &want(*p, "≥ 500k/s"), rate(v), met));
             busy(&mut rows, r);
             if let Some((_, b)) = self.baseline_release.iter().find(|(q, _)| q == p) {
-                let b = median(b, "elements_per_s");
-                let measured = format!("{} (this build {:+.0}%)", rate(b), 100.0 * (v / b - 1.0));
-                rows.push(Row::new("baseline", "  baseline build (--baseline)", "", measured, None));
+                rows.push(baseline_row(r, b));
             }
             // The same work by the reference script alone (no daemon).
             if let Some((_, c)) = self.ceiling_release.iter().find(|(q, _)| q == p) {
@@ -240,7 +271,8 @@ impl Results {
             ));
             if let Some((_, b)) = self.baseline_e2e.iter().find(|(w, _)| w == variant) {
                 let (bv, bp99) = (median(b, "elements_per_s"), median(b, "p99_ms"));
-                let measured = format!("{}, p99 {} (this build {:+.0}%)", rate(bv), ms(bp99), 100.0 * (v / bv - 1.0));
+                let change = 100.0 * (paired(r, b) - 1.0);
+                let measured = format!("{}, p99 {} (this build {change:+.0}%)", rate(bv), ms(bp99));
                 rows.push(Row::new("baseline", "  baseline build (--baseline)", "", measured, None));
             }
         }
@@ -263,6 +295,9 @@ impl Results {
                 format!("{} / {} / {}", ms(p50), ms(p99), ms(max)),
                 Some(p99 <= target::CLOCK_P99_MS),
             ));
+        }
+        if let Some(s) = &self.scaleout {
+            s.rows(&mut rows);
         }
         let rss = kib_to_mib(peak_rss_kib);
         rows.push(Row::new(
@@ -318,8 +353,35 @@ impl Results {
     }
 }
 
+/// The median over the runs of `a`'s rate over `b`'s in the same round:
+/// runs that take turns compare the same minutes of a machine whose
+/// speed drifts, where a ratio of medians could pair a fast minute with a
+/// slow one.
+fn paired(a: &[Figures], b: &[Figures]) -> f64 {
+    let per: Vec<Figures> = a
+        .iter()
+        .zip(b)
+        .filter_map(|(a, b)| Some(BTreeMap::from([("r", a.get("elements_per_s")? / b.get("elements_per_s")?)])))
+        .collect();
+    median(&per, "r")
+}
+
+/// The `--baseline` build's line under a throughput row: its rate, this
+/// build's change (run by run), and Redis's CPU per element for both
+/// (which the machine's drift moves less).
+fn baseline_row(this: &[Figures], base: &[Figures]) -> Row {
+    let measured = format!(
+        "{} (this build {:+.0}%; Redis {:.2} vs {:.2} µs/element)",
+        rate(median(base, "elements_per_s")),
+        100.0 * (paired(this, base) - 1.0),
+        redis_us_per_element(this),
+        redis_us_per_element(base),
+    );
+    Row::new("baseline", "  baseline build (--baseline)", "", measured, None)
+}
+
 /// One line of the table.
-struct Row {
+pub(crate) struct Row {
     key: &'static str,
     label: String,
     target: String,
@@ -338,7 +400,7 @@ impl Row {
     }
 }
 
-fn rate(per_s: f64) -> String {
+pub(crate) fn rate(per_s: f64) -> String {
     format!("{:.0}k/s", per_s / 1000.0)
 }
 
@@ -454,4 +516,289 @@ impl Progress {
             eprintln!("bench: {name}: {summary} ({took:.1} s)");
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// Scale-out
+// ---------------------------------------------------------------------------
+
+/// The median over the runs of one figure of each shard.
+fn shard_medians(runs: &[Phase], key: &str) -> Vec<f64> {
+    let shards = runs.first().map_or(0, |r| r.shards.len());
+    (0..shards)
+        .map(|i| {
+            let per: Vec<Figures> = runs.iter().filter_map(|r| r.shards.get(i).cloned()).collect();
+            median(&per, key)
+        })
+        .collect()
+}
+
+/// The median over the runs of `a`'s rate over `b`'s in the same round
+/// (the configurations take turns, so each ratio compares the same
+/// minutes).
+fn paired_ratio(a: &[Phase], b: &[Phase]) -> f64 {
+    let figures = |runs: &[Phase]| runs.iter().map(|r| r.figures.clone()).collect::<Vec<_>>();
+    paired(&figures(a), &figures(b))
+}
+
+fn phase_figures(runs: &[Phase]) -> Json {
+    let figures: Vec<Figures> = runs.iter().map(|r| r.figures.clone()).collect();
+    let mut o = match medians(&figures) {
+        Json::Object(o) => o,
+        _ => unreachable!("medians() gives an object"),
+    };
+    o.remove("runs");
+    let shards = runs.first().map_or(0, |r| r.shards.len());
+    let per_shard: Vec<Json> = (0..shards)
+        .map(|i| {
+            let per: Vec<Figures> = runs.iter().filter_map(|r| r.shards.get(i).cloned()).collect();
+            let mut m = match medians(&per) {
+                Json::Object(m) => m,
+                _ => unreachable!("medians() gives an object"),
+            };
+            m.remove("runs");
+            Json::Object(m)
+        })
+        .collect();
+    o.insert("shards".into(), json!(per_shard));
+    let all: Vec<Json> = runs.iter().map(|r| json!({"figures": r.figures, "shards": r.shards})).collect();
+    o.insert("runs".into(), json!(all));
+    Json::Object(o)
+}
+
+/// `4.81` or `5.02 / 4.95 / 5.10`.
+fn per_shard_text(v: &[f64], f: impl Fn(f64) -> String) -> String {
+    v.iter().map(|x| f(*x)).collect::<Vec<_>>().join(" / ")
+}
+
+impl ScaleOut {
+    fn config(&self, deployment: usize, daemons: usize) -> Option<&ScaleConfig> {
+        self.configs.iter().find(|c| c.deployment == deployment && c.daemons == daemons)
+    }
+
+    fn config_key(&self, c: &ScaleConfig) -> String {
+        let s = if c.daemons == 1 { "" } else { "s" };
+        format!("{}_{}_daemon{s}", self.deployments[c.deployment].key, c.daemons)
+    }
+
+    /// The ratios the targets are about, by name: cluster over standalone
+    /// (same daemons), and several daemons over one (same deployment).
+    fn ratios(&self) -> Vec<(String, f64)> {
+        let mut out = Vec::new();
+        for (phase, runs) in [("ingest", Self::ingest as fn(&ScaleConfig) -> &[Phase]), ("release", Self::release)] {
+            for daemons in [1, MANY_DAEMONS] {
+                if let (Some(s), Some(c)) = (self.config(0, daemons), self.config(1, daemons)) {
+                    let suffix = if daemons == 1 { "" } else { "s" };
+                    let key = format!("{phase}_cluster_vs_standalone_{daemons}_daemon{suffix}");
+                    out.push((key, paired_ratio(runs(c), runs(s))));
+                }
+            }
+            for (d, info) in self.deployments.iter().enumerate() {
+                if let (Some(one), Some(many)) = (self.config(d, 1), self.config(d, MANY_DAEMONS)) {
+                    out.push((
+                        format!("{phase}_{MANY_DAEMONS}_vs_1_daemons_{}", info.key),
+                        paired_ratio(runs(many), runs(one)),
+                    ));
+                }
+            }
+        }
+        if let [s, c] = &self.reference[..] {
+            out.push(("reference_release_cluster_vs_standalone".into(), paired_ratio(c, s)));
+        }
+        // tidemark's release as a share of the reference script's, on each.
+        for ((info, reference), d) in self.deployments.iter().zip(&self.reference).zip(0..) {
+            if let Some(c) = self.config(d, 1) {
+                out.push((format!("release_1_daemon_vs_reference_{}", info.key), paired_ratio(&c.release, reference)));
+            }
+        }
+        out
+    }
+
+    fn ingest(c: &ScaleConfig) -> &[Phase] {
+        &c.ingest
+    }
+
+    fn release(c: &ScaleConfig) -> &[Phase] {
+        &c.release
+    }
+
+    fn ratio(&self, key: &str) -> f64 {
+        self.ratios().into_iter().find(|(k, _)| k == key).map_or(f64::NAN, |(_, r)| r)
+    }
+
+    pub(crate) fn json(&self) -> Json {
+        let deployments: serde_json::Map<String, Json> = self
+            .deployments
+            .iter()
+            .map(|d| {
+                (
+                    d.key.to_owned(),
+                    json!({"namespace": d.namespace, "partitions": d.partitions, "shards": d.partitions_per_shard.len(),
+                           "partitions_per_shard": d.partitions_per_shard}),
+                )
+            })
+            .collect();
+        let phase = |runs: fn(&ScaleConfig) -> &[Phase]| -> Json {
+            Json::Object(self.configs.iter().map(|c| (self.config_key(c), phase_figures(runs(c)))).collect())
+        };
+        let reference: serde_json::Map<String, Json> = self
+            .deployments
+            .iter()
+            .zip(&self.reference)
+            .map(|(d, runs)| (d.key.to_owned(), phase_figures(runs)))
+            .collect();
+        let ratios: serde_json::Map<String, Json> = self.ratios().into_iter().map(|(k, r)| (k, round(r))).collect();
+        json!({
+            "payload": "none",
+            "deployments": deployments,
+            "ingest": phase(Self::ingest),
+            "release": phase(Self::release),
+            "reference_release": reference,
+            "ratios": ratios,
+            "ratio_statistic": "median over the rounds of the ratio within a round (configurations take turns)",
+            "shard_cpu": "each redis-server's CPU time (all threads, /proc/<pid>/task/*/schedstat) over the timed phase",
+        })
+    }
+
+    pub(crate) fn rows(&self, rows: &mut Vec<Row>) {
+        let (Some(s), Some(c)) = (self.deployments.first(), self.deployments.get(1)) else { return };
+        let per = c.partitions_per_shard.first().copied().unwrap_or(0);
+        rows.push(Row::new(
+            "scaleout",
+            &format!(
+                "scale-out, no payload: standalone P = {} vs cluster of {} masters, P = {} ({per} per master)",
+                s.partitions,
+                c.partitions_per_shard.len(),
+                c.partitions
+            ),
+            "",
+            String::new(),
+            None,
+        ));
+        let many = MANY_DAEMONS;
+        for (phase, runs, target) in [
+            ("ingest", Self::ingest as fn(&ScaleConfig) -> &[Phase], target::SCALE_INGEST),
+            ("release", Self::release, target::SCALE_RELEASE),
+        ] {
+            let (Some(s1), Some(c1)) = (self.config(0, 1), self.config(1, 1)) else { continue };
+            let eps = |c: &ScaleConfig| {
+                median(&runs(c).iter().map(|r| r.figures.clone()).collect::<Vec<_>>(), "elements_per_s")
+            };
+            rows.push(Row::new(
+                "scaleout_info",
+                &format!("{phase}, standalone P = {}, 1 daemon", s.partitions),
+                "",
+                rate(eps(s1)),
+                None,
+            ));
+            if let Some(s3) = self.config(0, many) {
+                let r = self.ratio(&format!("{phase}_{many}_vs_1_daemons_standalone"));
+                rows.push(Row::new(
+                    if phase == "ingest" {
+                        "scaleout_ingest_3_daemons_standalone"
+                    } else {
+                        "scaleout_release_3_daemons_standalone"
+                    },
+                    &format!("  {many} daemons (one owner, the others standing by)"),
+                    &format!("≥ {:.1}× 1", target::SCALE_DAEMONS),
+                    format!("{} ({r:.2}×)", rate(eps(s3))),
+                    Some(r >= target::SCALE_DAEMONS),
+                ));
+            }
+            let r = self.ratio(&format!("{phase}_cluster_vs_standalone_1_daemon"));
+            rows.push(Row::new(
+                if phase == "ingest" { "scaleout_ingest" } else { "scaleout_release" },
+                &format!("{phase}, cluster P = {}, 1 daemon", c.partitions),
+                &format!("≥ {target:.1}× stand."),
+                format!("{} ({r:.2}×)", rate(eps(c1))),
+                Some(r >= target),
+            ));
+            if let Some(c3) = self.config(1, many) {
+                let r = self.ratio(&format!("{phase}_{many}_vs_1_daemons_cluster"));
+                let vs = self.ratio(&format!("{phase}_cluster_vs_standalone_{many}_daemons"));
+                rows.push(Row::new(
+                    if phase == "ingest" {
+                        "scaleout_ingest_3_daemons_cluster"
+                    } else {
+                        "scaleout_release_3_daemons_cluster"
+                    },
+                    &format!("  {many} daemons ({} partitions each)", c.partitions as usize / many),
+                    &format!("≥ {:.1}× 1", target::SCALE_DAEMONS),
+                    format!("{} ({r:.2}×; {vs:.2}× standalone, {many} daemons)", rate(eps(c3))),
+                    Some(r >= target::SCALE_DAEMONS),
+                ));
+            }
+            shard_rows(rows, runs(s1), runs(c1));
+        }
+        if let [sr, cr] = &self.reference[..] {
+            let eps =
+                |runs: &[Phase]| median(&runs.iter().map(|r| r.figures.clone()).collect::<Vec<_>>(), "elements_per_s");
+            let r = self.ratio("reference_release_cluster_vs_standalone");
+            rows.push(Row::new(
+                "scaleout_info",
+                "reference script release, standalone → cluster",
+                "",
+                format!("{} → {} ({r:.2}×)", rate(eps(sr)), rate(eps(cr))),
+                None,
+            ));
+            let (ts, tc) = (
+                self.ratio("release_1_daemon_vs_reference_standalone"),
+                self.ratio("release_1_daemon_vs_reference_cluster"),
+            );
+            rows.push(Row::new(
+                "scaleout_info",
+                "  tidemark's release (1 daemon) of it: s. | c.",
+                "",
+                format!("{:.0}% | {:.0}%", 100.0 * ts, 100.0 * tc),
+                None,
+            ));
+            shard_rows(rows, sr, cr);
+        }
+    }
+}
+
+/// Redis CPU per element and how busy each shard was, and how much of
+/// the machine was in use, standalone against the cluster.
+fn shard_rows(rows: &mut Vec<Row>, standalone: &[Phase], cluster: &[Phase]) {
+    let us = |runs: &[Phase]| per_shard_text(&shard_medians(runs, "redis_us_per_element"), |x| format!("{x:.2}"));
+    let busy = |runs: &[Phase]| per_shard_text(&shard_medians(runs, "redis_busy"), |x| format!("{:.0}%", 100.0 * x));
+    let machine = |runs: &[Phase]| {
+        let figures: Vec<Figures> = runs.iter().map(|r| r.figures.clone()).collect();
+        let all = median(&figures, "cpu_share_all");
+        let all = if all.is_finite() { format!(" ({:.0}%)", 100.0 * all) } else { String::new() };
+        format!("{:.0}%{all}", 100.0 * median(&figures, "cpu_share_ours"))
+    };
+    rows.push(Row::new(
+        "scaleout_info",
+        "  Redis CPU µs/element per shard: stand. | cluster",
+        "",
+        format!("{} | {}", us(standalone), us(cluster)),
+        None,
+    ));
+    rows.push(Row::new(
+        "scaleout_info",
+        "  Redis busy per shard: standalone | cluster",
+        "",
+        format!("{} | {}", busy(standalone), busy(cluster)),
+        None,
+    ));
+    rows.push(Row::new(
+        "scaleout_info",
+        "  cores used by the bench's processes (by all)",
+        "",
+        format!("{} | {}", machine(standalone), machine(cluster)),
+        None,
+    ));
+    // With a core for each shard, Redis-bound: n over the busiest shard's CPU.
+    let bound = |runs: &[Phase]| {
+        median(&runs.iter().map(|r| r.figures.clone()).collect::<Vec<_>>(), "redis_bound_elements_per_s")
+    };
+    let (b_s, b_c) = (bound(standalone), bound(cluster));
+    rows.push(Row::new(
+        "scaleout_info",
+        "  Redis-bound rate, a core per shard: s. | c.",
+        "",
+        format!("{} | {} ({:.2}×)", rate(b_s), rate(b_c), b_c / b_s),
+        None,
+    ));
 }
