@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
+use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -20,7 +20,7 @@ use super::worker::{self, Job};
 use super::{Stats, Validity};
 use crate::config::Settings;
 use crate::store::batch::Route;
-use crate::store::{self, memory, Conn, Namespace, Reconnect, Scripts, StoreError, INPUT_GROUP};
+use crate::store::{self, memory, Conn, Keys, Namespace, Reconnect, Scripts, StoreError, INPUT_GROUP};
 
 /// A running partition worker.
 struct Owned {
@@ -102,11 +102,14 @@ impl Coordinator<'_> {
         let version = store::check_version(&mut conn, &self.ns.meta()).await?;
         self.check_memory(&mut conn).await?;
         for keys in self.ns.all() {
-            store::ensure_group(&mut conn, &keys.input, INPUT_GROUP).await?;
-            for group in &d.groups {
-                if store::ensure_group(&mut conn, &keys.out, group).await? {
-                    info!(group = %group, stream = %keys.out, "created output group at id 0");
+            // One partition's server out of reach (a cluster master failing
+            // over) holds up none of the others: its owner's worker creates
+            // what is missing when it starts.
+            if let Err(e) = ensure_groups(&mut conn, &keys, &d.groups).await {
+                if e.is_fatal() {
+                    return Err(e);
                 }
+                warn!(partition = keys.partition, error = %e, "could not create the partition's groups yet");
             }
         }
         self.scripts.load(&mut conn).await?;
@@ -123,11 +126,15 @@ impl Coordinator<'_> {
             partitions = self.ns.partitions(),
             "connected to Redis"
         );
-        let period = (s.lease.ttl / 3).max(Duration::from_millis(50));
+        // Rounds start every third of a lease lifetime however long the
+        // last one took (a slow round is followed at once by the next).
+        let mut rounds = tokio::time::interval((s.lease.ttl / 3).max(Duration::from_millis(50)));
+        rounds.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        rounds.tick().await;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(period) => {}
+                _ = rounds.tick() => {}
             }
             self.tick(&mut conn).await?;
             if self.memory_checked.is_none_or(|t| t.elapsed() >= d.memory_check_interval) {
@@ -148,7 +155,16 @@ impl Coordinator<'_> {
         let all = self.ns.all();
         let step = all.len().div_ceil(8).max(1);
         for keys in all.into_iter().step_by(step) {
-            let m = memory::read(conn, &keys.input).await?;
+            // Bounded like a lock call, and one server's silence only skips
+            // it: this runs between the rounds that renew the leases.
+            let m = match bounded(self.lock_call_limit(), memory::read(conn, &keys.input)).await {
+                Ok(m) => m,
+                Err(e) if e.is_fatal() => return Err(e),
+                Err(e) => {
+                    debug!(partition = keys.partition, error = %e, "could not read the memory limit");
+                    continue;
+                }
+            };
             if seen.contains(&(m.policy.clone(), m.max)) {
                 continue;
             }
@@ -179,6 +195,11 @@ impl Coordinator<'_> {
 
     /// One round: register, look at the owners, then renew, take and hand
     /// over partitions as the assignment says.
+    ///
+    /// Only the registry (one key, on one server) fails the round. Each
+    /// partition's lock is on its own server: one that does not answer (a
+    /// cluster master failing over) costs that partition alone, whose
+    /// ownership lapses if the outage outlasts the lease.
     async fn tick(&mut self, conn: &mut Conn) -> Result<(), StoreError> {
         let s = self.settings;
         let ttl = s.lease.ttl;
@@ -186,18 +207,34 @@ impl Coordinator<'_> {
         self.reap();
         let live = self.scripts.register(conn, &self.ns.daemons(), me, Some(ttl)).await?;
         self.live.send_replace(Arc::new(live.clone()));
-        let holders = self.holders(conn).await?;
+        // The renewals go out with the reads of the owners, all at once:
+        // nothing a round does waits for them.
+        let mine: Vec<u16> = self.owned.keys().copied().collect();
+        let (holders, renewed) = tokio::join!(self.holders(conn), self.locks(conn, mine, Some(ttl)));
         let owners: Vec<Option<String>> = holders
             .iter()
-            .map(|h| h.as_deref().map(|t| t.rsplit_once(':').map_or(t, |(name, _)| name).to_owned()))
+            .enumerate()
+            .map(|(p, h)| match h {
+                Ok(h) => h.as_deref().map(|t| t.rsplit_once(':').map_or(t, |(name, _)| name).to_owned()),
+                // Unknown: ours if we hold it, so the assignment stays put.
+                Err(_) => self.owned.contains_key(&(p as u16)).then(|| me.clone()),
+            })
             .collect();
         let target = assign(&live, &owners);
 
-        // Renew first, so that a slow handover below never costs a lease.
-        let mine: Vec<u16> = self.owned.keys().copied().collect();
-        for p in mine {
-            let sent = Instant::now();
-            let held = self.scripts.lock(conn, &self.ns.partition(p).owner(), &self.token, Some(ttl)).await?;
+        for (p, sent, held) in renewed {
+            let held = match held {
+                Ok(held) => held,
+                Err(e) if e.is_fatal() => return Err(e),
+                Err(e) => {
+                    warn!(
+                        partition = p,
+                        error = %e,
+                        "could not renew the partition's ownership; its worker stops if this lasts past the lease"
+                    );
+                    continue;
+                }
+            };
             let owned = self.owned.get(&p).expect("listed above");
             if held {
                 owned.valid.renew(sent, ttl);
@@ -211,31 +248,73 @@ impl Coordinator<'_> {
                 self.owned.remove(&p);
             }
         }
+        let mut take = Vec::new();
+        let mut give = Vec::new();
         for (p, target) in target.iter().enumerate() {
-            let p = p as u16;
+            let p16 = p as u16;
             let mine = target.as_deref() == Some(me.as_str());
-            if mine && !self.owned.contains_key(&p) {
-                let sent = Instant::now();
-                if self.scripts.lock(conn, &self.ns.partition(p).owner(), &self.token, Some(ttl)).await? {
-                    self.start(p, sent);
-                } else {
-                    debug!(partition = p, "the partition's previous owner still holds it");
-                }
-            } else if !mine && self.owned.contains_key(&p) {
-                self.hand_over(conn, p, target.as_deref()).await?;
+            if mine && !self.owned.contains_key(&p16) && holders[p].is_ok() {
+                take.push(p16);
+            } else if !mine && self.owned.contains_key(&p16) {
+                give.push((p16, target.clone()));
             }
         }
+        for (p, sent, taken) in self.locks(conn, take, Some(ttl)).await {
+            match taken {
+                Ok(true) => self.start(p, sent),
+                Ok(false) => debug!(partition = p, "the partition's previous owner still holds it"),
+                Err(e) if e.is_fatal() => return Err(e),
+                Err(e) => warn!(partition = p, error = %e, "could not take the partition yet"),
+            }
+        }
+        self.hand_over(conn, give).await?;
         self.stats.partitions_owned.store(self.owned.len() as u64, Relaxed);
         Ok(())
     }
 
-    /// Each partition's owner lock holder (a token), read concurrently.
-    async fn holders(&self, conn: &Conn) -> Result<Vec<Option<String>>, StoreError> {
+    /// Each partition's owner lock holder (a token), read concurrently; an
+    /// error for a partition whose server did not answer in time.
+    async fn holders(&self, conn: &Conn) -> Vec<Result<Option<String>, StoreError>> {
+        let limit = self.lock_call_limit();
         let gets = self.ns.all().into_iter().map(|keys| {
             let mut c = conn.clone();
-            async move { redis::cmd("GET").arg(keys.owner()).query_async::<Option<String>>(&mut c).await }
+            bounded(limit, async move {
+                Ok(redis::cmd("GET").arg(keys.owner()).query_async::<Option<String>>(&mut c).await?)
+            })
         });
-        join_all(gets).await.into_iter().map(|r| r.map_err(StoreError::from)).collect()
+        join_all(gets).await
+    }
+
+    /// Takes or renews (`ttl`), or releases (`None`), the owner locks of
+    /// `partitions`, concurrently, each call bounded by
+    /// [`Self::lock_call_limit`]: one server that does not answer delays
+    /// none of the other partitions' renewals past their leases. Each with
+    /// the time its call was sent.
+    async fn locks(
+        &self,
+        conn: &Conn,
+        partitions: Vec<u16>,
+        ttl: Option<Duration>,
+    ) -> Vec<(u16, Instant, Result<bool, StoreError>)> {
+        let limit = self.lock_call_limit();
+        let calls = partitions.into_iter().map(|p| {
+            let mut c = conn.clone();
+            let key = self.ns.partition(p).owner();
+            async move {
+                let sent = Instant::now();
+                (p, sent, bounded(limit, self.scripts.lock(&mut c, &key, &self.token, ttl)).await)
+            }
+        });
+        join_all(calls).await
+    }
+
+    /// How long one lock call may take: a sixth of a lease lifetime. A
+    /// round makes at most three such waits in a row (renewals with the
+    /// owners' reads, takes, releases) besides the hand-over's third, so
+    /// consecutive renewals stay less than a lease lifetime apart even with
+    /// a server that does not answer.
+    fn lock_call_limit(&self) -> Duration {
+        (self.settings.lease.ttl / 6).max(Duration::from_millis(50))
     }
 
     /// Starts the worker of partition `p`, whose lock was taken at `at`.
@@ -257,18 +336,44 @@ impl Coordinator<'_> {
         self.owned.insert(p, Owned { stop, valid, task });
     }
 
-    /// Gives partition `p` up to the daemon the assignment names: stops
-    /// the worker (it finishes what it has read), then releases the lock so
-    /// that the new owner takes it at its next round.
-    async fn hand_over(&mut self, conn: &mut Conn, p: u16, to: Option<&str>) -> Result<(), StoreError> {
-        let Some(owned) = self.owned.remove(&p) else { return Ok(()) };
-        info!(partition = p, to = to.unwrap_or("-"), "handing the partition over");
-        owned.stop.cancel();
-        if tokio::time::timeout(self.settings.lease.ttl / 3, owned.task).await.is_err() {
-            debug!(partition = p, "the worker is still finishing; its calls are fenced from now on");
+    /// Gives partitions up to the daemons the assignment names: stops their
+    /// workers together (each finishes what it has read, all within one
+    /// third of a lease lifetime, so the round never outlasts the other
+    /// leases), then releases the locks so that the new owners take them at
+    /// their next round.
+    async fn hand_over(&mut self, conn: &mut Conn, give: Vec<(u16, Option<String>)>) -> Result<(), StoreError> {
+        let mut leaving: Vec<(u16, Owned)> = give
+            .into_iter()
+            .filter_map(|(p, to)| {
+                let owned = self.owned.remove(&p)?;
+                info!(partition = p, to = to.as_deref().unwrap_or("-"), "handing the partition over");
+                owned.stop.cancel();
+                Some((p, owned))
+            })
+            .collect();
+        if leaving.is_empty() {
+            return Ok(());
         }
-        owned.valid.end();
-        self.scripts.lock(conn, &self.ns.partition(p).owner(), &self.token, None).await?;
+        let finished = join_all(leaving.iter_mut().map(|(_, o)| &mut o.task));
+        if tokio::time::timeout(self.settings.lease.ttl / 3, finished).await.is_err() {
+            debug!("a worker is still finishing; its calls are fenced from now on");
+        }
+        let parts: Vec<u16> = leaving
+            .iter()
+            .map(|(p, owned)| {
+                owned.valid.end();
+                *p
+            })
+            .collect();
+        for (p, _, released) in self.locks(conn, parts, None).await {
+            match released {
+                Ok(_) => {}
+                Err(e) if e.is_fatal() => return Err(e),
+                Err(e) => {
+                    warn!(partition = p, error = %e, "could not release the partition; it lapses within a lease lifetime")
+                }
+            }
+        }
         Ok(())
     }
 
@@ -328,5 +433,27 @@ impl Coordinator<'_> {
         for (_, o) in owned {
             o.task.abort();
         }
+    }
+}
+
+/// The partition's input group and the configured output groups.
+async fn ensure_groups(conn: &mut Conn, keys: &Keys, groups: &[String]) -> Result<(), StoreError> {
+    store::ensure_group(conn, &keys.input, INPUT_GROUP).await?;
+    for group in groups {
+        if store::ensure_group(conn, &keys.out, group).await? {
+            info!(group = %group, stream = %keys.out, "created output group at id 0");
+        }
+    }
+    Ok(())
+}
+
+/// `call`, or an `Unresponsive` error once `limit` has passed.
+async fn bounded<T>(
+    limit: Duration,
+    call: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(result) => result,
+        Err(_) => Err(StoreError::io(std::io::ErrorKind::TimedOut, "no answer within a sixth of a lease lifetime")),
     }
 }

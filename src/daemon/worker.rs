@@ -270,7 +270,21 @@ impl Worker<'_> {
         }
     }
 
+    /// `Err(Deposed)` once ownership is no longer certain: a worker that
+    /// wakes up after its lease lapsed (SIGSTOP, a long pause) must not
+    /// claim what is now the new owner's. The apply script checks the owner
+    /// token itself; this spares the claims and the calls that would only
+    /// come back fenced.
+    fn still_owner(&self) -> Result<(), StoreError> {
+        if self.job.valid.ok() {
+            Ok(())
+        } else {
+            Err(StoreError::Deposed(self.keys.partition))
+        }
+    }
+
     async fn load_own_pending(&mut self) -> Result<(), StoreError> {
+        self.still_owner()?;
         let d = &self.settings.daemon;
         let mut after = EntryId::ZERO;
         let mut total = 0;
@@ -296,6 +310,7 @@ impl Worker<'_> {
     /// partition's owner may apply its input (the others are fenced), so
     /// whatever another daemon holds is left from before ownership moved.
     async fn claim_from_dead_peers(&mut self) -> Result<(), StoreError> {
+        self.still_owner()?;
         let s = self.settings;
         let me = &s.daemon.consumer;
         let peers = store::lease::peers(&mut self.conn, self.keys, &self.keys.input, "in", INPUT_GROUP).await?;
@@ -311,6 +326,7 @@ impl Worker<'_> {
             // peer's older entries are what our newer ones wait for. The loop
             // ends when the peer has nothing pending left.
             loop {
+                self.still_owner()?;
                 let entries = store::lease::claim_from_peer(
                     &mut self.conn,
                     &self.keys.input,
@@ -352,6 +368,7 @@ impl Worker<'_> {
         let mut cursor = EntryId::ZERO;
         let mut total = 0u64;
         loop {
+            self.still_owner()?;
             let (next, entries) =
                 store::autoclaim(&mut self.conn, self.keys, &d.consumer, d.claim_idle, cursor, d.batch_size).await?;
             total += entries.len() as u64;
@@ -443,6 +460,11 @@ impl Worker<'_> {
                     }
                     else => break,
                 };
+                if outcome.fenced {
+                    // Another daemon holds the partition now: nothing was
+                    // applied, and nothing more will be from here.
+                    return Err(StoreError::Deposed(self.keys.partition));
+                }
                 let reply =
                     Reply { processed: outcome.processed, blocked: outcome.blocked, more_due: outcome.more_due };
                 let done = window.completed(reply);
@@ -506,9 +528,7 @@ impl Worker<'_> {
             if stop.is_cancelled() {
                 return self.finish().await;
             }
-            if !self.job.valid.ok() {
-                return Err(StoreError::Deposed(self.keys.partition));
-            }
+            self.still_owner()?;
             let room = self.backlog.len() < self.capacity();
             tokio::select! {
                 biased;

@@ -146,12 +146,13 @@ pub async fn remove_dead_consumers(
     let mut removed = Vec::new();
     for p in peers {
         if p.name != me && !p.leased && p.pending == 0 && p.idle_ms > grace.as_millis() as u64 {
-            // DELCONSUMER drops the consumer's pending entries too; it has
-            // none (checked just now), and a consumer that came back in the
-            // meantime would hold a lease and be recreated on its next read.
-            let _: u64 =
-                redis::cmd("XGROUP").arg("DELCONSUMER").arg(stream).arg(group).arg(&p.name).query_async(conn).await?;
-            removed.push(p.name.clone());
+            // DELCONSUMER drops the consumer's pending entries too: the
+            // script checks there are none in the same call (a consumer that
+            // came back since `peers` was read may have read some). One
+            // that only reads again later is recreated by that read.
+            if super::Scripts::new().forget_consumer(conn, stream, group, &p.name).await? {
+                removed.push(p.name.clone());
+            }
         }
     }
     Ok(removed)

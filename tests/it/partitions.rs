@@ -1,13 +1,16 @@
-//! The partition count as every process follows it (DESIGN §7), on a
-//! standalone Redis: the fence a `repartition` puts on the namespace while
-//! it runs (and after a crash midway), a long-lived producer following a
-//! new count, and misrouted input replayed to its element's partition.
+//! The partition count as every process follows it (DESIGN §7): the fence
+//! a `repartition` puts on the namespace while it runs (and after a crash
+//! midway), a long-lived producer following a new count, misrouted input
+//! replayed to its element's partition, and (on a cluster) one silent
+//! master costing only the partitions it serves.
 
 use std::time::Duration;
 
 use tidemark::store::{LayoutError, StoreError};
 
-use testkit::{read_stream, run_cli, text, wait_until, xadd_fields, Daemon, RedisServer};
+use tidemark::core::route::key_slot;
+
+use testkit::{read_stream, run_cli, text, wait_until, xadd_fields, Daemon, RedisCluster, RedisServer};
 
 use crate::cluster::{cli, ns, sched_all, start_daemon};
 
@@ -151,4 +154,71 @@ fn wrong_partition_letters_are_replayed_to_their_partition() {
     wait_until("released from its own partition", WAIT, || {
         read_stream(&mut conn, &target.out).iter().any(|(_, f)| f[0].1 == b"order-42" && f.last().unwrap().1 == b"v")
     });
+}
+
+/// A cluster master that stops answering with its sockets open (SIGSTOP:
+/// a wedged host) costs only the partitions it serves: for several lease
+/// lifetimes the daemon keeps owning and releasing the others (their
+/// leases are renewed concurrently, each call bounded, and the round is
+/// not failed by one partition's server), and once the master answers
+/// again its partitions are served too.
+#[test]
+fn a_silent_master_costs_only_its_own_partitions() {
+    // Without full coverage required, the other masters keep serving their
+    // slots once the silent one is marked failed (no replica to promote).
+    let cluster = RedisCluster::start_with(3, 0, |_| vec!["--cluster-require-full-coverage".into(), "no".into()]);
+    let url = cluster.url();
+    let ns = ns(6);
+    let mut d = start_daemon(&url, "d1", 6, &[]);
+    wait_until("the daemon owns all six partitions", WAIT, || d.log().matches("owning the partition").count() == 6);
+    let master_of = |key: &str| cluster.master_of(key_slot(key.as_bytes()));
+    // Not the registry's master: without the registry no daemon can work.
+    let registry = master_of(&ns.daemons());
+    let serves: Vec<usize> = (0..6).map(|p| master_of(&ns.partition(p).input)).collect();
+    let silent = (0..3).find(|m| *m != registry && serves.contains(m)).expect("a master with partitions");
+    let (quiet, healthy): (Vec<u16>, Vec<u16>) = (0..6u16).partition(|&p| serves[p as usize] == silent);
+    let pid = cluster.nodes[silent].pid().expect("running").to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill").args([sig, &pid]).status().expect("kill").success();
+        assert!(ok, "kill {sig} {pid}");
+    };
+    // Writes go straight to each partition's master, so that nothing here
+    // waits on the silent one.
+    let release = |p: u16, tag: &str| {
+        let id = (0..).map(|i| format!("{tag}-{i}")).find(|id| ns.route(id.as_bytes()) == p).expect("an id");
+        let keys = ns.partition(p);
+        let mut conn = cluster.nodes[serves[p as usize]].sync_conn();
+        xadd_fields(&mut conn, &keys.input, &[(b"op", b"add"), (b"id", id.as_bytes()), (b"ts", b"10")]);
+        xadd_fields(&mut conn, &keys.input, &[(b"op", b"watermark"), (b"ts", b"10")]);
+        (p, id)
+    };
+    let released = |(p, id): &(u16, String)| {
+        let mut conn = cluster.nodes[serves[*p as usize]].sync_conn();
+        read_stream(&mut conn, &ns.partition(*p).out).iter().any(|(_, f)| f[0].1 == id.as_bytes())
+    };
+
+    // Every worker up and applying (the daemon in its steady state).
+    let sent: Vec<_> = (0..6u16).map(|p| release(p, "before")).collect();
+    for el in &sent {
+        wait_until(&format!("partition {} released {}", el.0, el.1), WAIT, || released(el));
+    }
+
+    signal("-STOP");
+    eprintln!("master {silent} (partitions {quiet:?}) silent; partitions {healthy:?} elsewhere");
+    // Several lease lifetimes (1 s each) of silence: enough for every lease
+    // of the daemon to lapse, were the healthy partitions' renewals held up.
+    std::thread::sleep(Duration::from_secs(4));
+    let sent: Vec<_> = healthy.iter().map(|&p| release(p, "during")).collect();
+    for el in &sent {
+        wait_until(&format!("partition {} released {} while a master is silent", el.0, el.1), WAIT, || released(el));
+    }
+    assert!(d.is_running(), "the daemon exited:\n{}", d.log());
+    let log = d.log();
+    assert!(log.contains("could not renew the partition's ownership"), "the silent partitions were noticed:\n{log}");
+
+    signal("-CONT");
+    let sent: Vec<_> = quiet.iter().map(|&p| release(p, "after")).collect();
+    for el in &sent {
+        wait_until(&format!("partition {} released {} once its master answers", el.0, el.1), WAIT, || released(el));
+    }
 }

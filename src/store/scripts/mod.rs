@@ -48,6 +48,8 @@ struct Sources {
     touch_out: Script,
     /// `replay.lua`: `tidemark dead replay` (no prelude: it needs none).
     replay: Script,
+    /// `forget_consumer.lua`: housekeeping's removal of a dead consumer.
+    forget_consumer: Script,
 }
 
 static SOURCES: LazyLock<Sources> = LazyLock::new(|| {
@@ -62,6 +64,7 @@ static SOURCES: LazyLock<Sources> = LazyLock::new(|| {
         dead_out: with_prelude(include_str!("../../../lua/dead_out.lua")),
         touch_out: with_prelude(include_str!("../../../lua/touch_out.lua")),
         replay: Script::new(include_str!("../../../lua/replay.lua")),
+        forget_consumer: with_prelude(include_str!("../../../lua/forget_consumer.lua")),
     }
 });
 
@@ -115,9 +118,18 @@ impl Scripts {
     /// Loads every script into the server's script cache.
     pub async fn load(&self, conn: &mut Conn) -> Result<(), StoreError> {
         let s = self.sources;
-        for script in
-            [&s.apply, &s.release, &s.clock, &s.lock, &s.registry, &s.claim_out, &s.dead_out, &s.touch_out, &s.replay]
-        {
+        for script in [
+            &s.apply,
+            &s.release,
+            &s.clock,
+            &s.lock,
+            &s.registry,
+            &s.claim_out,
+            &s.dead_out,
+            &s.touch_out,
+            &s.replay,
+            &s.forget_consumer,
+        ] {
             let _: String = script.prepare_invoke().load_async(conn).await?;
         }
         Ok(())

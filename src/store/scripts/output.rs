@@ -139,6 +139,19 @@ impl Scripts {
         }
         Ok(lost)
     }
+
+    /// Removes `consumer` from `group` of `stream` unless it has entries
+    /// pending (checked in the same call). Whether it was removed.
+    pub async fn forget_consumer(
+        &self,
+        conn: &mut Conn,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+    ) -> Result<bool, StoreError> {
+        let removed: i64 = self.sources.forget_consumer.key(stream).arg(group).arg(consumer).invoke_async(conn).await?;
+        Ok(removed == 1)
+    }
 }
 
 fn decode_claim(v: Value) -> Result<ClaimOutcome, StoreError> {
