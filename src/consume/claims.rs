@@ -1,14 +1,14 @@
 //! The consumer runtime's leases and claims: its own liveness lease,
-//! taking up its own pending entries after a restart, retrying idle
-//! entries, taking over dead peers' entries, and following the namespace's
-//! partition count. Part of [`super::runtime`]'s `Runtime`.
+//! taking up its own pending entries after a restart, keeping held entries
+//! fresh so peers do not claim them, retrying idle entries, taking over
+//! dead peers' entries, and following the namespace's partition count. Part of [`super::runtime`]'s `Runtime`.
 
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::runtime::Runtime;
+use super::runtime::{by_partition, Runtime};
 use super::{At, Handler, FINISH_MARGIN};
 use crate::core::op::Reason;
 use crate::core::EntryId;
@@ -75,6 +75,32 @@ impl<H: Handler> Runtime<H> {
         }
         if total > 0 {
             info!(entries = total, "resuming entries left pending by an earlier run of this consumer");
+        }
+        Ok(())
+    }
+
+    /// Keeps every held entry fresh so that no peer claims it after
+    /// `claim_idle`; warns about any a peer took over anyway.
+    pub(super) async fn touch(&mut self, conn: &mut Conn) -> Result<(), StoreError> {
+        let held: Vec<At> = self.ledger.held().copied().collect();
+        if held.is_empty() {
+            return Ok(());
+        }
+        let c = &self.c;
+        let mut lost = Vec::new();
+        for (p, ids) in by_partition(held.into_iter()) {
+            let keys = &self.parts[usize::from(p)];
+            let gone = self.scripts.touch(conn, keys, &c.group, &c.opts.consumer, &ids).await?;
+            lost.extend(gone.into_iter().map(|id| At { partition: p, id }));
+        }
+        for id in lost {
+            if self.ledger.lost(id) {
+                warn!(
+                    entry = %id,
+                    "another consumer took over an entry still being handled here (Redis was unreachable for long?); \
+                     it may be processed twice"
+                );
+            }
         }
         Ok(())
     }

@@ -471,32 +471,6 @@ impl<H: Handler> Runtime<H> {
         Ok(())
     }
 
-    /// Keeps every held entry fresh so that no peer claims it after
-    /// `claim_idle`; warns about any a peer took over anyway.
-    async fn touch(&mut self, conn: &mut Conn) -> Result<(), StoreError> {
-        let held: Vec<At> = self.ledger.held().copied().collect();
-        if held.is_empty() {
-            return Ok(());
-        }
-        let c = &self.c;
-        let mut lost = Vec::new();
-        for (p, ids) in by_partition(held.into_iter()) {
-            let keys = &self.parts[usize::from(p)];
-            let gone = self.scripts.touch(conn, keys, &c.group, &c.opts.consumer, &ids).await?;
-            lost.extend(gone.into_iter().map(|id| At { partition: p, id }));
-        }
-        for id in lost {
-            if self.ledger.lost(id) {
-                warn!(
-                    entry = %id,
-                    "another consumer took over an entry still being handled here (Redis was unreachable for long?); \
-                     it may be processed twice"
-                );
-            }
-        }
-        Ok(())
-    }
-
     fn begin_stop(&mut self) {
         self.c.opts.readiness.set_shutting_down();
         let grace = self.c.opts.shutdown_grace;
@@ -564,7 +538,7 @@ impl<H: Handler> Runtime<H> {
 }
 
 /// Groups entries by partition (each partition's ids in order).
-fn by_partition(entries: impl Iterator<Item = At>) -> Vec<(u16, Vec<EntryId>)> {
+pub(super) fn by_partition(entries: impl Iterator<Item = At>) -> Vec<(u16, Vec<EntryId>)> {
     let mut groups: std::collections::BTreeMap<u16, Vec<EntryId>> = std::collections::BTreeMap::new();
     for at in entries {
         groups.entry(at.partition).or_default().push(at.id);
