@@ -12,9 +12,9 @@ CARGO=${CARGO:-cargo}
 # The named subset: ingest and release (seed, model, order, fast_paths,
 # malformed, hostile), consumers (consume, redelivery), crash, security,
 # failover (Sentinel, behind an endpoint), silent connections, memory and
-# dedup.
+# dedup; and TLS on a cluster.
 SUBSET=(seed:: model:: order:: fast_paths:: malformed:: hostile:: consume:: redelivery:: crash:: security::
-  failover:: silence:: memory:: dedup::)
+  failover:: silence:: memory:: dedup:: cluster::tls_works_on_a_cluster)
 
 servers=$(scripts/build-servers.sh)
 if [[ -z $servers ]]; then

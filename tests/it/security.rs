@@ -431,8 +431,8 @@ impl Pki {
 }
 
 /// A Redis with a plain port (for the harness and for checking results) and
-/// a TLS port. `None` when redis-server was built without TLS.
-fn tls_redis(pki: &Pki, auth_clients: bool) -> Option<(RedisServer, u16)> {
+/// a TLS port. Fails, saying what to build, when redis-server has no TLS.
+fn tls_redis(pki: &Pki, auth_clients: bool) -> (RedisServer, u16) {
     let tls_port = free_port();
     let args = [
         "--tls-port",
@@ -451,19 +451,21 @@ fn tls_redis(pki: &Pki, auth_clients: bool) -> Option<(RedisServer, u16)> {
     let started =
         std::panic::catch_unwind(|| RedisServer::start_with(RedisOptions { extra_args: args, ..Default::default() }));
     match started {
-        Ok(redis) => Some((redis, tls_port)),
+        Ok(redis) => (redis, tls_port),
         Err(panic) => {
             let message = panic
                 .downcast_ref::<String>()
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_default();
-            // Redis 7.0's words, and those of 7.2 and Valkey 8 (built with
-            // BUILD_TLS=no by scripts/build-servers.sh).
+            // Redis 7.0's words, and those of 7.2 and Valkey 8. A test fails,
+            // never skips: say what to build instead.
             let no_tls = ["not supported", "not built", "Failed finding TLS support"];
             if message.contains("TLS") && no_tls.iter().any(|w| message.contains(w)) {
-                eprintln!("SKIPPED: this redis-server was built without TLS support:\n{message}");
-                return None;
+                panic!(
+                    "this redis-server was built without TLS support: build it with BUILD_TLS=yes \
+                     (scripts/build-servers.sh does)\n{message}"
+                );
             }
             std::panic::resume_unwind(panic)
         }
@@ -477,7 +479,7 @@ fn tls_redis(pki: &Pki, auth_clients: bool) -> Option<(RedisServer, u16)> {
 #[test]
 fn tls_with_a_private_ca() {
     let pki = Pki::new();
-    let Some((redis, tls_port)) = tls_redis(&pki, false) else { return };
+    let (redis, tls_port) = tls_redis(&pki, false);
     let tls_url = format!("rediss://127.0.0.1:{tls_port}");
     let ca = pki.arg("ca.crt");
     let other_ca = pki.arg("other-ca.crt");
@@ -525,7 +527,7 @@ fn tls_with_a_private_ca() {
 #[test]
 fn mutual_tls_with_a_client_certificate() {
     let pki = Pki::new();
-    let Some((_redis, tls_port)) = tls_redis(&pki, true) else { return };
+    let (_redis, tls_port) = tls_redis(&pki, true);
     let tls_url = format!("rediss://127.0.0.1:{tls_port}");
     let (ca, cert, key) = (pki.arg("ca.crt"), pki.arg("client.crt"), pki.arg("client.key"));
     let (other_cert, other_key) = (pki.arg("other-client.crt"), pki.arg("other-client.key"));
