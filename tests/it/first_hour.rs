@@ -438,14 +438,25 @@ fn make_run_banner_lines_work_and_sigterm_stops_it() {
             assert!(text.contains("billing"), "{line}: {text}");
         }
     }
-    // The README's order-42, as its wire-format section writes it.
-    for readme in [
-        "redis-cli XADD 'tidemark:{default}:in' '*' op add id order-42 ts 1700000000000 customer 7 total 19.90",
-        "redis-cli XADD 'tidemark:{default}:in' '*' op watermark ts 1700000001000",
-    ] {
-        let line = readme.replacen("redis-cli ", &format!("redis-cli -p {port} "), 1);
+    // Every redis-cli line of the README's wire-format and output sections,
+    // read from README.md, with the `-p PORT` the README says to add for
+    // `make run`'s Redis: order-42 and order-43 added, order-43 cancelled,
+    // the watermark, then reading `:out` as the README shows.
+    let readme = testkit::read_file(&repo().join("README.md"));
+    let readme_lines: Vec<&str> =
+        readme.lines().filter(|l| l.starts_with("redis-cli ") && l.contains("'tidemark:{default}:")).collect();
+    assert!(readme_lines.len() >= 6, "the README's redis-cli lines: {readme_lines:?}");
+    for readme_line in readme_lines {
+        let line = readme_line.replacen("redis-cli ", &format!("redis-cli -p {port} "), 1);
+        if line.contains(" XRANGE ") {
+            wait_until("order-42 is released", WAIT, || stdout(&banner_line(&line)).contains("order-42"));
+        }
         let out = banner_line(&line);
-        assert!(out.status.success(), "{line}: {}", stderr(&out));
+        let text = format!("{}{}", stdout(&out), stderr(&out));
+        assert!(out.status.success() && !text.contains("ERR") && !text.contains("NOGROUP"), "{line}: {text}");
+        if line.contains(" XREADGROUP ") {
+            assert!(text.contains("order-42") && !text.contains("order-43"), "{line}: {text}");
+        }
     }
     // The consumer from the banner: both elements handled and acknowledged.
     let consumer_log = dir.path().join("consume.log");
