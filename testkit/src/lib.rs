@@ -23,7 +23,7 @@ pub use process::{
     bin_path, describe, free_port, get, http_get, metric, process_cpu, read_file, repo_dir, run_cli, Daemon,
 };
 pub use proxy::Proxy;
-pub use sentinel::{Passwords, SentinelSet};
+pub use sentinel::{MasterLookup, Passwords, SentinelOptions, SentinelSet, TlsFiles};
 pub use server::{RedisOptions, RedisServer};
 pub use streams::*;
 pub use tidemark::store::Keys;

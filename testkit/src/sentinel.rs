@@ -1,9 +1,14 @@
 //! A Sentinel-managed Redis on loopback for failover tests: one master, one
 //! replica and three Sentinels (`redis-server --sentinel`, quorum 2), each
-//! on a free port with its own directory, all killed on drop.
+//! on a free port with its own directory, all killed on drop. Optionally
+//! with passwords (data nodes and Sentinels each their own) and TLS: then
+//! every process also listens on a TLS port, the Sentinels monitor the
+//! data nodes' TLS ports and talk to them and to each other over TLS
+//! (`tls-replication yes`), and the plain ports stay for the harness.
 
 use std::collections::HashMap;
 use std::fs::OpenOptions;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -23,19 +28,60 @@ pub struct Passwords {
     pub sentinel: &'static str,
 }
 
+/// PEM files for a [`SentinelSet`] with TLS: the certificate (valid for
+/// 127.0.0.1) and key every process serves, and the CA that signed it.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+impl TlsFiles {
+    /// The `redis-server` settings for a TLS port beside the plain one:
+    /// clients need no certificate, replication and Sentinel links use TLS.
+    fn settings(&self, tls_port: u16) -> Vec<(&'static str, String)> {
+        let path = |p: &PathBuf| p.to_str().expect("utf-8 path").to_owned();
+        vec![
+            ("tls-port", tls_port.to_string()),
+            ("tls-cert-file", path(&self.cert)),
+            ("tls-key-file", path(&self.key)),
+            ("tls-ca-cert-file", path(&self.ca)),
+            ("tls-auth-clients", "no".into()),
+            ("tls-replication", "yes".into()),
+        ]
+    }
+}
+
+/// Options for [`SentinelSet::start_with`].
+#[derive(Debug, Clone, Default)]
+pub struct SentinelOptions {
+    /// Passwords for the data nodes and the Sentinels.
+    pub passwords: Option<Passwords>,
+    /// TLS for every process (see the module docs).
+    pub tls: Option<TlsFiles>,
+}
+
 /// A Sentinel process.
 pub struct Sentinel {
     child: Option<Child>,
     port: u16,
+    tls_port: Option<u16>,
     password: Option<&'static str>,
     dir: TempDir,
 }
 
 impl Sentinel {
-    fn start(master_port: u16, passwords: Option<Passwords>) -> Sentinel {
+    fn start(master_port: u16, opts: &SentinelOptions) -> Sentinel {
+        let passwords = opts.passwords;
         let dir = tempfile::Builder::new().prefix("tidemark-sentinel-").tempdir().expect("sentinel tempdir");
         for _ in 0..5 {
             let port = free_port();
+            let tls_port = opts.tls.as_ref().map(|_| free_port());
+            let tls: String = match (&opts.tls, tls_port) {
+                (Some(files), Some(p)) => files.settings(p).iter().map(|(k, v)| format!("{k} {v}\n")).collect(),
+                _ => String::new(),
+            };
             // Sentinel rewrites its configuration file: it must be writable.
             let conf = dir.path().join("sentinel.conf");
             std::fs::write(
@@ -45,7 +91,7 @@ impl Sentinel {
                      sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2\n\
                      sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
                      sentinel failover-timeout {MASTER_NAME} 5000\n\
-                     sentinel parallel-syncs {MASTER_NAME} 1\n{auth}",
+                     sentinel parallel-syncs {MASTER_NAME} 1\n{auth}{tls}",
                     dir = dir.path().display(),
                     log = dir.path().join("sentinel.log").display(),
                     auth = match passwords {
@@ -69,7 +115,15 @@ impl Sentinel {
                 .spawn()
                 .unwrap_or_else(|e| panic!("spawn {} --sentinel: {e}", server_binary().display()));
             match wait_answers(&mut child, port, Duration::from_secs(10)) {
-                Ok(()) => return Sentinel { child: Some(child), port, password: passwords.map(|p| p.sentinel), dir },
+                Ok(()) => {
+                    return Sentinel {
+                        child: Some(child),
+                        port,
+                        tls_port,
+                        password: passwords.map(|p| p.sentinel),
+                        dir,
+                    }
+                }
                 Err(why) => {
                     kill_and_reap(&mut child);
                     let log = std::fs::read_to_string(dir.path().join("sentinel.log")).unwrap_or_default();
@@ -82,9 +136,14 @@ impl Sentinel {
         panic!("could not start a sentinel");
     }
 
-    /// The Sentinel's port.
+    /// The Sentinel's (plain) port.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The Sentinel's TLS port, with TLS.
+    pub fn tls_port(&self) -> Option<u16> {
+        self.tls_port
     }
 
     /// A connection to the Sentinel.
@@ -118,32 +177,53 @@ pub struct SentinelSet {
     pub sentinels: Vec<Sentinel>,
     /// The passwords, if any.
     pub passwords: Option<Passwords>,
+    /// With TLS, the data nodes' TLS ports, in the order of `servers`: the
+    /// ports the Sentinels name.
+    tls_ports: Vec<u16>,
 }
 
 impl SentinelSet {
-    /// Starts the servers and Sentinels without passwords (see
+    /// Starts the servers and Sentinels without passwords or TLS (see
     /// [`SentinelSet::start_with`]).
     pub fn start() -> SentinelSet {
-        Self::start_with(None)
+        Self::start_with(SentinelOptions::default())
     }
 
     /// Starts the servers and Sentinels and waits until the replica is in
     /// sync and every Sentinel knows the replica and the other Sentinels
     /// (so that a failover can be agreed on). With `passwords`, the data
-    /// nodes and the Sentinels each require theirs.
-    pub fn start_with(passwords: Option<Passwords>) -> SentinelSet {
-        let auth: Vec<String> = match passwords {
+    /// nodes and the Sentinels each require theirs; with `tls`, see the
+    /// module docs.
+    pub fn start_with(opts: SentinelOptions) -> SentinelSet {
+        let passwords = opts.passwords;
+        let tls_ports: Vec<u16> = match opts.tls {
+            Some(_) => vec![free_port(), free_port()],
             None => Vec::new(),
-            Some(p) => vec!["--requirepass".into(), p.data.into(), "--masterauth".into(), p.data.into()],
         };
-        let master = RedisServer::start_with(RedisOptions { extra_args: auth.clone(), ..RedisOptions::default() });
-        let mut replica_args = auth;
-        replica_args.extend(["--replicaof".into(), "127.0.0.1".into(), master.port().to_string()]);
+        let args = |node: usize| -> Vec<String> {
+            let mut args: Vec<String> = match passwords {
+                None => Vec::new(),
+                Some(p) => vec!["--requirepass".into(), p.data.into(), "--masterauth".into(), p.data.into()],
+            };
+            if let Some(files) = &opts.tls {
+                for (k, v) in files.settings(tls_ports[node]) {
+                    args.extend([format!("--{k}"), v]);
+                }
+            }
+            args
+        };
+        let master = RedisServer::start_with(RedisOptions { extra_args: args(0), ..RedisOptions::default() });
+        // The address the Sentinels monitor and the replica follows: the
+        // TLS port with TLS.
+        let master_addr_port = tls_ports.first().copied().unwrap_or(master.port());
+        let mut replica_args = args(1);
+        replica_args.extend(["--replicaof".into(), "127.0.0.1".into(), master_addr_port.to_string()]);
         let replica = RedisServer::start_with(RedisOptions { extra_args: replica_args, ..RedisOptions::default() });
         let set = SentinelSet {
-            sentinels: (0..3).map(|_| Sentinel::start(master.port(), passwords)).collect(),
+            sentinels: (0..3).map(|_| Sentinel::start(master_addr_port, &opts)).collect(),
             servers: vec![master, replica],
             passwords,
+            tls_ports,
         };
         set.wait_in_sync(Duration::from_secs(20));
         wait_until("every sentinel knows the replica and the other sentinels", Duration::from_secs(30), || {
@@ -160,11 +240,23 @@ impl SentinelSet {
         set
     }
 
-    /// `redis+sentinel://[:DATA_PASSWORD@]127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3/mymaster`
+    /// `redis+sentinel://[:DATA_PASSWORD@]127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3/mymaster`,
+    /// with TLS `rediss+sentinel://` and the Sentinels' TLS ports.
     pub fn url(&self) -> String {
-        let hosts: Vec<String> = self.sentinels.iter().map(|s| format!("127.0.0.1:{}", s.port())).collect();
+        let hosts: Vec<String> =
+            self.sentinels.iter().map(|s| format!("127.0.0.1:{}", s.tls_port().unwrap_or(s.port()))).collect();
         let auth = self.passwords.map(|p| format!(":{}@", p.data)).unwrap_or_default();
-        format!("redis+sentinel://{auth}{}/{MASTER_NAME}", hosts.join(","))
+        let scheme = if self.tls_ports.is_empty() { "redis+sentinel" } else { "rediss+sentinel" };
+        format!("{scheme}://{auth}{}/{MASTER_NAME}", hosts.join(","))
+    }
+
+    /// What a thread needs to find the master itself (see [`MasterLookup`]).
+    pub fn lookup(&self) -> MasterLookup {
+        MasterLookup {
+            sentinels: self.sentinels.iter().map(|s| (s.port(), s.password)).collect(),
+            data_password: self.passwords.map(|p| p.data),
+            ports: self.tls_ports.iter().copied().zip(self.servers.iter().map(RedisServer::port)).collect(),
+        }
     }
 
     /// A connection to the data node on `port` (authenticated).
@@ -175,19 +267,10 @@ impl SentinelSet {
             .unwrap_or_else(|e| panic!("connect to the data node on {port}: {e}"))
     }
 
-    /// The master's port as the first Sentinel that answers names it.
+    /// The (plain) port of the master the Sentinels name (see
+    /// [`MasterLookup::master`]).
     pub fn master_port(&self) -> u16 {
-        for s in &self.sentinels {
-            let auth = s.password.map(|p| format!(":{p}@")).unwrap_or_default();
-            let Ok(client) = redis::Client::open(format!("redis://{auth}127.0.0.1:{}", s.port())) else { continue };
-            let Ok(mut c) = client.get_connection_with_timeout(Duration::from_secs(2)) else { continue };
-            let addr: Result<(String, u16), _> =
-                redis::cmd("SENTINEL").arg("GET-MASTER-ADDR-BY-NAME").arg(MASTER_NAME).query(&mut c);
-            if let Ok((_, port)) = addr {
-                return port;
-            }
-        }
-        panic!("no sentinel names the master");
+        self.lookup().master().map(|(_, port)| port).expect("no sentinel names the master")
     }
 
     /// The data node on `port`.
@@ -222,5 +305,41 @@ impl SentinelSet {
     /// Every Sentinel's log, for a failing test.
     pub fn logs(&self) -> String {
         self.sentinels.iter().map(|s| format!("--- sentinel {} ---\n{}", s.port(), s.log())).collect()
+    }
+}
+
+/// Finds the master as a careful client does, from any thread: every
+/// Sentinel is asked and the answer with the highest configuration epoch
+/// wins (one that has not heard of the latest failover yet is outvoted).
+#[derive(Debug, Clone)]
+pub struct MasterLookup {
+    /// The Sentinels' plain ports and password.
+    sentinels: Vec<(u16, Option<&'static str>)>,
+    data_password: Option<&'static str>,
+    /// (TLS port, plain port) of each data node, with TLS.
+    ports: Vec<(u16, u16)>,
+}
+
+impl MasterLookup {
+    /// `redis://[:PASSWORD@]127.0.0.1:PORT` of the master's plain port, and
+    /// that port; `None` when no Sentinel answers.
+    pub fn master(&self) -> Option<(String, u16)> {
+        let mut best: Option<(u64, u16)> = None;
+        for (port, password) in &self.sentinels {
+            let auth = password.map(|p| format!(":{p}@")).unwrap_or_default();
+            let Ok(client) = redis::Client::open(format!("redis://{auth}127.0.0.1:{port}")) else { continue };
+            let Ok(mut c) = client.get_connection_with_timeout(Duration::from_millis(500)) else { continue };
+            let info: redis::RedisResult<HashMap<String, String>> =
+                redis::cmd("SENTINEL").arg("MASTER").arg(MASTER_NAME).query(&mut c);
+            let Ok(info) = info else { continue };
+            let epoch = info.get("config-epoch").and_then(|e| e.parse().ok()).unwrap_or(0);
+            let Some(named) = info.get("port").and_then(|p| p.parse::<u16>().ok()) else { continue };
+            let plain = self.ports.iter().find(|(tls, _)| *tls == named).map_or(named, |(_, plain)| *plain);
+            if best.is_none_or(|(e, _)| epoch > e) {
+                best = Some((epoch, plain));
+            }
+        }
+        let auth = self.data_password.map(|p| format!(":{p}@")).unwrap_or_default();
+        best.map(|(_, port)| (format!("redis://{auth}127.0.0.1:{port}"), port))
     }
 }

@@ -284,6 +284,14 @@ struct Workload {
 
 impl Workload {
     fn start(url: &str, partitions: u16) -> Workload {
+        Self::start_after(url, partitions, None)
+    }
+
+    /// A producer that goes on where `before` stopped: ids after its ids and
+    /// ts above its final watermark, so that nothing it writes is late (a
+    /// late element is released at once, out of (ts, id) order).
+    fn start_after(url: &str, partitions: u16, before: Option<&Written>) -> Workload {
+        let (first_n, first_wm) = before.map_or((0, 1_000), |w| (w.elements.len() as u64, w.final_watermark));
         let stop = Arc::new(AtomicBool::new(false));
         let url = url.to_owned();
         let flag = stop.clone();
@@ -304,8 +312,8 @@ impl Workload {
                     }
                 };
                 let mut written = Written { elements: Vec::new(), final_watermark: 0 };
-                let mut wm = 1_000i64;
-                let mut n = 0u64;
+                let mut wm = first_wm;
+                let mut n = first_n;
                 while !flag.load(Ordering::SeqCst) {
                     let mut batch = producer.batch();
                     let mut these = Vec::new();
@@ -472,7 +480,7 @@ fn failovers_mid_run() {
     check_released(&mut conn, &ns, &written, false);
 
     // kill -9 of a master: its replica is promoted after the node timeout.
-    let work = Workload::start(&url, 6);
+    let work = Workload::start_after(&url, 6, Some(&written));
     wait_until("work flows again", WAIT, || total(&released(&mut conn, &ns)) > written.elements.len() + 200);
     let slot = tidemark::core::route::key_slot(ns.partition(1).input.as_bytes());
     let victim = cluster.master_of(slot);

@@ -20,8 +20,11 @@ use std::time::{Duration, Instant};
 
 use testkit::sentinel::MASTER_NAME;
 use testkit::{
-    field, keys, read_stream, run_cli, wait_until, Daemon, Passwords, Proxy, RedisOptions, RedisServer, SentinelSet,
+    field, keys, read_stream, run_cli, wait_until, Daemon, Passwords, Proxy, RedisOptions, RedisServer,
+    SentinelOptions, SentinelSet, TlsFiles,
 };
+
+use crate::security::Pki;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -164,10 +167,11 @@ fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     testkit::http_get(&addr.to_string(), path).unwrap_or_else(|e| panic!("GET {path}: {e}"))
 }
 
-/// The element ids in `server`'s `:out`, with how often each appears.
-fn released(server: &RedisServer) -> BTreeMap<String, usize> {
+/// The element ids in `:out` on the server of `conn`, with how often each
+/// appears.
+fn released(conn: &mut redis::Connection) -> BTreeMap<String, usize> {
     let mut seen = BTreeMap::new();
-    for (_, fields) in read_stream(&mut server.sync_conn(), &keys("default").out) {
+    for (_, fields) in read_stream(conn, &keys("default").out) {
         let id = field(&fields, "id").map(|v| String::from_utf8_lossy(v).into_owned());
         *seen.entry(id.unwrap_or_default()).or_insert(0) += 1;
     }
@@ -224,15 +228,22 @@ struct Outcome {
 }
 
 /// Checks the new master's `:out` after a failover (see the module docs)
-/// and that the consumer handled everything in it.
-fn check_after_failover(new: &RedisServer, acked: &[Acked], consumed: &Path, started: Instant) -> Outcome {
-    let out = released(new);
+/// and that the consumer handled everything in it: `new` is the new
+/// master's port, `conn` a connection to it.
+fn check_after_failover(
+    new: u16,
+    conn: &mut redis::Connection,
+    acked: &[Acked],
+    consumed: &Path,
+    started: Instant,
+) -> Outcome {
+    let out = released(conn);
     let doubled: Vec<_> = out.iter().filter(|(_, n)| **n > 1).collect();
     assert!(doubled.is_empty(), "elements released twice into the new master's :out: {doubled:?}");
-    let missing: Vec<&Acked> = acked.iter().filter(|a| a.server == new.port() && !out.contains_key(&a.id)).collect();
+    let missing: Vec<&Acked> = acked.iter().filter(|a| a.server == new && !out.contains_key(&a.id)).collect();
     assert!(missing.is_empty(), "adds the new master acknowledged were never released: {missing:?}");
-    let lost = acked.iter().filter(|a| a.server != new.port() && !out.contains_key(&a.id)).count();
-    let first_new = acked.iter().find(|a| a.server == new.port()).expect("the new master acknowledged adds");
+    let lost = acked.iter().filter(|a| a.server != new && !out.contains_key(&a.id)).count();
+    let first_new = acked.iter().find(|a| a.server == new).expect("the new master acknowledged adds");
     wait_until("the consumer handled every element of the new master's :out", WAIT, || {
         let done = handled(consumed);
         out.keys().all(|id| done.contains(id))
@@ -240,50 +251,34 @@ fn check_after_failover(new: &RedisServer, acked: &[Acked], consumed: &Path, sta
     Outcome { resumed_after: first_new.at.saturating_duration_since(started), lost, acked: acked.len() }
 }
 
-/// Resolves the master through the Sentinels as a careful client does:
-/// the answer with the highest configuration epoch.
-fn via_sentinels(sentinel_ports: Vec<u16>) -> Resolve {
-    Box::new(move || {
-        let mut best: Option<(u64, String, u16)> = None;
-        for port in &sentinel_ports {
-            let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) else { continue };
-            let Ok(mut c) = client.get_connection_with_timeout(Duration::from_millis(500)) else { continue };
-            let info: redis::RedisResult<std::collections::HashMap<String, String>> =
-                redis::cmd("SENTINEL").arg("MASTER").arg(MASTER_NAME).query(&mut c);
-            let Ok(info) = info else { continue };
-            let epoch = info.get("config-epoch").and_then(|e| e.parse().ok()).unwrap_or(0);
-            let (Some(host), Some(p)) = (info.get("ip"), info.get("port").and_then(|p| p.parse().ok())) else {
-                continue;
-            };
-            if best.as_ref().is_none_or(|(e, ..)| epoch > *e) {
-                best = Some((epoch, host.clone(), p));
-            }
-        }
-        best.map(|(_, host, p)| (format!("redis://{host}:{p}"), p))
-    })
-}
-
 /// Runs a daemon (with the dashboard), a consumer and the producer against
 /// the Sentinel set, fails the master over with `fail`, and checks that
 /// everything follows: work resumes on the new master, nothing the new
 /// master acknowledged is lost, nothing is doubled into its `:out`, and the
-/// consumer, the CLI and the dashboard work through the Sentinel URL.
-fn sentinel_run(name: &str, fail: impl FnOnce(&mut SentinelSet, u16)) -> Outcome {
-    let mut set = SentinelSet::start();
+/// consumer, the CLI and the dashboard work through the Sentinel URL
+/// (with `opts`' passwords and TLS; `envs` for every tidemark process).
+fn sentinel_run(
+    name: &str,
+    opts: SentinelOptions,
+    extra_envs: &[(&str, &str)],
+    fail: impl FnOnce(&mut SentinelSet, u16),
+) -> Outcome {
+    let mut set = SentinelSet::start_with(opts);
     let url = set.url();
     let old = set.master_port();
+    let envs: Vec<(&str, &str)> = ENVS.iter().chain(extra_envs).copied().collect();
     let daemon = Daemon::spawn(
         &["run", "--redis-url", &url, "--consumer", "d1", "--group", "g", "--http", "127.0.0.1:0"],
-        &ENVS,
+        &envs,
     );
     let addr: SocketAddr = daemon.http_addr(WAIT);
     wait_until("/readyz answers 200", WAIT, || get(addr, "/readyz").0 == 200);
     let dir = tempfile::tempdir().expect("tempdir");
     let consumed = dir.path().join("consumed");
-    let consumer = spawn_recording_consumer(&url, &consumed, &ENVS);
-    let producer =
-        Producer::spawn(via_sentinels(set.sentinels.iter().map(|s| s.port()).collect()), Duration::from_millis(4));
-    wait_until("work flows before the failover", WAIT, || released(set.server(old)).len() >= 100);
+    let consumer = spawn_recording_consumer(&url, &consumed, &envs);
+    let lookup = set.lookup();
+    let producer = Producer::spawn(Box::new(move || lookup.master()), Duration::from_millis(4));
+    wait_until("work flows before the failover", WAIT, || released(&mut set.data_conn(old)).len() >= 100);
 
     let started = Instant::now();
     fail(&mut set, old);
@@ -291,7 +286,7 @@ fn sentinel_run(name: &str, fail: impl FnOnce(&mut SentinelSet, u16)) -> Outcome
     let switched = started.elapsed();
     let new = set.master_port();
     wait_until("the new master acknowledges adds and releases them", WAIT, || {
-        let out = released(set.server(new));
+        let out = released(&mut set.data_conn(new));
         producer.acked().iter().filter(|a| a.server == new).any(|a| out.contains_key(&a.id))
     });
     let resumed = started.elapsed();
@@ -302,15 +297,15 @@ fn sentinel_run(name: &str, fail: impl FnOnce(&mut SentinelSet, u16)) -> Outcome
 
     // The CLI finds the new master through the Sentinels too: its
     // watermark releases everything still scheduled.
-    let cli = run_cli(&["--redis-url", &url, "watermark", "1000000000"], &[]);
+    let cli = run_cli(&["--redis-url", &url, "watermark", "1000000000"], extra_envs);
     assert!(cli.status.success(), "watermark through Sentinel: {}", String::from_utf8_lossy(&cli.stderr));
     wait_until("every add the new master acknowledged is released", WAIT, || {
-        let out = released(set.server(new));
+        let out = released(&mut set.data_conn(new));
         acked.iter().filter(|a| a.server == new).all(|a| out.contains_key(&a.id))
     });
-    let outcome = check_after_failover(set.server(new), &acked, &consumed, started);
+    let outcome = check_after_failover(new, &mut set.data_conn(new), &acked, &consumed, started);
 
-    let status = run_cli(&["--redis-url", &url, "status", "--json"], &[]);
+    let status = run_cli(&["--redis-url", &url, "status", "--json"], extra_envs);
     assert!(status.status.success(), "status through Sentinel: {}", String::from_utf8_lossy(&status.stderr));
     let json: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status --json");
     assert_eq!(json["watermark"], serde_json::json!(1_000_000_000), "{json}");
@@ -327,7 +322,7 @@ fn sentinel_run(name: &str, fail: impl FnOnce(&mut SentinelSet, u16)) -> Outcome
         outcome.acked,
         outcome.lost,
         unknown.len(),
-        released(set.server(new)).len()
+        released(&mut set.data_conn(new)).len()
     );
     drop(consumer);
     drop(daemon);
@@ -340,11 +335,31 @@ fn sentinel_run(name: &str, fail: impl FnOnce(&mut SentinelSet, u16)) -> Outcome
 /// lost.
 #[test]
 fn sentinel_failover_is_followed() {
-    let outcome = sentinel_run("SENTINEL FAILOVER", |set, _| {
-        let reply: String =
-            redis::cmd("SENTINEL").arg("FAILOVER").arg(MASTER_NAME).query(&mut set.sentinels[0].conn()).unwrap();
-        assert_eq!(reply, "OK");
-    });
+    let outcome = sentinel_run("SENTINEL FAILOVER", SentinelOptions::default(), &[], sentinel_failover);
+    assert!(outcome.resumed_after < Duration::from_secs(5), "work resumed only after {:?}", outcome.resumed_after);
+}
+
+/// Asks a Sentinel to fail the master over.
+fn sentinel_failover(set: &mut SentinelSet, _old: u16) {
+    let reply: String =
+        redis::cmd("SENTINEL").arg("FAILOVER").arg(MASTER_NAME).query(&mut set.sentinels[0].conn()).unwrap();
+    assert_eq!(reply, "OK");
+}
+
+/// The same through `rediss+sentinel://` with passwords everywhere: TLS to
+/// the Sentinels and the data nodes (a private CA, `redis.tls_ca_file`),
+/// the data nodes' password in the URL and the Sentinels' from
+/// `REDIS_SENTINEL_PASSWORD`. The daemon, the consumer, the CLI and the
+/// dashboard follow `SENTINEL FAILOVER` as without them.
+#[test]
+fn sentinel_failover_is_followed_over_tls_with_passwords() {
+    let pki = Pki::new();
+    let tls = TlsFiles { cert: pki.path("server.crt"), key: pki.path("server.key"), ca: pki.path("ca.crt") };
+    let p = Passwords { data: "data-s3cret", sentinel: "sentinel-s3cret" };
+    let ca = pki.arg("ca.crt");
+    let envs = [("TIDEMARK__REDIS__TLS_CA_FILE", ca.as_str()), ("REDIS_SENTINEL_PASSWORD", p.sentinel)];
+    let opts = SentinelOptions { passwords: Some(p), tls: Some(tls) };
+    let outcome = sentinel_run("SENTINEL FAILOVER over TLS with passwords", opts, &envs, sentinel_failover);
     assert!(outcome.resumed_after < Duration::from_secs(5), "work resumed only after {:?}", outcome.resumed_after);
 }
 
@@ -353,7 +368,8 @@ fn sentinel_failover_is_followed() {
 /// replication) is counted, not asserted.
 #[test]
 fn sentinel_promotes_the_replica_after_kill9_of_the_master() {
-    let outcome = sentinel_run("kill -9 of the master", |set, old| set.server_mut(old).kill9());
+    let outcome =
+        sentinel_run("kill -9 of the master", SentinelOptions::default(), &[], |set, old| set.server_mut(old).kill9());
     assert!(outcome.resumed_after < Duration::from_secs(10), "work resumed only after {:?}", outcome.resumed_after);
 }
 
@@ -363,7 +379,7 @@ fn sentinel_promotes_the_replica_after_kill9_of_the_master() {
 #[test]
 fn sentinel_and_data_node_passwords() {
     let p = Passwords { data: "data-s3cret", sentinel: "sentinel-s3cret" };
-    let set = SentinelSet::start_with(Some(p));
+    let set = SentinelSet::start_with(SentinelOptions { passwords: Some(p), tls: None });
     let url = set.url();
     let ok =
         run_cli(&["--redis-url", &url, "add", "--id", "a", "--ts", "1"], &[("REDIS_SENTINEL_PASSWORD", p.sentinel)]);
@@ -435,7 +451,7 @@ fn failover_behind_one_endpoint_moves_every_connection() {
         Box::new(move || Some((producer_url.clone(), current.load(Ordering::SeqCst)))),
         Duration::from_millis(4),
     );
-    wait_until("work flows before the failover", WAIT, || released(&a).len() >= 100);
+    wait_until("work flows before the failover", WAIT, || released(&mut a.sync_conn()).len() >= 100);
 
     let started = Instant::now();
     let () = redis::cmd("CLIENT").arg("PAUSE").arg(3000).arg("WRITE").query(&mut a.sync_conn()).unwrap();
@@ -452,7 +468,7 @@ fn failover_behind_one_endpoint_moves_every_connection() {
     let switched = started.elapsed();
 
     wait_until("the new master acknowledges adds and releases them", WAIT, || {
-        let out = released(&b);
+        let out = released(&mut b.sync_conn());
         producer.acked().iter().filter(|a| a.server == b.port()).any(|a| out.contains_key(&a.id))
     });
     let resumed = started.elapsed();
@@ -485,10 +501,10 @@ fn failover_behind_one_endpoint_moves_every_connection() {
         .map(|_| ())
         .unwrap();
     wait_until("every add the new master acknowledged is released", WAIT, || {
-        let out = released(&b);
+        let out = released(&mut b.sync_conn());
         acked.iter().filter(|x| x.server == b.port()).all(|x| out.contains_key(&x.id))
     });
-    let outcome = check_after_failover(&b, &acked, &consumed, started);
+    let outcome = check_after_failover(b.port(), &mut b.sync_conn(), &acked, &consumed, started);
     eprintln!(
         "failover behind one endpoint: promoted and switched after {switched:?} (writes paused meanwhile; /readyz \
          said {paused:?}); work resumed on the new master {resumed:?} after the pause began; the last client \

@@ -1,5 +1,6 @@
 //! Redis's memory limit: an evicting `maxmemory-policy` is a warning naming
-//! the policy at start and at every check; a full Redis (`noeviction`)
+//! the policy at start and at every check, and so is a Redis over 90% of
+//! its limit; a full Redis (`noeviction`)
 //! refuses the apply script's first write, so a batch is applied whole or
 //! not at all, the daemon says why in its log and in `/readyz`, retries no
 //! faster than a second, and resumes by itself when memory frees.
@@ -34,6 +35,45 @@ fn an_evicting_policy_is_a_warning_at_start_and_at_every_check() {
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(warnings("volatile-ttl"), before, "no warning once the policy is noeviction:\n{}", d.log());
     assert!(d.log().contains("WARN"), "the warning is a warning");
+}
+
+/// A Redis over 90% of its `maxmemory` (under `noeviction`) is a warning at
+/// every check, saying what happens at the limit; none once the limit is
+/// raised.
+#[test]
+fn a_nearly_full_redis_is_a_warning_at_every_check() {
+    let redis = RedisServer::start();
+    let mut conn = redis.sync_conn();
+    let d = Daemon::spawn(
+        &["run", "--redis-url", &redis.url(), "--consumer", "d1", "--http", "127.0.0.1:0"],
+        &[("TIDEMARK__DAEMON__MEMORY_CHECK_INTERVAL", "500ms"), ("TIDEMARK__LEASE__TTL", "1s")],
+    );
+    let addr = d.http_addr(WAIT);
+    wait_until("/readyz answers 200", WAIT, || get(addr, "/readyz").0 == 200);
+    let warnings = || d.log().matches("Redis is over 90% of maxmemory").count();
+    assert_eq!(warnings(), 0, "no warning without a limit:\n{}", d.log());
+    // About 95% full once the daemon runs, with 10 MiB of other data, so
+    // that the ups and downs of buffers (some 100 KiB) neither reach the
+    // limit nor fall under the warning's threshold.
+    // (Appended in small pieces: one 10 MiB command would leave as much
+    // again in a query buffer for a while.)
+    for _ in 0..160 {
+        let _: u64 = redis::cmd("APPEND").arg("filler").arg(vec![b'x'; 64 << 10]).query(&mut conn).unwrap();
+    }
+    let info: String = redis::cmd("INFO").arg("memory").query(&mut conn).unwrap();
+    let used: u64 = info.lines().find_map(|l| l.strip_prefix("used_memory:")).unwrap().trim().parse().unwrap();
+    let () = redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg(used * 100 / 95).query(&mut conn).unwrap();
+    wait_until("the warning, again and again", WAIT, || warnings() >= 3);
+    let log = d.log();
+    let line = log.lines().find(|l| l.contains("over 90% of maxmemory")).expect("the warning");
+    assert!(line.contains("WARN") && line.contains("refuses writes (OOM)"), "{line}");
+    assert!(!log.contains("out of memory"), "the limit itself was never reached:\n{log}");
+    assert_eq!(get(addr, "/readyz").0, 200, "nearly full is a warning, not unreadiness");
+    let () = redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg("100mb").query(&mut conn).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let before = warnings();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(warnings(), before, "no warning once the limit is far away:\n{}", d.log());
 }
 
 /// Redis full under `noeviction`: input written before Redis filled up is
