@@ -134,8 +134,9 @@ impl<'a> Housekeeper<'a> {
         let resource = self.ns.partition(0).lock("housekeeping");
         let conn = self.conn().await?;
         store::ensure_master(conn, &resource).await?;
-        let holder: Option<String> = redis::cmd("GET").arg(&resource).query_async(conn).await?;
-        if holder.is_none() {
+        // EXISTS, not GET: rslock's values are random bytes, not UTF-8.
+        let held: bool = redis::cmd("EXISTS").arg(&resource).query_async(conn).await?;
+        if !held {
             debug!("housekeeping: the lock is free but could not be taken; renewing rslock's connection");
             self.locks = None;
         }
