@@ -131,13 +131,30 @@ impl Shared {
     /// Runs `f` on our connection within `limit`; a failure drops the
     /// connection so the next call makes a new one. The error is its class
     /// and its text (the password scrubbed).
+    /// Runs `f` on our connection within `limit`. A connection kept from
+    /// an earlier request may have gone stale while idle (its server
+    /// restarted, or turned into a replica behind the same address in a
+    /// failover): when it fails that way, `f` runs once more on a new
+    /// connection (resolving the name again) within what is left of
+    /// `limit`, so the first request after a failover answers for the new
+    /// server, not the old one.
     async fn with_redis<T, F, Fut>(&self, limit: Duration, f: F) -> Result<T, (Fault, String)>
     where
-        F: FnOnce(Conn) -> Fut,
+        F: Fn(Conn) -> Fut,
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
-        let attempt = async { f(self.conn().await?).await };
-        let (fault, text) = match tokio::time::timeout(limit, attempt).await {
+        let attempts = async {
+            let kept = self.conn.lock().await.is_some();
+            match f(self.conn().await?).await {
+                Err(e) if kept && matches!(e.fault(), Fault::ReadOnly | Fault::Disconnected) => {
+                    debug!(error = %e, "HTTP: our kept Redis connection went stale; trying a new one");
+                    self.forget_conn().await;
+                    f(self.conn().await?).await
+                }
+                result => result,
+            }
+        };
+        let (fault, text) = match tokio::time::timeout(limit, attempts).await {
             Ok(Ok(v)) => return Ok(v),
             Ok(Err(e)) => (e.fault(), e.to_string()),
             Err(_) => (Fault::Unresponsive, format!("no answer within {limit:?}")),
@@ -196,10 +213,13 @@ async fn readyz(State(s): State<Arc<Shared>>) -> impl IntoResponse {
     }
     let key = s.endpoints.settings.namespace.partition(0).probe();
     let probe = s
-        .with_redis(PING_TIMEOUT, |mut conn| async move {
-            let mut set = redis::cmd("SET");
-            set.arg(&key).arg(1).arg("PX").arg(PROBE_TTL_MS);
-            set.query_async::<()>(&mut conn).await.map_err(StoreError::from)
+        .with_redis(PING_TIMEOUT, |mut conn| {
+            let key = &key;
+            async move {
+                let mut set = redis::cmd("SET");
+                set.arg(key).arg(1).arg("PX").arg(PROBE_TTL_MS);
+                set.query_async::<()>(&mut conn).await.map_err(StoreError::from)
+            }
         })
         .await;
     match probe {
@@ -217,9 +237,12 @@ async fn readyz(State(s): State<Arc<Shared>>) -> impl IntoResponse {
 async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
     let (ns, configured) = (s.endpoints.settings.namespace.clone(), s.endpoints.settings.partitions);
     let snapshot = s
-        .with_redis(SNAPSHOT_TIMEOUT, |mut conn| async move {
-            let ns = meta::resolve(&mut conn, &ns, configured, false).await??;
-            status::snapshot(&mut conn, &ns).await
+        .with_redis(SNAPSHOT_TIMEOUT, |mut conn| {
+            let ns = &ns;
+            async move {
+                let ns = meta::resolve(&mut conn, ns, configured, false).await??;
+                status::snapshot(&mut conn, &ns).await
+            }
         })
         .await;
     let status = match snapshot.map_err(|(_, text)| text) {

@@ -53,7 +53,14 @@ pub struct Proxy {
 impl Proxy {
     /// A proxy on a free loopback port in front of `127.0.0.1:backend`.
     pub fn start(backend: u16) -> Proxy {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        Self::bind(std::net::Ipv4Addr::LOCALHOST, 0, backend).expect("bind the proxy")
+    }
+
+    /// A proxy on `ip:port` (port 0: a free one) in front of
+    /// `127.0.0.1:backend`, e.g. on another loopback address (127.0.0.2)
+    /// for a test that moves a host name between servers.
+    pub fn bind(ip: std::net::Ipv4Addr, port: u16, backend: u16) -> std::io::Result<Proxy> {
+        let listener = std::net::TcpListener::bind((ip, port))?;
         listener.set_nonblocking(true).expect("non-blocking listener");
         let port = listener.local_addr().expect("proxy address").port();
         let (blackholed, _) = watch::channel(false);
@@ -68,7 +75,7 @@ impl Proxy {
                 rt.block_on(serve(listener, task_shared, stop_rx));
             })
             .expect("spawn the proxy thread");
-        Proxy { port, shared, stop, thread: Some(thread) }
+        Ok(Proxy { port, shared, stop, thread: Some(thread) })
     }
 
     /// `redis://127.0.0.1:PORT` of the proxy.

@@ -520,3 +520,118 @@ fn failover_behind_one_endpoint_moves_every_connection() {
     assert_eq!(outcome.lost, 0, "writes paused and the replica caught up before the switch: nothing may be lost");
     drop(consumer);
 }
+
+/// A failover behind a DNS name, as managed Redis does it: the name moves
+/// from the demoted server to the promoted one, and every connection must
+/// resolve it again when it reconnects (a client that kept the address it
+/// resolved first would stay with the old server, now a replica, forever).
+/// The name lives in a private `/etc/hosts`: the daemon runs in its own
+/// mount namespace (`unshare -m`, root) with a test-owned file bound over
+/// `/etc/hosts`, which the test rewrites. The two servers sit behind
+/// proxies on 127.0.0.2 and 127.0.0.3 with the same port, so only the
+/// name's address changes.
+#[test]
+fn failover_behind_a_dns_name_resolves_it_again() {
+    let unshare = std::process::Command::new("unshare").args(["-m", "true"]).output();
+    assert!(
+        unshare.as_ref().is_ok_and(|o| o.status.success()),
+        "this test needs `unshare -m` (util-linux, run as root) for a private /etc/hosts: {unshare:?}"
+    );
+    let a = RedisServer::start();
+    let b = RedisServer::start_with(RedisOptions {
+        extra_args: vec!["--replicaof".into(), "127.0.0.1".into(), a.port().to_string()],
+        ..RedisOptions::default()
+    });
+    wait_caught_up(&a, &b);
+    let (via_a, via_b) = (0..20)
+        .find_map(|_| {
+            let via_a = Proxy::bind([127, 0, 0, 2].into(), 0, a.port()).ok()?;
+            let via_b = Proxy::bind([127, 0, 0, 3].into(), via_a.port(), b.port()).ok()?;
+            Some((via_a, via_b))
+        })
+        .expect("one port free on both 127.0.0.2 and 127.0.0.3");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hosts = dir.path().join("hosts");
+    // Rewritten in place (the bind mount follows the file, not its name).
+    let point = |ip: &str| std::fs::write(&hosts, format!("127.0.0.1 localhost\n{ip} redis-ha.test\n")).unwrap();
+    point("127.0.0.2");
+    let url = format!("redis://redis-ha.test:{}", via_a.port());
+    let (hosts_arg, bin) = (hosts.to_str().unwrap().to_owned(), testkit::bin_path().to_str().unwrap().to_owned());
+    let mut envs = ENVS.to_vec();
+    envs.extend([("TIDEMARK__HOUSEKEEPING__INTERVAL", "300ms"), ("TIDEMARK__HOUSEKEEPING__LOCK_TTL", "1s")]);
+    let daemon = Daemon::spawn_bin(
+        Path::new("unshare"),
+        &[
+            "-m",
+            "sh",
+            "-c",
+            "mount --bind \"$0\" /etc/hosts && exec \"$@\"",
+            &hosts_arg,
+            &bin,
+            "run",
+            "--redis-url",
+            &url,
+            "--consumer",
+            "d1",
+            "--group",
+            "g",
+            "--http",
+            "127.0.0.1:0",
+        ],
+        &envs,
+    );
+    let addr = daemon.http_addr(WAIT);
+    wait_until("/readyz answers 200", WAIT, || get(addr, "/readyz").0 == 200);
+    let input = keys("default").input;
+    let add = |conn: &mut redis::Connection, id: &str, ts: i64| {
+        let _: String = redis::cmd("XADD")
+            .arg(&input)
+            .arg("*")
+            .arg("op")
+            .arg("add")
+            .arg("id")
+            .arg(id)
+            .arg("ts")
+            .arg(ts)
+            .query(conn)
+            .unwrap();
+        let _: String =
+            redis::cmd("XADD").arg(&input).arg("*").arg("op").arg("watermark").arg("ts").arg(ts).query(conn).unwrap();
+    };
+    add(&mut a.sync_conn(), "before", 1);
+    wait_until("released through the name's first address", WAIT, || {
+        released(&mut a.sync_conn()).contains_key("before")
+    });
+    assert!(via_b.connections().is_empty(), "nothing went to 127.0.0.3 before the name moved");
+
+    let started = Instant::now();
+    let () = redis::cmd("CLIENT").arg("PAUSE").arg(3000).arg("WRITE").query(&mut a.sync_conn()).unwrap();
+    wait_caught_up(&a, &b);
+    let () = redis::cmd("REPLICAOF").arg("NO").arg("ONE").query(&mut b.sync_conn()).unwrap();
+    point("127.0.0.3");
+    let () = redis::cmd("REPLICAOF").arg("127.0.0.1").arg(b.port()).query(&mut a.sync_conn()).unwrap();
+    let () = redis::cmd("CLIENT").arg("UNPAUSE").query(&mut a.sync_conn()).unwrap();
+
+    add(&mut b.sync_conn(), "after", 2);
+    wait_until("released on the server the name points to now", WAIT, || {
+        released(&mut b.sync_conn()).contains_key("after")
+    });
+    let resumed = started.elapsed();
+    wait_until("housekeeping is led again, on the new master", WAIT, || {
+        daemon.log().matches("became the housekeeping leader").count() >= 2
+    });
+    // The HTTP server's connection sat idle on the old server since the
+    // first /readyz: the next request finds it stale and opens a new one.
+    wait_until("/readyz answers 200 on the new master", WAIT, || get(addr, "/readyz").0 == 200);
+    assert!(daemon.log().contains("HTTP: our kept Redis connection went stale"), "{}", daemon.log());
+    wait_until("no connection is left on the old address", WAIT, || via_a.open_to(a.port()) == 0);
+    let moved = started.elapsed();
+    let opened = via_b.connections().len();
+    assert!(opened >= 3, "the daemon's connections reached 127.0.0.3: {opened}");
+    let out = released(&mut b.sync_conn());
+    assert_eq!((out.get("before"), out.get("after")), (Some(&1), Some(&1)), "each released once: {out:?}");
+    eprintln!(
+        "failover behind a DNS name: work resumed through the new address {resumed:?} after the pause began; \
+         the last connection left the old address after {moved:?}; {opened} connections opened to the new one"
+    );
+}
