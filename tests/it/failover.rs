@@ -526,16 +526,17 @@ fn failover_behind_one_endpoint_moves_every_connection() {
 /// resolve it again when it reconnects (a client that kept the address it
 /// resolved first would stay with the old server, now a replica, forever).
 /// The name lives in a private `/etc/hosts`: the daemon runs in its own
-/// mount namespace (`unshare -m`, root) with a test-owned file bound over
+/// user and mount namespace (`unshare -r -m`) with a test-owned file bound over
 /// `/etc/hosts`, which the test rewrites. The two servers sit behind
 /// proxies on 127.0.0.2 and 127.0.0.3 with the same port, so only the
 /// name's address changes.
 #[test]
 fn failover_behind_a_dns_name_resolves_it_again() {
-    let unshare = std::process::Command::new("unshare").args(["-m", "true"]).output();
+    let unshare = std::process::Command::new("unshare").args(["-r", "-m", "true"]).output();
     assert!(
         unshare.as_ref().is_ok_and(|o| o.status.success()),
-        "this test needs `unshare -m` (util-linux, run as root) for a private /etc/hosts: {unshare:?}"
+        "this test needs `unshare -r -m` (util-linux; user namespaces, which Debian and Ubuntu allow any user) \
+         for a private /etc/hosts: {unshare:?}"
     );
     let a = RedisServer::start();
     let b = RedisServer::start_with(RedisOptions {
@@ -562,6 +563,7 @@ fn failover_behind_a_dns_name_resolves_it_again() {
     let daemon = Daemon::spawn_bin(
         Path::new("unshare"),
         &[
+            "-r",
             "-m",
             "sh",
             "-c",
