@@ -584,21 +584,10 @@ fn failover_behind_a_dns_name_resolves_it_again() {
     );
     let addr = daemon.http_addr(WAIT);
     wait_until("/readyz answers 200", WAIT, || get(addr, "/readyz").0 == 200);
-    let input = keys("default").input;
     let add = |conn: &mut redis::Connection, id: &str, ts: i64| {
-        let _: String = redis::cmd("XADD")
-            .arg(&input)
-            .arg("*")
-            .arg("op")
-            .arg("add")
-            .arg("id")
-            .arg(id)
-            .arg("ts")
-            .arg(ts)
-            .query(conn)
-            .unwrap();
-        let _: String =
-            redis::cmd("XADD").arg(&input).arg("*").arg("op").arg("watermark").arg("ts").arg(ts).query(conn).unwrap();
+        let k = keys("default");
+        testkit::add::<_, &str, &str>(conn, &k, id, ts, &[]);
+        testkit::watermark(conn, &k, ts);
     };
     add(&mut a.sync_conn(), "before", 1);
     wait_until("released through the name's first address", WAIT, || {
