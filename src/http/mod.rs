@@ -131,13 +131,15 @@ impl Shared {
     /// Runs `f` on our connection within `limit`; a failure drops the
     /// connection so the next call makes a new one. The error is its class
     /// and its text (the password scrubbed).
-    /// Runs `f` on our connection within `limit`. A connection kept from
-    /// an earlier request may have gone stale while idle (its server
-    /// restarted, or turned into a replica behind the same address in a
-    /// failover): when it fails that way, `f` runs once more on a new
-    /// connection (resolving the name again) within what is left of
-    /// `limit`, so the first request after a failover answers for the new
-    /// server, not the old one.
+    ///
+    /// A connection kept from an earlier request may have gone stale while
+    /// idle (its server restarted, or turned into a replica behind the same
+    /// address in a failover): when it fails that way, `f` runs once more
+    /// on a new connection (resolving the name again) within what is left
+    /// of `limit`, so the first request after a failover answers for the
+    /// new server, not the old one. (Reads work on a replica: `/metrics`
+    /// alone may read the old server, now a replica of the new one, until
+    /// a `/readyz` probe's write moves the connection.)
     async fn with_redis<T, F, Fut>(&self, limit: Duration, f: F) -> Result<T, (Fault, String)>
     where
         F: Fn(Conn) -> Fut,
