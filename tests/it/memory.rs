@@ -1,8 +1,9 @@
 //! Redis's memory limit: an evicting `maxmemory-policy` is a warning naming
 //! the policy at start and at every check, and so is a Redis over 90% of
 //! its limit; a full Redis (`noeviction`) refuses the apply script's first
-//! write, so a batch is applied whole or not at all, the daemon says why in its log and in `/readyz`, retries no
-//! faster than a second, and resumes by itself when memory frees.
+//! write, so a batch is applied whole or not at all, the daemon says why
+//! in its log and in `/readyz`, retries no faster than a second, and
+//! resumes by itself when memory frees.
 
 use std::time::{Duration, Instant};
 
