@@ -256,7 +256,8 @@ fn check_after_failover(
 /// everything follows: work resumes on the new master, nothing the new
 /// master acknowledged is lost, nothing is doubled into its `:out`, and the
 /// consumer, the CLI and the dashboard work through the Sentinel URL
-/// (with `opts`' passwords and TLS; `envs` for every tidemark process).
+/// (with `opts`' passwords and TLS; `extra_envs` for every tidemark
+/// process, the CLI's included).
 fn sentinel_run(
     name: &str,
     opts: SentinelOptions,
