@@ -413,6 +413,37 @@ fn wait_caught_up(master: &RedisServer, replica: &RedisServer) {
     });
 }
 
+/// A master and its replica, caught up.
+fn master_and_replica() -> (RedisServer, RedisServer) {
+    let a = RedisServer::start();
+    let b = RedisServer::start_with(RedisOptions {
+        extra_args: vec!["--replicaof".into(), "127.0.0.1".into(), a.port().to_string()],
+        ..RedisOptions::default()
+    });
+    wait_caught_up(&a, &b);
+    (a, b)
+}
+
+/// [`ENVS`], and housekeeping fast enough to see it led again after a
+/// failover.
+fn endpoint_envs() -> Vec<(&'static str, &'static str)> {
+    let mut envs = ENVS.to_vec();
+    envs.extend([("TIDEMARK__HOUSEKEEPING__INTERVAL", "300ms"), ("TIDEMARK__HOUSEKEEPING__LOCK_TTL", "1s")]);
+    envs
+}
+
+/// The rest of a failover behind one endpoint, once the master `a`'s
+/// writes are paused: the replica `b` catches up and is promoted, the
+/// endpoint moves to it (`switch`), `a` becomes its replica and is
+/// unpaused.
+fn promote(a: &RedisServer, b: &RedisServer, switch: impl FnOnce()) {
+    wait_caught_up(a, b);
+    let () = redis::cmd("REPLICAOF").arg("NO").arg("ONE").query(&mut b.sync_conn()).unwrap();
+    switch();
+    let () = redis::cmd("REPLICAOF").arg("127.0.0.1").arg(b.port()).query(&mut a.sync_conn()).unwrap();
+    let () = redis::cmd("CLIENT").arg("UNPAUSE").query(&mut a.sync_conn()).unwrap();
+}
+
 /// A failover behind one endpoint, done the way managed Redis does it: the
 /// master's writes are paused (`CLIENT PAUSE WRITE`), the replica catches
 /// up and is promoted (`REPLICAOF NO ONE`), the endpoint (here a proxy)
@@ -426,16 +457,10 @@ fn wait_caught_up(master: &RedisServer, replica: &RedisServer) {
 /// server.
 #[test]
 fn failover_behind_one_endpoint_moves_every_connection() {
-    let a = RedisServer::start();
-    let b = RedisServer::start_with(RedisOptions {
-        extra_args: vec!["--replicaof".into(), "127.0.0.1".into(), a.port().to_string()],
-        ..RedisOptions::default()
-    });
-    wait_caught_up(&a, &b);
+    let (a, b) = master_and_replica();
     let proxy = Proxy::start(a.port());
     let url = proxy.url();
-    let mut envs = ENVS.to_vec();
-    envs.extend([("TIDEMARK__HOUSEKEEPING__INTERVAL", "300ms"), ("TIDEMARK__HOUSEKEEPING__LOCK_TTL", "1s")]);
+    let envs = endpoint_envs();
     let daemon = Daemon::spawn(
         &["run", "--redis-url", &url, "--consumer", "d1", "--group", "g", "--http", "127.0.0.1:0"],
         &envs,
@@ -460,12 +485,10 @@ fn failover_behind_one_endpoint_moves_every_connection() {
         get(addr, "/readyz").0 == 503
     });
     let paused = get(addr, "/readyz").1;
-    wait_caught_up(&a, &b);
-    let () = redis::cmd("REPLICAOF").arg("NO").arg("ONE").query(&mut b.sync_conn()).unwrap();
-    proxy.switch(b.port());
-    backend.store(b.port(), Ordering::SeqCst);
-    let () = redis::cmd("REPLICAOF").arg("127.0.0.1").arg(b.port()).query(&mut a.sync_conn()).unwrap();
-    let () = redis::cmd("CLIENT").arg("UNPAUSE").query(&mut a.sync_conn()).unwrap();
+    promote(&a, &b, || {
+        proxy.switch(b.port());
+        backend.store(b.port(), Ordering::SeqCst);
+    });
     let switched = started.elapsed();
 
     wait_until("the new master acknowledges adds and releases them", WAIT, || {
@@ -539,12 +562,7 @@ fn failover_behind_a_dns_name_resolves_it_again() {
         "this test needs `unshare -r -m` (util-linux; user namespaces, which Debian and Ubuntu allow any user) \
          for a private /etc/hosts: {unshare:?}"
     );
-    let a = RedisServer::start();
-    let b = RedisServer::start_with(RedisOptions {
-        extra_args: vec!["--replicaof".into(), "127.0.0.1".into(), a.port().to_string()],
-        ..RedisOptions::default()
-    });
-    wait_caught_up(&a, &b);
+    let (a, b) = master_and_replica();
     let (via_a, via_b) = (0..20)
         .find_map(|_| {
             let via_a = Proxy::bind([127, 0, 0, 2].into(), 0, a.port()).ok()?;
@@ -559,8 +577,7 @@ fn failover_behind_a_dns_name_resolves_it_again() {
     point("127.0.0.2");
     let url = format!("redis://redis-ha.test:{}", via_a.port());
     let (hosts_arg, bin) = (hosts.to_str().unwrap().to_owned(), testkit::bin_path().to_str().unwrap().to_owned());
-    let mut envs = ENVS.to_vec();
-    envs.extend([("TIDEMARK__HOUSEKEEPING__INTERVAL", "300ms"), ("TIDEMARK__HOUSEKEEPING__LOCK_TTL", "1s")]);
+    let envs = endpoint_envs();
     let daemon = Daemon::spawn_bin(
         Path::new("unshare"),
         &[
@@ -598,11 +615,7 @@ fn failover_behind_a_dns_name_resolves_it_again() {
 
     let started = Instant::now();
     let () = redis::cmd("CLIENT").arg("PAUSE").arg(3000).arg("WRITE").query(&mut a.sync_conn()).unwrap();
-    wait_caught_up(&a, &b);
-    let () = redis::cmd("REPLICAOF").arg("NO").arg("ONE").query(&mut b.sync_conn()).unwrap();
-    point("127.0.0.3");
-    let () = redis::cmd("REPLICAOF").arg("127.0.0.1").arg(b.port()).query(&mut a.sync_conn()).unwrap();
-    let () = redis::cmd("CLIENT").arg("UNPAUSE").query(&mut a.sync_conn()).unwrap();
+    promote(&a, &b, || point("127.0.0.3"));
 
     add(&mut b.sync_conn(), "after", 2);
     wait_until("released on the server the name points to now", WAIT, || {
